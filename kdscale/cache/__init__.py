@@ -1,0 +1,1 @@
+"""The Parquet logit cache: format, target extraction, writing (shards then manifest) and reading."""

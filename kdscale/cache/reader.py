@@ -1,0 +1,153 @@
+"""Reading a cache: manifest checks (committed? our format? our tokenizer?), checksums, and
+turning stored columns back into target tensors for the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from kdscale import fs
+from kdscale.cache.format import FORMAT_VERSION, LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
+
+
+def open_manifest(cache_uri: str) -> Manifest:
+    """The committed manifest, or a :class:`CacheFormatError` saying why the cache is unusable."""
+    uri = fs.join(cache_uri, MANIFEST)
+    if not fs.exists(uri):
+        started = fs.exists(fs.join(cache_uri, LEDGER_DIR))
+        hint = "precompute did not finish; rerun `kdscale precompute` to resume it" if started else "no cache here"
+        raise CacheFormatError(f"incomplete cache: {cache_uri} has no {MANIFEST} ({hint})")
+    raw = fs.read_json(uri)
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{cache_uri}: cache format_version {version!r} is not supported by this kdscale (reads {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except Exception as e:  # pydantic's message names the broken fields
+        raise CacheFormatError(f"{cache_uri}: {MANIFEST} is malformed: {e}") from None
+
+
+def check_tokenizer(manifest: Manifest, fingerprint: str, vocab_size: int, who: str = "student") -> None:
+    tok = manifest.tokenizer
+    if tok.fingerprint != fingerprint or tok.vocab_size != vocab_size:
+        raise CacheFormatError(
+            f"tokenizer mismatch: the cache {manifest.cache_id} was made with tokenizer {tok.fingerprint} "
+            f"(vocab {tok.vocab_size}); the {who} uses tokenizer {fingerprint} (vocab {vocab_size})"
+        )
+
+
+def shard_uris(cache_uri: str, manifest: Manifest, split: str) -> list[str]:
+    return [fs.join(cache_uri, s.path) for s in manifest.shards_of(split)]
+
+
+def check_shards_present(cache_uri: str, manifest: Manifest) -> None:
+    """Cheap pre-training check: every shard exists with its recorded size. Byte-level corruption
+    is caught by Parquet page checksums while streaming and by ``kdscale cache verify``."""
+    for s in manifest.shards:
+        uri = fs.join(cache_uri, s.path)
+        if not fs.exists(uri):
+            raise CacheFormatError(f"corrupted cache: shard {s.path} is missing from {cache_uri}")
+        if fs.size(uri) != s.bytes:
+            raise CacheFormatError(f"corrupted cache: shard {s.path} has {fs.size(uri)} bytes, manifest says {s.bytes}")
+
+
+def verify(cache_uri: str, manifest: Manifest) -> list[str]:
+    """Names of shards whose bytes do not match the manifest's sha256 (or are missing)."""
+    bad = []
+    for s in manifest.shards:
+        uri = fs.join(cache_uri, s.path)
+        if not fs.exists(uri) or fs.size(uri) != s.bytes or fs.sha256(uri) != s.sha256:
+            bad.append(s.path)
+    return bad
+
+
+def read_split(cache_uri: str, manifest: Manifest, split: str, max_rows: int | None = None) -> pa.Table:
+    """A whole split as one table (held-out evaluation; training streams through Ray Data)."""
+    tables = []
+    rows = 0
+    for uri in shard_uris(cache_uri, manifest, split):
+        fsys, path = fs.filesystem(uri)
+        with fsys.open(path, "rb") as f:
+            tables.append(pq.read_table(f, page_checksum_verification=True))
+        rows += tables[-1].num_rows
+        if max_rows and rows >= max_rows:
+            break
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    return table.slice(0, max_rows) if max_rows else table
+
+
+# Targets for the loss --------------------------------------------------------------------------
+
+
+@dataclass
+class SparseTargets:
+    """Per-position sparse teacher distribution, padded to K ids (padding has prob 0).
+
+    ``ids``/``probs``: [B, L, K]; ``tail_mass``: [B, L] probability not covered (top-k), or None
+    when ``probs`` are an unbiased estimate of the whole distribution (sampled)."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail_mass: torch.Tensor | None = None
+
+
+@dataclass
+class DenseTargets:
+    logprobs: torch.Tensor  # [B, L, V]
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False)
+
+
+def _pad_segments(values: list[np.ndarray], lengths: np.ndarray, fill: list[float]) -> list[np.ndarray]:
+    """Scatter concatenated variable-length segments into a [segments, max_len] grid."""
+    n = len(lengths)
+    width = int(lengths.max()) if n else 0
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    row = np.repeat(np.arange(n), lengths)
+    col = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    out = []
+    for v, f in zip(values, fill):
+        grid = np.full((n, width), f, dtype=v.dtype)
+        grid[row, col] = v
+        out.append(grid)
+    return out
+
+
+def batch_input_ids(batch: pa.Table) -> torch.Tensor:
+    seq_len = len(batch.column("input_ids")[0])
+    return torch.from_numpy(_flat(batch.column("input_ids")).astype(np.int64).reshape(batch.num_rows, seq_len))
+
+
+def batch_targets(batch: pa.Table, manifest: Manifest) -> SparseTargets | DenseTargets:
+    """Rebuild the teacher's per-position distribution from a batch of stored rows."""
+    b, seq_len = batch.num_rows, manifest.dataset.seq_len
+    kind = manifest.targets.kind
+    if kind == "sampled":
+        lengths = _flat(batch.column("target_lengths")).astype(np.int64)
+        ids, counts = _pad_segments(
+            [_flat(batch.column("target_ids")), _flat(batch.column("target_counts")).astype(np.float32)], lengths, [0, 0.0]
+        )
+        probs = counts / float(manifest.targets.num_samples)
+        return SparseTargets(
+            torch.from_numpy(ids.astype(np.int64)).view(b, seq_len, -1), torch.from_numpy(probs).view(b, seq_len, -1)
+        )
+    if kind == "topk":
+        k = manifest.targets.k
+        ids = _flat(batch.column("target_ids")).astype(np.int64).reshape(b, seq_len, k)
+        probs = np.exp(_flat(batch.column("target_logprobs"))).reshape(b, seq_len, k)
+        tail = _flat(batch.column("tail_mass")).reshape(b, seq_len)
+        return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(tail))
+    if kind == "full":
+        v = manifest.tokenizer.vocab_size
+        return DenseTargets(torch.from_numpy(_flat(batch.column("target_logprobs")).reshape(b, seq_len, v)))
+    raise CacheFormatError(f"unknown target kind {kind!r}")

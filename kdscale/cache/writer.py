@@ -1,0 +1,217 @@
+"""Writing a cache: Parquet shards (each one object, written whole), a ledger entry per finished
+shard, and the manifest last — the commit. Readers treat a folder without a manifest as an
+unfinished cache."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdscale import __version__, fs
+from kdscale.cache.format import (
+    BASE_COLUMNS,
+    COLUMNS_BY_KIND,
+    FORMAT_VERSION,
+    HELDOUT_EXTRA_COLUMNS,
+    LEDGER_DIR,
+    MANIFEST,
+    PLAN,
+    CacheFormatError,
+    DatasetInfo,
+    Manifest,
+    ShardRecord,
+    TargetsInfo,
+    TeacherInfo,
+    TokenizerInfo,
+)
+
+ZSTD_LEVEL = 6
+ROWS_PER_ROW_GROUP = 32
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "seq_id": pa.string(),
+    "input_ids": pa.list_(pa.int32()),
+    "teacher_nll": pa.float32(),
+    "target_ids": pa.list_(pa.int32()),
+    "target_counts": pa.list_(pa.uint8()),
+    "target_lengths": pa.list_(pa.uint8()),
+    "target_logprobs": pa.list_(pa.float32()),
+    "tail_mass": pa.list_(pa.float32()),
+    "teacher_top1": pa.list_(pa.int32()),
+}
+
+
+def shard_columns(kind: str, split: str) -> list[str]:
+    extra = HELDOUT_EXTRA_COLUMNS if split == "heldout" else ()
+    return [*BASE_COLUMNS, *COLUMNS_BY_KIND[kind], *extra]
+
+
+def shard_schema(kind: str, split: str) -> pa.Schema:
+    return pa.schema([(c, _ARROW_TYPES[c]) for c in shard_columns(kind, split)])
+
+
+def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
+    """A list<T> column from per-row numpy arrays without a Python loop over elements."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(typ.value_type.to_pandas_dtype(), copy=False)))
+
+
+def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str) -> pa.Table:
+    schema = shard_schema(kind, split)
+    columns = []
+    for name in schema.names:
+        typ = schema.field(name).type
+        values = [r[name] for r in rows]
+        columns.append(_list_array(values, typ) if pa.types.is_list(typ) else pa.array(values, type=typ))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def encode_shard(table: pa.Table) -> bytes:
+    """Parquet bytes: zstd, no dictionaries for id/float lists (high cardinality), page CRCs so a
+    flipped byte is caught while streaming, and small row groups for streaming reads."""
+    buf = io.BytesIO()
+    dictionary_columns = [c for c in ("seq_id",) if c in table.column_names]
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        use_dictionary=dictionary_columns,
+        write_page_checksum=True,
+        row_group_size=ROWS_PER_ROW_GROUP,
+        write_statistics=False,
+    )
+    return buf.getvalue()
+
+
+def target_bytes(data: bytes, kind: str) -> int:
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    wanted = set(COLUMNS_BY_KIND[kind])
+    total = 0
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            if col.path_in_schema.split(".")[0] in wanted:
+                total += col.total_compressed_size
+    return total
+
+
+def write_shard(cache_uri: str, name: str, split: str, index: int, rows: list[dict[str, Any]], kind: str) -> ShardRecord:
+    """Encode and write one shard whole; return its ledger record (size and sha256 of the bytes
+    actually written, computed from memory without re-reading)."""
+    table = rows_to_table(rows, kind, split)
+    data = encode_shard(table)
+    fs.write_bytes(fs.join(cache_uri, name), data)
+    lengths = [len(r["target_ids"]) for r in rows] if "target_ids" in table.column_names else [0]
+    return ShardRecord(
+        path=name,
+        split=split,
+        index=index,
+        rows=len(rows),
+        tokens=int(sum(len(r["input_ids"]) for r in rows)),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        target_bytes=target_bytes(data, kind),
+        unique_ids=int(sum(lengths)),
+        tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows)) if kind == "topk" else 0.0,
+        teacher_nll_sum=float(sum(r["teacher_nll"] for r in rows)),
+    )
+
+
+# Ledger ----------------------------------------------------------------------------------------
+
+
+def ledger_uri(cache_uri: str, name: str) -> str:
+    return fs.join(cache_uri, LEDGER_DIR, name.replace(".parquet", ".json"))
+
+
+def write_ledger_entry(cache_uri: str, record: ShardRecord) -> None:
+    fs.write_json(ledger_uri(cache_uri, record.path), record.model_dump())
+
+
+def start_or_check_plan(cache_uri: str, cache_id: str) -> None:
+    """Claim an unfinished cache folder for ``cache_id``, or refuse one begun for another job."""
+    plan_uri = fs.join(cache_uri, LEDGER_DIR, PLAN)
+    if fs.exists(plan_uri):
+        existing = fs.read_json(plan_uri).get("cache_id")
+        if existing != cache_id:
+            raise CacheFormatError(
+                f"{cache_uri} holds an unfinished cache for another job (cache_id {existing}, this job "
+                f"{cache_id}); delete it or choose another cache URI"
+            )
+        return
+    fs.write_json(plan_uri, {"cache_id": cache_id, "format_version": FORMAT_VERSION})
+
+
+def finished_shards(cache_uri: str, verify: bool = True) -> dict[str, ShardRecord]:
+    """Ledger entries whose shard is present with the recorded size and checksum."""
+    done: dict[str, ShardRecord] = {}
+    for entry in fs.listdir(fs.join(cache_uri, LEDGER_DIR)):
+        if entry == PLAN or not entry.endswith(".json"):
+            continue
+        record = ShardRecord.model_validate(fs.read_json(fs.join(cache_uri, LEDGER_DIR, entry)))
+        shard = fs.join(cache_uri, record.path)
+        if not fs.exists(shard) or fs.size(shard) != record.bytes:
+            continue
+        if verify and fs.sha256(shard) != record.sha256:
+            continue
+        done[record.path] = record
+    return done
+
+
+# Manifest --------------------------------------------------------------------------------------
+
+
+def build_manifest(
+    *,
+    cache_id: str,
+    targets: TargetsInfo,
+    teacher: TeacherInfo,
+    tokenizer: TokenizerInfo,
+    dataset: DatasetInfo,
+    shards: list[ShardRecord],
+) -> Manifest:
+    shards = sorted(shards, key=lambda s: (s.split != "train", s.index))
+    tokens = sum(s.tokens for s in shards)
+    total_bytes = sum(s.bytes for s in shards)
+    tgt_bytes = sum(s.target_bytes for s in shards)
+    heldout = [s for s in shards if s.split == "heldout"]
+    heldout_positions = sum(s.rows * (dataset.seq_len - 1) for s in heldout)
+    totals = {
+        "rows": sum(s.rows for s in shards),
+        "tokens": tokens,
+        "bytes": total_bytes,
+        "target_bytes": tgt_bytes,
+        "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+        "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
+        "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
+        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind == "topk" and tokens else None,
+        "teacher_heldout_ce": sum(s.teacher_nll_sum for s in heldout) / heldout_positions if heldout_positions else None,
+    }
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        cache_id=cache_id,
+        kdscale_version=__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        targets=targets,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        columns={split: shard_columns(targets.kind, split) for split in ("train", "heldout")},
+        shards=shards,
+        totals=totals,
+    )
+
+
+def commit(cache_uri: str, manifest: Manifest) -> None:
+    """Write the manifest: from this moment the cache exists for readers."""
+    fs.write_json(fs.join(cache_uri, MANIFEST), manifest.model_dump(mode="json"))

@@ -1,0 +1,154 @@
+"""The ``kdscale`` command line: run a job or one stage of it, and inspect or verify caches.
+
+Exit codes: 0 success; 1 a cache or run failed (corrupt shard, training error); 2 the job spec or
+its inputs are invalid (nothing was written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdscale.cache.format import CacheFormatError
+from kdscale.config import ConfigError, JobSpec, load_job
+
+app = typer.Typer(help="Knowledge distillation at scale: teacher once -> Parquet logit cache -> many students.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+out = Console()
+err = Console(stderr=True)
+
+JobArg = typer.Argument(..., exists=False, help="Job spec (YAML), e.g. jobs/quickstart.yaml")
+WorkdirOpt = typer.Option(None, "--workdir", help="Where outputs go (default: the spec's workdir or runs/<name>).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Validate the spec and print the plan; do no work.")
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path) -> JobSpec:
+    try:
+        return load_job(path)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        raise  # unreachable; keeps type checkers happy
+
+
+def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from kdscale import pipeline
+    from kdscale.precompute.plan import PlanError
+
+    spec = _load(job)
+    try:
+        if dry_run:
+            plan = pipeline.describe_plan(pipeline.prepare(spec, workdir))
+            plan["stages"] = list(stages)
+            out.print_json(json.dumps(plan))
+            return
+        summary = pipeline.run(spec, stages, workdir)
+    except (ConfigError, PlanError) as e:
+        _fail(str(e), 2)
+    except CacheFormatError as e:
+        _fail(str(e), 1)
+    out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
+
+
+@app.command()
+def run(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+    """Precompute the cache, train every student, evaluate and export them."""
+    _run(job, ("precompute", "train", "eval"), workdir, dry_run)
+
+
+@app.command()
+def precompute(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+    """Run the teacher over the corpus into the logit cache (resumes an unfinished one)."""
+    _run(job, ("precompute",), workdir, dry_run)
+
+
+@app.command()
+def train(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+    """Train, evaluate and export the job's students from its committed cache."""
+    _run(job, ("train",), workdir, dry_run)
+
+
+@app.command("eval")
+def evaluate(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt) -> None:
+    """Evaluate the job's exported students on the cache's held-out split."""
+    _run(job, ("eval",), workdir, False)
+
+
+def _open(uri: str):
+    from kdscale import fs
+    from kdscale.cache.reader import open_manifest
+
+    try:
+        return open_manifest(fs.normalize(uri))
+    except CacheFormatError as e:
+        _fail(str(e), 1)
+
+
+def inspect_dict(m) -> dict:
+    t = m.totals
+    return {
+        "cache_id": m.cache_id,
+        "format_version": m.format_version,
+        "kind": m.targets.kind,
+        "params": {k: v for k, v in m.targets.model_dump().items() if v is not None and k != "kind"},
+        "rows": t["rows"],
+        "tokens": t["tokens"],
+        "bytes": t["bytes"],
+        "bytes_per_token": t["bytes_per_token"],
+        "target_bytes_per_token": t["target_bytes_per_token"],
+        "mean_ids_per_position": t["mean_ids_per_position"],
+        "mean_tail_mass": t["mean_tail_mass"],
+        "teacher_heldout_ce": t["teacher_heldout_ce"],
+        "shards": len(m.shards),
+        "rows_by_split": m.dataset.rows,
+        "seq_len": m.dataset.seq_len,
+        "teacher": {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint, "dtype": m.teacher.dtype},
+        "tokenizer": m.tokenizer.model_dump(),
+        "dataset_content_hash": m.dataset.content_hash,
+        "created_at": m.created_at,
+        "kdscale_version": m.kdscale_version,
+    }
+
+
+@cache_app.command("inspect")
+def cache_inspect(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)"),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a committed cache's kind, size, bytes per token and fingerprints."""
+    info = inspect_dict(_open(uri))
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table(title=f"cache {info['cache_id']}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)")) -> None:
+    """Recompute every shard's sha256 against the manifest; exit 1 naming any bad shard."""
+    from kdscale import fs
+    from kdscale.cache.reader import verify
+
+    m = _open(uri)
+    bad = verify(fs.normalize(uri), m)
+    if bad:
+        _fail(f"{len(bad)} of {len(m.shards)} shards do not match the manifest: {', '.join(bad)}", 1)
+    out.print(f"[green]ok[/] {len(m.shards)} shards match the manifest (cache {m.cache_id})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,310 @@
+"""Typed job specs, loaded from YAML and checked before any work starts.
+
+A job spec is the user's contract with kdscale. We parse it with pydantic (unknown keys are
+errors, not silently ignored — a typo like ``zero_stag`` must not quietly fall back to a default)
+and then check the outside world it names (corpus files, teacher weights, tokenizer folders).
+Every problem from both passes is gathered into one :class:`ConfigError` so the user fixes the
+spec in one round trip, and nothing is written anywhere until the spec is clean.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdscale import fs
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ConfigError(ValueError):
+    """A job spec with one or more problems; ``problems`` holds ``(field, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"Invalid job spec {source} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+        lines += [f"  - {field}: {message}" for field, message in problems]
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="Ray cluster address; None starts/joins a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by kdscale.")
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
+    experiment: str | None = Field(None, description="MLflow experiment name; defaults to the job name.")
+
+
+class TeacherSpec(Strict):
+    name: str = Field(..., min_length=1)
+    init: Literal["pretrained", "random"] = "pretrained"
+    path: str | None = Field(
+        None,
+        description="Hugging Face model folder (or the folder holding `gguf_file`). "
+        "'pkg:<module>' names an installed Python package's folder, found without importing it.",
+    )
+    gguf_file: str | None = None
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to the teacher's path.")
+    architecture: dict[str, Any] | None = Field(
+        None, description="For init=random: transformers config fields (model_type defaults to llama)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    replicas: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _init_needs(self) -> "TeacherSpec":
+        if self.init == "pretrained" and not self.path:
+            raise ValueError("init=pretrained needs `path`")
+        if self.init == "random" and (self.architecture is None or not self.tokenizer):
+            raise ValueError("init=random needs `architecture` and `tokenizer`")
+        return self
+
+
+class CorpusSpec(Strict):
+    paths: list[str] = Field(..., min_length=1, description="Files, globs or fsspec URIs of UTF-8 text.")
+    max_files: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice).")
+    seq_len: int = Field(256, ge=8)
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+class TargetsSpec(Strict):
+    kind: Literal["sampled", "topk", "full"] = "sampled"
+    num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position (counts fit uint8).")
+    k: int = Field(12, ge=1, description="topk: ids kept per position.")
+    temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax.")
+
+
+class CacheSpec(Strict):
+    uri: str | None = Field(None, description="Cache location (any fsspec URI); defaults to <workdir>/cache.")
+    targets: TargetsSpec = TargetsSpec()
+    rows_per_shard: int = Field(128, ge=1)
+
+
+class LossSpec(Strict):
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weights hard-label CE.")
+    temperature: float = Field(1.0, gt=0)
+    divergence: Literal["forward_kl"] = "forward_kl"
+    chunk_positions: int = Field(1024, ge=1, description="Positions per chunk of the KD loss.")
+
+
+class TrainSpec(Strict):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int | None = Field(None, description="Student init/data-order seed; defaults to the job seed.")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between loss records/MLflow metrics.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+
+
+class StudentSpec(Strict):
+    name: str = Field(..., pattern=NAME_PATTERN)
+    init: Literal["config", "pretrained"] = "config"
+    architecture: dict[str, Any] = Field(
+        default_factory=dict,
+        description="init=config: config fields overriding the teacher's (same model_type and tokenizer).",
+    )
+    path: str | None = Field(None, description="init=pretrained: a Hugging Face model folder.")
+    loss: LossSpec = LossSpec()
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _init_needs(self) -> "StudentSpec":
+        if self.init == "pretrained" and not self.path:
+            raise ValueError("init=pretrained needs `path`")
+        return self
+
+
+class EvalSpec(Strict):
+    max_heldout_rows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class JobSpec(Strict):
+    name: str = Field(..., pattern=NAME_PATTERN)
+    seed: int = 0
+    workdir: str | None = Field(None, description="Where outputs go; defaults to runs/<name>.")
+    ray: RaySpec = RaySpec()
+    tracking: TrackingSpec = TrackingSpec()
+    teacher: TeacherSpec
+    corpus: CorpusSpec
+    cache: CacheSpec = CacheSpec()
+    students: list[StudentSpec] = Field(..., min_length=1)
+    eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _unique_student_names(self) -> "JobSpec":
+        names = [s.name for s in self.students]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"student names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    # Derived locations -------------------------------------------------------------------------
+    def resolved_workdir(self, override: str | None = None) -> str:
+        return fs.normalize(override or self.workdir or f"runs/{self.name}")
+
+    def resolved_cache_uri(self, workdir: str) -> str:
+        return fs.normalize(self.cache.uri) if self.cache.uri else fs.join(workdir, "cache")
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        problems.append((_loc(loc), msg))
+    return problems
+
+
+def resolve_package_path(path: str) -> str:
+    """Resolve ``pkg:<module>`` to the package's folder without importing it (imports can be slow
+    or have side effects; we only want the data files it ships)."""
+    import importlib.util
+
+    module = path.removeprefix("pkg:")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Python package {module!r} is not installed")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _relative_to(base: Path, value: str | None) -> str | None:
+    """Local relative paths in a spec are relative to the spec file, so jobs run from any cwd."""
+    if value is None or value.startswith("pkg:") or fs.is_remote(value) or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _rebase_paths(raw: dict[str, Any], base: Path) -> None:
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict):
+        for key in ("path", "tokenizer"):
+            if isinstance(teacher.get(key), str):
+                teacher[key] = _relative_to(base, teacher[key])
+    corpus = raw.get("corpus")
+    if isinstance(corpus, dict) and isinstance(corpus.get("paths"), list):
+        corpus["paths"] = [_relative_to(base, p) if isinstance(p, str) else p for p in corpus["paths"]]
+    for student in raw.get("students") or []:
+        if isinstance(student, dict) and isinstance(student.get("path"), str):
+            student["path"] = _relative_to(base, student["path"])
+
+
+def _str(d: Any, key: str) -> str | None:
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, str) and v else None
+
+
+def _resource_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Check that the files a spec names exist, without loading anything heavy.
+
+    Works on the raw mapping (tolerating fields that failed validation) so a spec with both a
+    typo and a missing file reports both at once."""
+    problems: list[tuple[str, str]] = []
+    t = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
+    path, gguf, tok = _str(t, "path"), _str(t, "gguf_file"), _str(t, "tokenizer")
+    if t.get("init", "pretrained") == "pretrained" and path:
+        try:
+            folder = resolve_package_path(path) if path.startswith("pkg:") else path
+        except FileNotFoundError as e:
+            problems.append(("teacher.path", str(e)))
+        else:
+            if not fs.exists(folder):
+                problems.append(("teacher.path", f"no such folder: {folder}"))
+            elif gguf and not fs.exists(fs.join(folder, gguf)):
+                problems.append(("teacher.gguf_file", f"no such file: {fs.join(folder, gguf)}"))
+            elif not gguf and not fs.exists(fs.join(folder, "config.json")):
+                problems.append(("teacher.path", f"not a Hugging Face model folder (no config.json): {folder}"))
+    if tok and not tok.startswith("pkg:") and not fs.exists(tok):
+        problems.append(("teacher.tokenizer", f"no such folder: {tok}"))
+    corpus = raw.get("corpus") if isinstance(raw.get("corpus"), dict) else {}
+    for i, pattern in enumerate(corpus.get("paths") or [] if isinstance(corpus.get("paths"), list) else []):
+        if isinstance(pattern, str) and not fs.expand(pattern):
+            problems.append((f"corpus.paths.{i}", f"no file matches {pattern!r}"))
+    students = raw.get("students") if isinstance(raw.get("students"), list) else []
+    for i, s in enumerate(students):
+        spath = _str(s, "path")
+        if isinstance(s, dict) and s.get("init") == "pretrained" and spath and not fs.exists(fs.join(spath, "config.json")):
+            problems.append((f"students.{i}.path", f"not a Hugging Face model folder: {spath}"))
+    return problems
+
+
+def parse_job(raw: Any, source: str = "<spec>", base_dir: Path | None = None, check_resources: bool = True) -> JobSpec:
+    """Validate a raw mapping into a :class:`JobSpec`, raising one :class:`ConfigError` listing
+    every problem (structure first, then missing files)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("<root>", "a job spec must be a YAML mapping")])
+    raw = dict(raw)
+    _rebase_paths(raw, base_dir or Path.cwd())
+    problems: list[tuple[str, str]] = []
+    spec = None
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        problems += _pydantic_problems(err)
+    if check_resources:
+        problems += _resource_problems(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    return spec
+
+
+def load_job(path: str | Path, check_resources: bool = True) -> JobSpec:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(str(path), [("<file>", "no such job spec file")])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
+    return parse_job(raw, str(path), path.parent.resolve(), check_resources)
+
+
+def dump_job(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def is_valid_name(name: str) -> bool:
+    return re.match(NAME_PATTERN, name) is not None

@@ -1,0 +1,1 @@
+"""Corpus ingestion: reading, tokenizing and packing text into fixed-length training sequences."""

@@ -1,0 +1,153 @@
+"""Every path in kdscale goes through fsspec, so a local folder and ``s3://bucket/prefix`` behave
+the same. These helpers keep URI handling in one place (joining, globbing, whole-object writes).
+
+Object stores have no atomic rename, so durability comes from *what* we write last (the cache
+manifest), not from renames: :func:`write_bytes` writes one object whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from typing import Any, Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_HASH_CHUNK = 8 << 20
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths (so Ray workers in other cwds agree); URIs unchanged."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for ``uri``."""
+    return url_to_fs(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def _with_protocol(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    if not is_remote(like):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def expand(pattern: str) -> list[str]:
+    """Files matching a path, folder (all files below it) or glob, sorted for determinism."""
+    fs, path = filesystem(pattern)
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.find(path)
+    elif fs.exists(path):
+        found = [path]
+    else:
+        found = []
+    return sorted(_with_protocol(fs, p, pattern) for p in found if fs.isfile(p))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object whole. Local files go through a temp file + rename so a crash never
+    leaves a half-written file under the final name; object stores publish on close anyway."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+def sha256(uri: str) -> str:
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def put_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to any URI (used to publish exports and checkpoints)."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        import shutil
+
+        shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        return
+    fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
+
+
+def listdir(uri: str) -> list[str]:
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def hash_files(uris: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for uri in uris:
+        h.update(sha256(uri).encode())
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""Teacher loading (Hugging Face folder, GGUF file, or a seeded random model for tests).
+
+Kept free of Ray so the same code runs in a precompute actor, a benchmark's bare loop, or a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdscale import fs
+from kdscale.config import TeacherSpec, resolve_package_path
+from kdscale.fingerprint import digest, tensors_fingerprint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+# Config fields that describe how a checkpoint was stored, not the architecture a student inherits.
+NON_ARCH_FIELDS = ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+
+
+def teacher_folder(spec: TeacherSpec) -> str | None:
+    if spec.path is None:
+        return None
+    return resolve_package_path(spec.path) if spec.path.startswith("pkg:") else spec.path
+
+
+def _load_kwargs(spec: TeacherSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    return kwargs
+
+
+def load_tokenizer(spec: TeacherSpec):
+    """The teacher's tokenizer: every student shares it, and the cache records its fingerprint."""
+    from transformers import AutoTokenizer
+
+    if spec.tokenizer:
+        folder = resolve_package_path(spec.tokenizer) if spec.tokenizer.startswith("pkg:") else spec.tokenizer
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    return AutoTokenizer.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
+
+
+def random_teacher_config(spec: TeacherSpec, vocab_size: int):
+    from transformers import AutoConfig
+
+    arch = dict(spec.architecture or {})
+    model_type = arch.pop("model_type", "llama")
+    arch.setdefault("vocab_size", vocab_size)
+    return AutoConfig.for_model(model_type, **arch)
+
+
+def load_teacher_config(spec: TeacherSpec, vocab_size: int):
+    """The teacher's architecture without its weights (cheap: used for planning and students)."""
+    if spec.init == "random":
+        return random_teacher_config(spec, vocab_size)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
+
+
+def load_teacher(spec: TeacherSpec, vocab_size: int, seed: int, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load the teacher in eval mode on ``device`` with the spec's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[spec.dtype]
+    if spec.init == "random":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(random_teacher_config(spec, vocab_size), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(teacher_folder(spec), dtype=dtype, **_load_kwargs(spec))
+    return model.to(device).eval()
+
+
+def weight_files(spec: TeacherSpec) -> list[str]:
+    folder = teacher_folder(spec)
+    if folder is None:
+        return []
+    if spec.gguf_file:
+        return [fs.join(folder, spec.gguf_file)]
+    return [p for p in fs.expand(folder) if p.endswith(WEIGHT_SUFFIXES)]
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    name: str
+    fingerprint: str
+    dtype: str
+    source: dict[str, Any]
+
+
+def teacher_identity(spec: TeacherSpec, vocab_size: int, seed: int) -> TeacherIdentity:
+    """Fingerprint the teacher by content: hash of its weight files, or of its tensors for a
+    random teacher. dtype is part of it because the same weights in bf16 give other targets."""
+    if spec.init == "random":
+        model = load_teacher(spec, vocab_size, seed)
+        weights = tensors_fingerprint(model.state_dict())
+        source = {"init": "random", "architecture": spec.architecture, "seed": seed}
+    else:
+        files = weight_files(spec)
+        if not files:
+            raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {teacher_folder(spec)}")
+        weights = fs.hash_files(files)
+        source = {"init": "pretrained", "path": spec.path, "gguf_file": spec.gguf_file}
+    return TeacherIdentity(spec.name, digest({"weights": weights, "dtype": spec.dtype}), spec.dtype, source)
+
+
+def architecture_dict(config) -> dict[str, Any]:
+    """A config's architecture fields, minus storage details (quantization, dtype, origin)."""
+    d = config.to_dict()
+    for key in NON_ARCH_FIELDS:
+        d.pop(key, None)
+    return d

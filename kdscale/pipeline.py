@@ -1,0 +1,294 @@
+"""A job end to end: prepare (validate everything, write nothing) -> precompute -> train -> eval ->
+export, with MLflow runs and ``summary.json`` in the workdir.
+
+Stages can run alone (``kdscale precompute|train|eval``); each reads what the previous one left
+(the committed cache, the exported students) and merges its part into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdscale import fs
+from kdscale.cache.format import Manifest
+from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split
+from kdscale.config import ConfigError, JobSpec
+from kdscale.fingerprint import tokenizer_fingerprint
+from kdscale.models.student import build_student, count_parameters, describe, student_config
+from kdscale.models.teacher import load_teacher_config, load_tokenizer
+from kdscale.precompute.plan import check_teacher_fits
+from kdscale.progress import say
+from kdscale.tracking.lineage import Tracker, tracking_uri
+
+SUMMARY = "summary.json"
+STAGES = ("precompute", "train", "eval")
+
+
+@dataclass
+class Prepared:
+    """Everything a job needs that can be known without doing work."""
+
+    spec: JobSpec
+    workdir: str
+    cache_uri: str
+    tokenizer: Any
+    teacher_config: Any
+    student_configs: dict[str, Any] = field(default_factory=dict)
+
+    def student_dir(self, name: str) -> str:
+        return fs.join(self.workdir, "students", name)
+
+    def export_uri(self, name: str) -> str:
+        return fs.join(self.student_dir(name), "export")
+
+
+def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
+    """Load the tokenizer and the teacher's config (not its weights), derive every student's
+    config, and raise one ConfigError for all problems found. Writes nothing."""
+    wd = spec.resolved_workdir(workdir)
+    tokenizer = load_tokenizer(spec.teacher)
+    vocab = len(tokenizer)
+    teacher_config = load_teacher_config(spec.teacher, vocab)
+    problems = check_teacher_fits(spec, teacher_config, vocab)
+    configs = {}
+    for i, s in enumerate(spec.students):
+        try:
+            configs[s.name] = student_config(s, teacher_config, vocab)
+        except ValueError as e:
+            problems.append((f"students.{i}.architecture", str(e)))
+            continue
+        if configs[s.name].vocab_size != vocab:
+            problems.append((f"students.{i}", f"vocabulary {configs[s.name].vocab_size} differs from the teacher tokenizer's {vocab}"))
+    if problems:
+        raise ConfigError(spec.name, problems)
+    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, configs)
+
+
+def describe_plan(p: Prepared) -> dict[str, Any]:
+    """What ``--dry-run`` prints: where things go and what would run."""
+    spec = p.spec
+    files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    return {
+        "job": spec.name,
+        "workdir": p.workdir,
+        "cache_uri": p.cache_uri,
+        "tracking_uri": tracking_uri(spec),
+        "teacher": {"name": spec.teacher.name, "replicas": spec.teacher.replicas, "dtype": spec.teacher.dtype,
+                    "vocab_size": len(p.tokenizer), "logit_width": p.teacher_config.vocab_size},
+        "corpus": {"files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
+                   "seq_len": spec.corpus.seq_len, "max_tokens": spec.corpus.max_tokens,
+                   "heldout_fraction": spec.corpus.heldout_fraction},
+        "targets": spec.cache.targets.model_dump(),
+        "students": {
+            s.name: {
+                "architecture": describe(p.student_configs[s.name]),
+                "parameters": count_parameters(build_student(p.student_configs[s.name], 0)) if s.init == "config" else None,
+                "workers": s.train.num_workers, "zero_stage": s.train.zero_stage, "epochs": s.train.epochs,
+                "loss": s.loss.model_dump(),
+            }
+            for s in spec.students
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def read_summary(workdir: str) -> dict[str, Any]:
+    uri = fs.join(workdir, SUMMARY)
+    return fs.read_json(uri) if fs.exists(uri) else {}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_summary(workdir: str, update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into summary.json (nested dicts merge, so stages add to each other)."""
+    summary = _merge(read_summary(workdir), update)
+    fs.write_json(fs.join(workdir, SUMMARY), summary)
+    return summary
+
+
+def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> dict[str, Any]:
+    t = m.totals
+    return {
+        "uri": cache_uri,
+        "cache_id": m.cache_id,
+        "target_kind": m.targets.kind,
+        "tokens": t["tokens"],
+        "rows": t["rows"],
+        "bytes": t["bytes"],
+        "bytes_per_token": t["bytes_per_token"],
+        "target_bytes_per_token": t["target_bytes_per_token"],
+        "teacher_heldout_ce": t["teacher_heldout_ce"],
+        **({} if reused is None else {"reused": reused}),
+    }
+
+
+def stage_precompute(p: Prepared, tracker: Tracker) -> Manifest:
+    from kdscale.precompute.plan import build_plan
+    from kdscale.precompute.runner import run_precompute
+    from kdscale.ray_runtime import ensure_ray
+
+    spec = p.spec
+    run_id = tracker.start_child("precompute", "precompute")
+    try:
+        plan = build_plan(spec, p.tokenizer)
+        tracker.log_params(run_id, {
+            "teacher": spec.teacher.name, "teacher_fingerprint": plan.teacher.fingerprint,
+            "tokenizer_fingerprint": plan.tokenizer.fingerprint, "dataset_content_hash": plan.dataset.content_hash,
+            "target_kind": plan.targets.kind, "num_samples": plan.targets.num_samples, "k": plan.targets.k,
+            "capture_temperature": plan.targets.temperature, "seq_len": spec.corpus.seq_len,
+            "replicas": spec.teacher.replicas, "cache_uri": p.cache_uri,
+        })
+        ensure_ray(spec.ray)
+        result = run_precompute(spec, plan, p.cache_uri)
+        m = result.manifest
+        tracker.log_metrics(run_id, {
+            "tokens": m.totals["tokens"], "bytes_per_token": m.totals["bytes_per_token"],
+            "target_bytes_per_token": m.totals["target_bytes_per_token"],
+            "tokens_per_second": result.tokens_per_second or None, "seconds": result.seconds,
+            "teacher_heldout_ce": m.totals["teacher_heldout_ce"], "reused": float(result.reused),
+        })
+        tracker.log_cache(run_id, m, p.cache_uri, context="output")
+        tracker.end(run_id)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, m, result.reused), "mlflow": {"precompute_run_id": run_id}})
+    return m
+
+
+def open_cache_for_students(p: Prepared) -> Manifest:
+    """The committed cache, checked against the students' tokenizer and for missing shards."""
+    m = open_manifest(p.cache_uri)
+    check_tokenizer(m, tokenizer_fingerprint(p.tokenizer), len(p.tokenizer))
+    check_shards_present(p.cache_uri, m)
+    return m
+
+
+def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
+    from kdscale.student.evaluate import evaluate
+
+    return evaluate(model, heldout, p.spec.eval.batch_size).as_dict()
+
+
+def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, Any]:
+    from kdscale.ray_runtime import ensure_ray
+    from kdscale.student.evaluate import export, load_exported
+    from kdscale.student.trainer import hf_folder, preflight, train_student
+
+    spec = p.spec
+    ensure_ray(spec.ray)
+    problems = [pr for i in range(len(spec.students)) for pr in preflight(spec, i, manifest)]
+    if problems:
+        raise ConfigError(spec.name, problems)
+    heldout = read_split(p.cache_uri, manifest, "heldout", spec.eval.max_heldout_rows)
+    results = {}
+    for s in spec.students:
+        cfg = p.student_configs[s.name]
+        run_id = tracker.start_child(f"student-{s.name}", "student")
+        try:
+            tracker.log_cache(run_id, manifest, p.cache_uri, context="training")
+            tracker.log_params(run_id, {
+                "student": s.name, "init": s.init, "parameters": count_parameters(build_student(cfg, 0)),
+                **{f"arch.{k}": v for k, v in describe(cfg).items()},
+                **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
+                **{f"train.{k}": v for k, v in s.train.model_dump().items()},
+                "teacher": manifest.teacher.name, "teacher_fingerprint": manifest.teacher.fingerprint,
+                "tokenizer_fingerprint": manifest.tokenizer.fingerprint, "cache_uri": p.cache_uri,
+            })
+            seed = s.train.seed if s.train.seed is not None else spec.seed
+            untrained = _evaluate(p, build_student(cfg, seed, s.path if s.init == "pretrained" else None), heldout)
+            result = train_student(spec, s, cfg, manifest, p.cache_uri, p.student_dir(s.name), tracker.uri, run_id)
+            export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
+            metrics = _evaluate(p, load_exported(export_uri), heldout)
+            tracker.log_metrics(run_id, {
+                **{f"heldout/{k}": v for k, v in metrics.items()},
+                "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
+                "train/tokens_per_second": _tokens_per_second(result.epochs),
+            }, step=result.steps)
+            tracker.end(run_id)
+        except BaseException:
+            tracker.end(run_id, "FAILED")
+            raise
+        history = result.history
+        results[s.name] = {
+            **metrics,
+            "heldout_ce_untrained": untrained["heldout_ce"],
+            "export": export_uri,
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "tokens_per_second": _tokens_per_second(result.epochs),
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": history[-1]["loss"] if history else None,
+            "loss_history": [h["loss"] for h in history],
+            "mlflow_run_id": run_id,
+            "cache_id": manifest.cache_id,
+        }
+        say(
+            f"[green]Student {s.name}: held-out CE {metrics['heldout_ce']:.3f} (untrained "
+            f"{untrained['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}) -> {export_uri}"
+        )
+    write_summary(p.workdir, {"students": results})
+    return results
+
+
+def _tokens_per_second(epochs: list[dict[str, Any]]) -> float | None:
+    seconds = sum(e["seconds"] for e in epochs)
+    return sum(e["tokens"] for e in epochs) / seconds if seconds else None
+
+
+def stage_eval(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, Any]:
+    """Re-evaluate exported students on the held-out split (e.g. after copying them elsewhere)."""
+    from kdscale.student.evaluate import exported, load_exported
+
+    heldout = read_split(p.cache_uri, manifest, "heldout", p.spec.eval.max_heldout_rows)
+    results = {}
+    for s in p.spec.students:
+        uri = p.export_uri(s.name)
+        if not exported(uri):
+            raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
+        run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
+        metrics = _evaluate(p, load_exported(uri), heldout)
+        tracker.log_cache(run_id, manifest, p.cache_uri, context="evaluation")
+        tracker.log_metrics(run_id, {f"heldout/{k}": v for k, v in metrics.items()})
+        tracker.end(run_id)
+        results[s.name] = {**metrics, "export": uri, "eval_run_id": run_id}
+        say(f"Student {s.name}: held-out CE {metrics['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}")
+    write_summary(p.workdir, {"students": results})
+    return results
+
+
+def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None) -> dict[str, Any]:
+    """Run the given stages in order; returns the merged summary."""
+    p = prepare(spec, workdir)
+    started = time.perf_counter()
+    fs.makedirs(p.workdir)
+    tracker = Tracker(spec)
+    command = "run" if stages == STAGES else "+".join(stages)
+    parent = tracker.start_job(command)
+    write_summary(p.workdir, {"job": spec.name, "workdir": p.workdir,
+                              "mlflow": {"tracking_uri": tracker.uri, "experiment": spec.experiment_name(),
+                                         "parent_run_id": parent}})
+    try:
+        manifest = stage_precompute(p, tracker) if "precompute" in stages else None
+        if "train" in stages or "eval" in stages:
+            manifest = open_cache_for_students(p)
+            if "precompute" not in stages:
+                write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, manifest)})
+        if "train" in stages:
+            stage_train(p, tracker, manifest)
+        elif "eval" in stages:
+            stage_eval(p, tracker, manifest)
+        tracker.end(parent)
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
+    return write_summary(p.workdir, {"seconds": {command: time.perf_counter() - started}})

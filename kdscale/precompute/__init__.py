@@ -1,0 +1,1 @@
+"""Precompute stage: run the teacher once over the corpus and write its soft targets to the cache."""

@@ -1,0 +1,141 @@
+"""Planning a precompute (driver side, no Ray): tokenize and pack the corpus, fingerprint teacher,
+tokenizer and data, derive the cache_id, and cut the rows into deterministic shard tasks.
+
+The same plan is rebuilt on resume; because every input to it is content-addressed, a rerun
+produces the same shard names, the same rows per shard, and the same cache_id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kdscale.cache.format import FORMAT_VERSION, DatasetInfo, TargetsInfo, TeacherInfo, TokenizerInfo, shard_name
+from kdscale.config import JobSpec
+from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
+from kdscale.fingerprint import cache_id as make_cache_id
+from kdscale.fingerprint import tokenizer_fingerprint
+from kdscale.models.teacher import load_teacher_config, teacher_identity
+
+MAX_FULL_VOCAB = 4096
+
+
+@dataclass
+class ShardTask:
+    name: str
+    split: str
+    index: int
+    input_ids: np.ndarray  # [rows, seq_len] int32
+    seq_ids: list[str]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+@dataclass
+class PrecomputePlan:
+    cache_id: str
+    targets: TargetsInfo
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    dataset: DatasetInfo
+    tasks: list[ShardTask] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.tokens for t in self.tasks)
+
+
+class PlanError(ValueError):
+    """The spec is well-formed but cannot be run (e.g. the corpus yields no sequences)."""
+
+
+def tokenizer_info(tokenizer, logit_width: int) -> TokenizerInfo:
+    return TokenizerInfo(
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=len(tokenizer),
+        logit_width=logit_width,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[tuple[str, str]]:
+    """Problems that only show once the teacher's config and tokenizer are known."""
+    problems = []
+    width = teacher_config.vocab_size
+    if width < vocab_size:
+        problems.append(("teacher", f"logit width {width} is smaller than the tokenizer's vocabulary {vocab_size}"))
+    context = getattr(teacher_config, "max_position_embeddings", None)
+    if context and spec.corpus.seq_len > context:
+        problems.append(("corpus.seq_len", f"{spec.corpus.seq_len} exceeds the teacher's context length {context}"))
+    if spec.cache.targets.kind == "full" and vocab_size > MAX_FULL_VOCAB:
+        problems.append(
+            ("cache.targets.kind", f"'full' stores every log-prob ({vocab_size} per token); use sampled or topk above {MAX_FULL_VOCAB}")
+        )
+    if spec.cache.targets.kind == "topk" and spec.cache.targets.k > vocab_size:
+        problems.append(("cache.targets.k", f"k={spec.cache.targets.k} exceeds the vocabulary {vocab_size}"))
+    return problems
+
+
+def _tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
+    tasks = []
+    for index, start in enumerate(range(0, len(rows), per_shard)):
+        block = np.stack(rows[start : start + per_shard]).astype(np.int32)
+        tasks.append(ShardTask(shard_name(split, index), split, index, block, [seq_id(r) for r in block]))
+    return tasks
+
+
+def targets_info(spec: JobSpec) -> TargetsInfo:
+    t = spec.cache.targets
+    return TargetsInfo(
+        kind=t.kind,
+        temperature=t.temperature,
+        num_samples=t.num_samples if t.kind == "sampled" else None,
+        k=t.k if t.kind == "topk" else None,
+        seed=spec.seed,
+    )
+
+
+def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> PrecomputePlan:
+    teacher_config = load_teacher_config(spec.teacher, len(tokenizer))
+    problems = check_teacher_fits(spec, teacher_config, len(tokenizer))
+    if problems:
+        from kdscale.config import ConfigError
+
+        raise ConfigError(spec.name, problems)
+    corpus = corpus or pack_corpus(spec.corpus, tokenizer)
+    if not corpus.train:
+        raise PlanError(
+            f"the corpus yields no training sequences of {spec.corpus.seq_len} tokens "
+            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})"
+        )
+    if not corpus.heldout:
+        raise PlanError(
+            f"the corpus yields no held-out sequences ({len(corpus.train)} sequences, heldout_fraction "
+            f"{spec.corpus.heldout_fraction}); use more text or a larger heldout_fraction"
+        )
+    identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed)
+    teacher = TeacherInfo(
+        name=identity.name,
+        fingerprint=identity.fingerprint,
+        dtype=identity.dtype,
+        source=identity.source,
+        parallelism={"replicas": spec.teacher.replicas, "shards": 1},
+    )
+    tok = tokenizer_info(tokenizer, teacher_config.vocab_size)
+    dataset = DatasetInfo(
+        sources=corpus.sources,
+        patterns=list(spec.corpus.paths),
+        documents=corpus.documents,
+        content_hash=corpus.content_hash(),
+        seq_len=spec.corpus.seq_len,
+        heldout_fraction=spec.corpus.heldout_fraction,
+        rows={"train": len(corpus.train), "heldout": len(corpus.heldout)},
+        tokens=corpus.tokens,
+    )
+    targets = targets_info(spec)
+    cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
+    per_shard = spec.cache.rows_per_shard
+    tasks = _tasks("train", corpus.train, per_shard) + _tasks("heldout", corpus.heldout, per_shard)
+    return PrecomputePlan(cid, targets, teacher, tok, dataset, tasks)

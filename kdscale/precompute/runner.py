@@ -1,0 +1,139 @@
+"""Run the precompute on Ray: a pool of teacher-replica actors works through the plan's shard
+tasks; the driver records each finished shard in the ledger and commits the manifest last.
+
+Resume and reuse fall out of the commit protocol: a complete cache with the same cache_id is
+reused untouched; an unfinished one for the same cache_id skips shards whose ledger entry checks
+out (size and sha256); anything else at the URI is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+
+from kdscale import fs
+from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest
+from kdscale.cache.reader import open_manifest
+from kdscale.cache.writer import build_manifest, commit, finished_shards, start_or_check_plan, write_ledger_entry
+from kdscale.config import JobSpec
+from kdscale.precompute.plan import PrecomputePlan
+from kdscale.precompute.worker import TeacherWorker
+from kdscale.progress import bar, say
+
+IN_FLIGHT_PER_REPLICA = 2
+
+
+@dataclass
+class PrecomputeResult:
+    cache_uri: str
+    manifest: Manifest
+    reused: bool
+    seconds: float  # wall time of the stage, teacher loading included
+    tokens_computed: int
+    shards_skipped: int
+    compute_seconds: float = 0.0  # from the first task submitted to the last shard written
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_computed / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+
+def existing_cache(cache_uri: str, cache_id: str) -> Manifest | None:
+    """A committed cache with this cache_id, None if none; refuses a different committed cache."""
+    if not fs.exists(fs.join(cache_uri, MANIFEST)):
+        return None
+    manifest = open_manifest(cache_uri)
+    if manifest.cache_id != cache_id:
+        raise CacheFormatError(
+            f"{cache_uri} already holds another cache (cache_id {manifest.cache_id}; this job's is {cache_id}); "
+            "point cache.uri elsewhere or delete it"
+        )
+    return manifest
+
+
+def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> PrecomputeResult:
+    started = time.perf_counter()
+    manifest = existing_cache(cache_uri, plan.cache_id)
+    if manifest is not None:
+        say(f"[green]Cache {plan.cache_id} already complete at {cache_uri}: reusing it, no teacher work.")
+        return PrecomputeResult(cache_uri, manifest, True, 0.0, 0, len(manifest.shards))
+
+    fs.makedirs(cache_uri)
+    start_or_check_plan(cache_uri, plan.cache_id)
+    done = finished_shards(cache_uri)
+    todo = [t for t in plan.tasks if t.name not in done]
+    if done:
+        say(f"Resuming cache {plan.cache_id}: {len(done)} of {len(plan.tasks)} shards already finished.")
+    records = dict(done)
+    tokens_todo = sum(t.tokens for t in todo)
+    compute_seconds = 0.0
+    if todo:
+        computed, compute_seconds = _run_tasks(spec, plan, cache_uri, todo, tokens_todo)
+        records.update(computed)
+
+    manifest = build_manifest(
+        cache_id=plan.cache_id,
+        targets=plan.targets,
+        teacher=plan.teacher,
+        tokenizer=plan.tokenizer,
+        dataset=plan.dataset,
+        shards=[records[t.name] for t in plan.tasks],
+    )
+    commit(cache_uri, manifest)
+    say(
+        f"[green]Cache {plan.cache_id} committed: {manifest.totals['tokens']:,} tokens, "
+        f"{manifest.totals['bytes_per_token']:.1f} B/token, at {cache_uri}"
+    )
+    return PrecomputeResult(
+        cache_uri, manifest, False, time.perf_counter() - started, tokens_todo, len(done), compute_seconds
+    )
+
+
+def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
+    """Run shard tasks on a pool of replica actors, keeping each busy with a short queue."""
+    t = spec.teacher
+    actor_cls = ray.remote(TeacherWorker).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=0)
+    replicas = min(t.replicas, len(todo))
+    actors = [
+        actor_cls.remote(
+            t,
+            vocab_size=plan.tokenizer.vocab_size,
+            seed=spec.seed,
+            targets=plan.targets.model_dump(),
+            cache_uri=cache_uri,
+        )
+        for _ in range(replicas)
+    ]
+    records = {}
+    queue = list(todo)
+    in_flight: dict[ray.ObjectRef, tuple[object, object]] = {}
+    with bar("tok") as progress:
+        task_id = progress.add_task(f"teacher x{replicas} ({t.name})", total=tokens_todo, rate=0.0)
+        ray.get([a.ready.remote() for a in actors])  # loading counts as setup, not throughput
+        first = time.perf_counter()
+        done_tokens = 0
+
+        def submit(actor) -> None:
+            task = queue.pop(0)
+            in_flight[actor.run.remote(task)] = (actor, task)
+
+        for actor in actors:
+            for _ in range(IN_FLIGHT_PER_REPLICA):
+                if queue:
+                    submit(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, task = in_flight.pop(ready[0])
+            record = ray.get(ready[0])
+            write_ledger_entry(cache_uri, record)
+            records[record.path] = record
+            done_tokens += task.tokens
+            progress.update(task_id, advance=task.tokens, rate=done_tokens / max(time.perf_counter() - first, 1e-9))
+            if queue:
+                submit(actor)
+        compute_seconds = time.perf_counter() - first
+    for a in actors:
+        ray.kill(a)
+    return records, compute_seconds

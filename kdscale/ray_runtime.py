@@ -1,0 +1,49 @@
+"""The thin layer between kdscale and a Ray runtime: connect (or start a local Ray), quiet Ray's
+own progress output, and a tiny counter actor that lets workers report progress to the driver."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from kdscale.config import RaySpec
+
+
+def ensure_ray(spec: RaySpec) -> None:
+    """Reuse an initialized Ray (tests start one per session), else connect or start a local one.
+
+    ``RAY_ADDRESS`` (set by ``ray job submit``) wins over the spec so the same job runs locally
+    and on a cluster unchanged."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or spec.address
+        kwargs = {"address": address} if address else {"num_cpus": spec.num_cpus, "include_dashboard": False}
+        ray.init(logging_level="warning", log_to_driver=True, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Workers add what they have done; the driver polls it to draw a progress bar."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, amount: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def set(self, key: str, value: float) -> None:
+        self.values[key] = value
+
+    def get(self) -> dict[str, float]:
+        return dict(self.values)

@@ -1,0 +1,142 @@
+"""The per-worker training loop run by Ray Train: stream cache rows, KD + CE loss, DeepSpeed step.
+
+Every worker builds the same seeded student, streams its equal share of the cache's train split
+(Ray Data ``streaming_split``), and checkpoints at each epoch end: DeepSpeed's (ZeRO-partitioned)
+state from every rank plus, from rank 0, the full model in Hugging Face format and the loss
+history. A restarted worker group resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from kdscale.cache.format import Manifest
+from kdscale.cache.reader import batch_input_ids, batch_targets
+from kdscale.config import LossSpec, TrainSpec
+from kdscale.student.losses import distillation_loss
+
+STATE_FILE = "kdscale_state.json"
+HF_DIR = "hf"
+DS_DIR = "deepspeed"
+
+
+def steps_per_epoch(train_rows: int, train: TrainSpec) -> int:
+    """Optimizer steps per epoch: rows are split equally over workers, partial batches dropped."""
+    per_worker = train_rows // train.num_workers
+    return (per_worker // train.micro_batch_size) // train.grad_accum
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.tolist()
+
+
+def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config) -> str:
+    from kdscale.student.engine import full_state_dict
+
+    folder = tempfile.mkdtemp(prefix="kdscale-ckpt-")
+    engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
+    weights = full_state_dict(engine, cfg["train"]["zero_stage"])  # collective under ZeRO-3
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(student_config)
+        model.load_state_dict(weights)
+        model.save_pretrained(os.path.join(folder, HF_DIR), safe_serialization=True)
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(state, f)
+    return folder
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import ray.train
+    from transformers import AutoConfig
+
+    from kdscale.models.student import build_student
+    from kdscale.student.engine import make_engine, select_device
+    from kdscale.tracking.lineage import log_step_metrics
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train, loss_spec = TrainSpec(**cfg["train"]), LossSpec(**cfg["loss"])
+    manifest = Manifest.model_validate(cfg["manifest"])
+    device = select_device(train.use_gpu)
+    torch.set_num_threads(max(1, int(cfg.get("threads", 1))))
+
+    config_dict = dict(cfg["student_config"])
+    student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = build_student(student_config, cfg["seed"], cfg.get("init_path"))
+    total_steps = cfg["steps_per_epoch"] * train.epochs
+    engine, precision = make_engine(model, train, total_steps, device, world)
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(os.path.join(d, DS_DIR), tag="ckpt")
+            with open(os.path.join(d, STATE_FILE)) as f:
+                state = json.load(f)
+
+    shard = ray.train.get_dataset_shard("train")
+    counter = cfg.get("counter")
+    log_every = cfg.get("log_every", 1)
+    tokens_per_micro = train.micro_batch_size * manifest.dataset.seq_len
+    for epoch in range(state["epoch"], train.epochs):
+        started = time.perf_counter()
+        window: list[list[float]] = []
+        micro = 0
+        for batch in shard.iter_batches(
+            batch_size=train.micro_batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * train.micro_batch_size,
+            local_shuffle_seed=cfg["seed"] * 1000 + epoch,
+        ):
+            if micro >= cfg["steps_per_epoch"] * train.grad_accum:
+                break  # equal step counts on every rank, or the collectives would hang
+            input_ids = batch_input_ids(batch).to(device)
+            targets = batch_targets(batch, manifest)
+            logits = engine(input_ids=input_ids).logits
+            parts = distillation_loss(
+                logits,
+                input_ids,
+                targets,
+                alpha=loss_spec.alpha,
+                temperature=loss_spec.temperature,
+                chunk_positions=loss_spec.chunk_positions,
+            )
+            engine.backward(parts.total)
+            engine.step()
+            micro += 1
+            window.append([parts.total.item(), parts.kd.item(), parts.ce.item()])
+            if counter is not None:
+                counter.add.remote("tokens", tokens_per_micro)
+            if micro % train.grad_accum == 0:
+                state["step"] += 1
+                if state["step"] % log_every == 0 or micro == cfg["steps_per_epoch"] * train.grad_accum:
+                    total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
+                    window = []
+                    record = {"step": state["step"], "epoch": epoch, "loss": total, "kd": kd, "ce": ce,
+                              "lr": engine.get_lr()[0]}
+                    state["history"].append(record)
+                    if rank == 0 and cfg.get("run_id"):
+                        log_step_metrics(cfg["tracking_uri"], cfg["run_id"],
+                                         {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
+                                         state["step"])
+        state["epoch"] = epoch + 1
+        seconds = time.perf_counter() - started
+        tokens = micro * tokens_per_micro * world
+        state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens})
+        folder = _save_checkpoint(engine, cfg, state, rank, student_config)
+        metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
+                   "precision": precision}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -1,0 +1,178 @@
+"""Driver side of student training: check the plan, stream the cache through Ray Data into a
+Ray Train ``TorchTrainer`` whose workers each run DeepSpeed, draw progress, and collect results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from kdscale import fs
+from kdscale.cache.format import Manifest
+from kdscale.cache.reader import shard_uris
+from kdscale.config import JobSpec, StudentSpec
+from kdscale.progress import bar
+from kdscale.ray_runtime import Counter, cluster_cpus, cluster_gpus
+from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
+
+# Ray Data's file-listing task needs one whole CPU that training workers do not hold.
+DATA_CPUS = 1.0
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: str  # local folder holding the final checkpoint (hf/ + state)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def preflight(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[str, str]]:
+    """Problems that would only surface mid-training, found before any worker starts."""
+    s = spec.students[index]
+    where = f"students.{index}"
+    problems = []
+    if abs(s.loss.temperature - manifest.targets.temperature) > 1e-9:
+        problems.append(
+            (f"{where}.loss.temperature", f"{s.loss.temperature} differs from the cache's capture temperature "
+             f"{manifest.targets.temperature}; the stored targets are softmax(z/{manifest.targets.temperature})")
+        )
+    train_rows = manifest.dataset.rows["train"]
+    if steps_per_epoch(train_rows, s.train) < 1:
+        problems.append(
+            (f"{where}.train", f"{train_rows} training rows are too few for {s.train.num_workers} workers x "
+             f"micro_batch_size {s.train.micro_batch_size} x grad_accum {s.train.grad_accum}")
+        )
+    if ray.is_initialized():
+        need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
+        have = cluster_cpus()
+        if need > have:
+            problems.append(
+                (f"{where}.train.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker} CPU + "
+                 f"{DATA_CPUS} CPU for reading the cache = {need} CPUs, but the Ray cluster has {have}")
+            )
+        if s.train.use_gpu and s.train.num_workers > cluster_gpus():
+            problems.append((f"{where}.train.use_gpu", f"{s.train.num_workers} GPU workers, cluster has {cluster_gpus()} GPUs"))
+    return problems
+
+
+def _arrow_filesystem(uri: str):
+    """A pyarrow filesystem for fsspec URIs Ray cannot open natively (None: let Ray decide)."""
+    if not fs.is_remote(uri):
+        return None
+    import pyarrow.fs as pafs
+
+    fsys, _ = fs.filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsys))
+
+
+def _strip(uri: str) -> str:
+    return fs.filesystem(uri)[1] if fs.is_remote(uri) else uri
+
+
+def train_dataset(cache_uri: str, manifest: Manifest):
+    uris = shard_uris(cache_uri, manifest, "train")
+    columns = [c for c in manifest.columns["train"] if c not in ("seq_id", "teacher_nll")]
+    return ray.data.read_parquet(
+        [_strip(u) for u in uris],
+        filesystem=_arrow_filesystem(cache_uri),
+        columns=columns,
+        shuffle=None,
+    )
+
+
+def train_student(
+    spec: JobSpec,
+    student: StudentSpec,
+    student_config,
+    manifest: Manifest,
+    cache_uri: str,
+    student_dir: str,
+    tracking_uri: str,
+    run_id: str | None,
+) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = student.train
+    per_epoch = steps_per_epoch(manifest.dataset.rows["train"], t)
+    counter = Counter.remote()
+    cfg = {
+        "train": t.model_dump(),
+        "loss": student.loss.model_dump(),
+        "manifest": manifest.model_dump(mode="json"),
+        "student_config": student_config.to_dict(),
+        "init_path": student.path if student.init == "pretrained" else None,
+        "seed": t.seed if t.seed is not None else spec.seed,
+        "steps_per_epoch": per_epoch,
+        "threads": max(1, int(t.cpus_per_worker)),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "counter": counter,
+        "log_every": t.log_every,
+    }
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    storage = fs.join(student_dir, "checkpoints")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets={"train": train_dataset(cache_uri, manifest)},
+        run_config=RunConfig(
+            name="ray",
+            storage_path=_strip(storage) if fs.is_remote(storage) else storage,
+            storage_filesystem=_arrow_filesystem(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    total_tokens = per_epoch * t.grad_accum * t.micro_batch_size * t.num_workers * manifest.dataset.seq_len * t.epochs
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # surfaced in the caller's thread below
+            outcome["error"] = e
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    with bar("tok") as progress:
+        task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            done = ray.get(counter.get.remote()).get("tokens", 0.0)
+            progress.update(task, completed=min(done, total_tokens), rate=done / max(time.perf_counter() - started, 1e-9))
+    ray.kill(counter)
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {student.name} finished without a checkpoint")
+    local = result.checkpoint.to_directory()
+    with open(os.path.join(local, STATE_FILE)) as f:
+        state = json.load(f)
+    return TrainResult(
+        checkpoint_dir=local,
+        history=state["history"],
+        epochs=state.get("epochs", []),
+        seconds=time.perf_counter() - started,
+        steps=state["step"],
+    )
+
+
+def hf_folder(result: TrainResult) -> str:
+    return os.path.join(result.checkpoint_dir, HF_DIR)

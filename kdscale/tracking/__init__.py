@@ -1,0 +1,1 @@
+"""Experiment tracking and lineage (MLflow)."""
