@@ -21,6 +21,11 @@ from kdscale import fs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+def repeated_names(names: list[Any]) -> str | None:
+    dupes = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
+    return f"student names must be unique, repeated: {', '.join(dupes)}" if dupes else None
+
+
 class ConfigError(ValueError):
     """A job spec with one or more problems; ``problems`` holds ``(field, message)`` pairs."""
 
@@ -41,6 +46,9 @@ class Strict(BaseModel):
 class RaySpec(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts/joins a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by kdscale.")
+    log_to_driver: bool = Field(
+        False, description="Stream every Ray worker's log lines to the console (they are always kept in Ray's log folder)."
+    )
 
 
 class TrackingSpec(Strict):
@@ -160,10 +168,9 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_student_names(self) -> "JobSpec":
-        names = [s.name for s in self.students]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"student names must be unique, repeated: {', '.join(dupes)}")
+        problem = repeated_names([s.name for s in self.students])
+        if problem:
+            raise ValueError(problem)
         return self
 
     # Derived locations -------------------------------------------------------------------------
@@ -193,8 +200,9 @@ def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown field"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
+            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, list)):
+                got = repr(e["input"])
+                msg += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
         problems.append((_loc(loc), msg))
     return problems
 
@@ -284,6 +292,12 @@ def parse_job(raw: Any, source: str = "<spec>", base_dir: Path | None = None, ch
         spec = JobSpec.model_validate(raw)
     except ValidationError as err:
         problems += _pydantic_problems(err)
+        # Model-level checks do not run when a field fails; repeat the cheap ones on the raw input.
+        students = raw.get("students")
+        if isinstance(students, list) and not any(f == "students" for f, _ in problems):
+            dupes = repeated_names([s.get("name") for s in students if isinstance(s, dict)])
+            if dupes:
+                problems.append(("students", dupes))
     if check_resources:
         problems += _resource_problems(raw)
     if problems:

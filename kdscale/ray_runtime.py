@@ -18,7 +18,7 @@ def ensure_ray(spec: RaySpec) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or spec.address
         kwargs = {"address": address} if address else {"num_cpus": spec.num_cpus, "include_dashboard": False}
-        ray.init(logging_level="warning", log_to_driver=True, **kwargs)
+        ray.init(logging_level="warning", log_to_driver=spec.log_to_driver, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

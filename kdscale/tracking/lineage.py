@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 from kdscale.cache.format import Manifest
@@ -58,7 +59,10 @@ def _cache_dataset(manifest: Manifest, cache_uri: str):
             return d
 
     schema = Schema([ColSpec("string", name) for name in manifest.columns["train"]])
-    source = resolve_dataset_source(cache_uri)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source under two schemes and warns it "could be either".
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(cache_uri)
     return LogitCacheDataset(source=source, name=f"kdscale-cache-{manifest.cache_id[:8]}", digest=manifest.cache_id, schema=schema)
 
 

@@ -1,0 +1,180 @@
+"""Target extraction, the shard/manifest commit protocol, and the reader's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdscale import fs
+from kdscale.cache import targets
+from kdscale.cache.format import MANIFEST, CacheFormatError
+from kdscale.cache.reader import (
+    SparseTargets,
+    batch_input_ids,
+    batch_targets,
+    check_tokenizer,
+    open_manifest,
+    read_split,
+    verify,
+)
+from kdscale.cache.writer import build_manifest, commit, finished_shards, start_or_check_plan, write_ledger_entry
+from kdscale.config import load_job
+from kdscale.data.corpus import is_heldout, pack_corpus, seq_id
+from kdscale.models.teacher import load_tokenizer
+from kdscale.precompute.plan import build_plan
+from kdscale.precompute.worker import TeacherWorker
+from tests.conftest import write_job
+
+
+def test_sampled_targets_are_deterministic_and_consistent():
+    logits = torch.randn(7, 40) * 2
+    a = targets.sampled(logits, 1.0, 50, targets.row_generator(0, "abc"))
+    b = targets.sampled(logits, 1.0, 50, targets.row_generator(0, "abc"))
+    c = targets.sampled(logits, 1.0, 50, targets.row_generator(1, "abc"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["target_ids"], c["target_ids"])
+    lengths = a["target_lengths"].astype(int)
+    assert lengths.sum() == len(a["target_ids"]) == len(a["target_counts"])
+    start = 0
+    for n in lengths:  # per position: ids strictly ascending, counts sum to N
+        seg = a["target_ids"][start : start + n]
+        assert np.all(np.diff(seg) > 0)
+        assert a["target_counts"][start : start + n].sum() == 50
+        start += n
+
+
+def test_sampled_weights_are_an_unbiased_estimate():
+    """E[counts/N] = softmax(z/T): average many seeded draws of one distribution."""
+    logits = torch.randn(1, 12) * 1.5
+    p = torch.softmax(logits / 2.0, dim=-1)[0].numpy()
+    est = np.zeros(12)
+    trials = 400
+    for s in range(trials):
+        out = targets.sampled(logits, 2.0, 50, targets.row_generator(s, "x"))
+        est[out["target_ids"]] += out["target_counts"] / 50
+    est /= trials
+    se = np.sqrt(p * (1 - p) / (50 * trials))
+    assert np.all(np.abs(est - p) < 5 * se + 1e-9)
+
+
+def test_topk_tail_mass():
+    logits = torch.randn(3, 30)
+    out = targets.topk(logits, 1.0, 5)
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(5, -1)
+    np.testing.assert_allclose(out["tail_mass"], (1 - top.values.sum(-1)).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out["target_ids"].reshape(3, 5), top.indices.numpy())
+
+
+def test_corpus_packing_and_heldout_split(tmp_path):
+    spec = load_job(write_job(tmp_path))
+    tok = load_tokenizer(spec.teacher)
+    packed = pack_corpus(spec.corpus, tok)
+    assert packed.tokens == spec.corpus.max_tokens
+    assert all(len(r) == spec.corpus.seq_len for r in packed.train + packed.heldout)
+    assert all(is_heldout(seq_id(r), spec.corpus.heldout_fraction) for r in packed.heldout)
+    assert not any(is_heldout(seq_id(r), spec.corpus.heldout_fraction) for r in packed.train)
+    assert packed.content_hash() == pack_corpus(spec.corpus, tok).content_hash()
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A real cache written by a TeacherWorker (no Ray) with the commit protocol."""
+    tmp = tmp_path_factory.mktemp("cache")
+    spec = load_job(write_job(tmp, **{"cache.rows_per_shard": 40}))
+    tok = load_tokenizer(spec.teacher)
+    plan = build_plan(spec, tok)
+    uri = str(tmp / "cache")
+    start_or_check_plan(uri, plan.cache_id)
+    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets.model_dump(), cache_uri=uri)
+    records = []
+    for task in plan.tasks:
+        rec = worker.run(task)
+        write_ledger_entry(uri, rec)
+        records.append(rec)
+    manifest = build_manifest(cache_id=plan.cache_id, targets=plan.targets, teacher=plan.teacher, tokenizer=plan.tokenizer,
+                              dataset=plan.dataset, shards=records)
+    commit(uri, manifest)
+    return uri, plan, tok, worker
+
+
+def test_manifest_consistent_with_shards(tiny_cache):
+    uri, plan, _, _ = tiny_cache
+    m = open_manifest(uri)
+    assert m.cache_id == plan.cache_id and len(m.cache_id) == 32
+    assert [s.path for s in m.shards] == [t.name for t in plan.tasks]
+    for s in m.shards:
+        assert fs.size(fs.join(uri, s.path)) == s.bytes
+        assert fs.sha256(fs.join(uri, s.path)) == s.sha256
+    assert sum(s.rows for s in m.shards) == m.totals["rows"] == sum(m.dataset.rows.values())
+    assert m.totals["tokens"] == m.totals["rows"] * m.dataset.seq_len
+    assert verify(uri, m) == []
+    assert set(finished_shards(uri)) == {s.path for s in m.shards}
+
+
+def test_targets_round_trip_through_parquet(tiny_cache):
+    uri, plan, _, worker = tiny_cache
+    m = open_manifest(uri)
+    table = read_split(uri, m, "train", max_rows=3)
+    ids = batch_input_ids(table)
+    assert ids.shape == (3, m.dataset.seq_len)
+    np.testing.assert_array_equal(ids.numpy(), plan.tasks[0].input_ids[:3])
+    t = batch_targets(table, m)
+    assert isinstance(t, SparseTargets)
+    torch.testing.assert_close(t.probs.sum(-1), torch.ones(3, m.dataset.seq_len))
+    # The stored ids are draws from the teacher: recompute one row's targets and compare.
+    logits = worker.logits(ids[:1])[0]
+    again = targets.sampled(logits, 1.0, 50, targets.row_generator(0, table.column("seq_id")[0].as_py()))
+    row_ids = t.ids[0][t.probs[0] > 0].numpy()
+    np.testing.assert_array_equal(row_ids, again["target_ids"])
+
+
+def test_rewritten_shard_is_byte_identical(tiny_cache, tmp_path):
+    uri, plan, _, worker = tiny_cache
+    m = open_manifest(uri)
+    worker.cache_uri = str(tmp_path)
+    rec = worker.run(plan.tasks[1])
+    worker.cache_uri = uri
+    assert rec.sha256 == m.shards[1].sha256
+
+
+def test_reader_refusals(tiny_cache, tmp_path):
+    uri, _, _, _ = tiny_cache
+    m = open_manifest(uri)
+    with pytest.raises(CacheFormatError, match="incomplete cache"):
+        open_manifest(str(tmp_path))
+    bad = tmp_path / "v2"
+    bad.mkdir()
+    raw = json.loads(fs.read_text(fs.join(uri, MANIFEST)))
+    raw["format_version"] = 2
+    (bad / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(CacheFormatError, match="format_version 2 is not supported"):
+        open_manifest(str(bad))
+    with pytest.raises(CacheFormatError) as info:
+        check_tokenizer(m, "f" * 64, m.tokenizer.vocab_size)
+    assert m.tokenizer.fingerprint in str(info.value) and "f" * 64 in str(info.value)
+
+
+def test_verify_names_a_flipped_byte(tiny_cache, tmp_path):
+    import shutil
+
+    uri, _, _, _ = tiny_cache
+    copy = tmp_path / "copy"
+    shutil.copytree(uri, copy)
+    m = open_manifest(str(copy))
+    victim = copy / m.shards[1].path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert verify(str(copy), m) == [m.shards[1].path]
+
+
+def test_unfinished_cache_for_another_job_is_refused(tmp_path):
+    start_or_check_plan(str(tmp_path), "a" * 32)
+    start_or_check_plan(str(tmp_path), "a" * 32)
+    with pytest.raises(CacheFormatError, match="unfinished cache for another job"):
+        start_or_check_plan(str(tmp_path), "b" * 32)

@@ -1,0 +1,140 @@
+"""End to end through the CLI on jobs/tiny.yaml: real local Ray, real DeepSpeed (ZeRO-2, two Ray
+Train workers, gloo), real MLflow (sqlite), real Parquet cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from kdscale import fs
+from kdscale.cache.reader import open_manifest, verify
+from kdscale.cli import app
+from tests.conftest import write_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    job = write_job(tmp)
+    workdir = tmp / "work"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
+    yield {"result": result, "job": job, "workdir": workdir, "uri": uri,
+           "summary": json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else None}
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_run_succeeds_and_lays_out_the_workdir(tiny_run):
+    assert tiny_run["result"].exit_code == 0, tiny_run["result"].output
+    wd = tiny_run["workdir"]
+    assert (wd / "cache" / "manifest.json").exists()
+    assert (wd / "students" / "tiny-student" / "export" / "config.json").exists()
+    assert (wd / "students" / "tiny-student" / "checkpoints").is_dir()
+    s = tiny_run["summary"]
+    for key in ("uri", "cache_id", "tokens", "bytes_per_token"):
+        assert key in s["cache"]
+    st = s["students"]["tiny-student"]
+    for key in ("heldout_ce", "teacher_heldout_ce", "heldout_ce_untrained", "export", "mlflow_run_id"):
+        assert st[key] is not None
+
+
+def test_manifest_matches_shards(tiny_run):
+    cache = str(tiny_run["workdir"] / "cache")
+    m = open_manifest(cache)
+    assert m.cache_id == tiny_run["summary"]["cache"]["cache_id"]
+    assert verify(cache, m) == []
+    on_disk = sorted(p for p in fs.listdir(cache) if p.endswith(".parquet"))
+    assert on_disk == sorted(s.path for s in m.shards)
+    assert m.totals["tokens"] == tiny_run["summary"]["cache"]["tokens"] == 8192
+
+
+def test_student_learns(tiny_run):
+    st = tiny_run["summary"]["students"]["tiny-student"]
+    losses = st["loss_history"]
+    assert len(losses) == st["steps"] >= 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    assert st["heldout_ce"] < st["heldout_ce_untrained"] - 0.2
+
+
+def test_mlflow_holds_runs_and_the_cache_link(tiny_run):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tiny_run["uri"])
+    s = tiny_run["summary"]
+    cache_id = s["cache"]["cache_id"]
+    exp = client.get_experiment_by_name("tiny")
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[s["mlflow"]["parent_run_id"]]
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = sorted(r.data.tags["kdscale.stage"] for r in children)
+    assert stages == ["precompute", "student"]
+    assert all(r.info.status == "FINISHED" for r in [parent, *children])
+    student = runs[s["students"]["tiny-student"]["mlflow_run_id"]]
+    assert student.data.tags["kdscale.cache_id"] == cache_id
+    digests = {d.dataset.digest for d in student.inputs.dataset_inputs}
+    assert digests == {cache_id}
+    precompute = runs[s["mlflow"]["precompute_run_id"]]
+    assert {d.dataset.digest for d in precompute.inputs.dataset_inputs} == {cache_id}
+    assert precompute.data.metrics["bytes_per_token"] > 0
+    history = client.get_metric_history(student.info.run_id, "train/loss")
+    assert len(history) == s["students"]["tiny-student"]["steps"]
+    assert "heldout/heldout_ce" in student.data.metrics
+
+
+def test_export_loads_and_generates(tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = tiny_run["summary"]["students"]["tiny-student"]["export"]
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = tok("import bisect", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 8
+
+
+def test_cache_inspect_json(tiny_run):
+    result = CliRunner().invoke(app, ["cache", "inspect", str(tiny_run["workdir"] / "cache"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["cache_id"] == tiny_run["summary"]["cache"]["cache_id"]
+    assert info["kind"] == "sampled" and info["params"]["num_samples"] == 50
+    assert info["tokens"] == 8192 and info["bytes_per_token"] > 0
+    assert 1 <= info["mean_ids_per_position"] <= 50
+    assert info["tokenizer"]["vocab_size"] == 512
+
+
+def test_rerun_precompute_reuses_the_cache_and_eval_reproduces(tiny_run):
+    cache = tiny_run["workdir"] / "cache"
+    before = {p: (cache / p).stat().st_mtime_ns for p in fs.listdir(str(cache)) if p.endswith(".parquet")}
+    result = CliRunner().invoke(app, ["precompute", str(tiny_run["job"]), "--workdir", str(tiny_run["workdir"])])
+    assert result.exit_code == 0, result.output
+    after = {p: (cache / p).stat().st_mtime_ns for p in before}
+    assert before == after
+    summary = json.loads((tiny_run["workdir"] / "summary.json").read_text())
+    assert summary["cache"]["reused"] is True
+    result = CliRunner().invoke(app, ["eval", str(tiny_run["job"]), "--workdir", str(tiny_run["workdir"])])
+    assert result.exit_code == 0, result.output
+    st = json.loads((tiny_run["workdir"] / "summary.json").read_text())["students"]["tiny-student"]
+    assert st["heldout_ce"] == pytest.approx(tiny_run["summary"]["students"]["tiny-student"]["heldout_ce"], rel=1e-5)
+    assert st["eval_run_id"]
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, ray_session):
+    job = write_job(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["students"]["tiny-student"]["workers"] == 2
+    assert not (tmp_path / "w").exists()
