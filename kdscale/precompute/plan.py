@@ -78,7 +78,8 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
     return problems
 
 
-def _tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
+def shard_tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
+    """Cut one split into consecutive shards of `per_shard` rows (deterministic names)."""
     tasks = []
     for index, start in enumerate(range(0, len(rows), per_shard)):
         block = np.stack(rows[start : start + per_shard]).astype(np.int32)
@@ -137,5 +138,5 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     targets = targets_info(spec)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
-    tasks = _tasks("train", corpus.train, per_shard) + _tasks("heldout", corpus.heldout, per_shard)
+    tasks = shard_tasks("train", corpus.train, per_shard) + shard_tasks("heldout", corpus.heldout, per_shard)
     return PrecomputePlan(cid, targets, teacher, tok, dataset, tasks)
