@@ -45,7 +45,11 @@ def _load(path: Path) -> JobSpec:
 
 def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
     from kdscale import pipeline
+
+    hf_logging.disable_progress_bar()
     from kdscale.precompute.plan import PlanError
 
     spec = _load(job)
@@ -60,7 +64,10 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
         _fail(str(e), 2)
     except CacheFormatError as e:
         _fail(str(e), 1)
+    mlflow = summary.get("mlflow", {})
     out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
+    out.print(f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
+              f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})", highlight=False, soft_wrap=True)
 
 
 @app.command()
