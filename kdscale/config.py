@@ -98,12 +98,17 @@ class TargetsSpec(Strict):
     num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position (counts fit uint8).")
     k: int = Field(12, ge=1, description="topk: ids kept per position.")
     temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax.")
+    store_logprobs: bool = Field(False, description="sampled: also store the teacher log-prob of each stored id.")
 
 
 class CacheSpec(Strict):
     uri: str | None = Field(None, description="Cache location (any fsspec URI); defaults to <workdir>/cache.")
     targets: TargetsSpec = TargetsSpec()
     rows_per_shard: int = Field(128, ge=1)
+    compression_level: int = Field(9, ge=1, le=22, description="zstd level of the shards (9: ~3 us/token to write).")
+    verify_before_training: bool = Field(
+        True, description="Recompute every shard's sha256 before training starts and refuse a corrupted cache."
+    )
 
 
 class LossSpec(Strict):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdscale import fs
-from kdscale.cache.format import Manifest
-from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split
+from kdscale.cache.format import CacheFormatError, Manifest
+from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split, verify
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, student_config
@@ -165,11 +165,19 @@ def stage_precompute(p: Prepared, tracker: Tracker) -> Manifest:
     return m
 
 
-def open_cache_for_students(p: Prepared) -> Manifest:
-    """The committed cache, checked against the students' tokenizer and for missing shards."""
+def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
+    """The committed cache, checked against the students' tokenizer, for missing or resized
+    shards and (``verify_checksums``) for any byte that differs from the manifest's sha256."""
     m = open_manifest(p.cache_uri)
     check_tokenizer(m, tokenizer_fingerprint(p.tokenizer), len(p.tokenizer))
     check_shards_present(p.cache_uri, m)
+    if verify_checksums:
+        bad = verify(p.cache_uri, m)
+        if bad:
+            raise CacheFormatError(
+                f"corrupted cache {p.cache_uri}: {', '.join(bad)} do(es) not match the manifest's sha256; "
+                "refusing to train (recompute with `kdscale precompute` after deleting the cache)"
+            )
     return m
 
 
@@ -280,7 +288,7 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     try:
         manifest = stage_precompute(p, tracker) if "precompute" in stages else None
         if "train" in stages or "eval" in stages:
-            manifest = open_cache_for_students(p)
+            manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
             if "precompute" not in stages:
                 write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, manifest)})
         if "train" in stages:

@@ -16,11 +16,19 @@ from kdscale.cache.reader import (
     batch_input_ids,
     batch_targets,
     check_tokenizer,
+    load_rank_order,
     open_manifest,
     read_split,
     verify,
 )
-from kdscale.cache.writer import build_manifest, commit, finished_shards, start_or_check_plan, write_ledger_entry
+from kdscale.cache.writer import (
+    build_manifest,
+    commit,
+    finished_shards,
+    start_or_check_plan,
+    write_ledger_entry,
+    write_rank_file,
+)
 from kdscale.config import load_job
 from kdscale.data.corpus import is_heldout, pack_corpus, seq_id
 from kdscale.models.teacher import load_tokenizer
@@ -81,25 +89,57 @@ def test_corpus_packing_and_heldout_split(tmp_path):
     assert packed.content_hash() == pack_corpus(spec.corpus, tok).content_hash()
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
+def build_cache(tmp, **overrides):
     """A real cache written by a TeacherWorker (no Ray) with the commit protocol."""
-    tmp = tmp_path_factory.mktemp("cache")
-    spec = load_job(write_job(tmp, **{"cache.rows_per_shard": 40}))
+    spec = load_job(write_job(tmp, **{"cache.rows_per_shard": 40, **overrides}))
     tok = load_tokenizer(spec.teacher)
     plan = build_plan(spec, tok)
     uri = str(tmp / "cache")
     start_or_check_plan(uri, plan.cache_id)
-    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets.model_dump(), cache_uri=uri)
+    id_coding = write_rank_file(uri, plan.rank_order)
+    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank)
     records = []
     for task in plan.tasks:
         rec = worker.run(task)
         write_ledger_entry(uri, rec)
         records.append(rec)
     manifest = build_manifest(cache_id=plan.cache_id, targets=plan.targets, teacher=plan.teacher, tokenizer=plan.tokenizer,
-                              dataset=plan.dataset, shards=records)
+                              dataset=plan.dataset, id_coding=id_coding, shards=records)
     commit(uri, manifest)
     return uri, plan, tok, worker
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return build_cache(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"kind": "topk", "k": 6, "temperature": 2.0},
+        {"kind": "full", "temperature": 1.0},
+        {"kind": "sampled", "num_samples": 20, "temperature": 1.0, "store_logprobs": True},
+    ],
+)
+def test_every_kind_reconstructs_the_teacher(tmp_path, targets):
+    uri, plan, _, worker = build_cache(tmp_path, **{"cache.targets": targets, "corpus.max_tokens": 2048})
+    m = open_manifest(uri)
+    assert m.targets.kind == targets["kind"] and verify(uri, m) == []
+    table = read_split(uri, m, "train", max_rows=2)
+    t = batch_targets(table, m, load_rank_order(uri, m))
+    logp = torch.log_softmax(worker.logits(batch_input_ids(table)) / targets["temperature"], dim=-1)
+    if targets["kind"] == "full":
+        torch.testing.assert_close(t.logprobs, logp)
+    elif targets["kind"] == "topk":
+        torch.testing.assert_close(t.probs, logp.exp().gather(-1, t.ids))
+        top = logp.exp().topk(targets["k"], dim=-1).values
+        torch.testing.assert_close(t.tail_mass, (1 - top.sum(-1)).clamp_min(0))
+    else:
+        stored = table.column("target_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
+        mask = t.probs > 0
+        # ids come back per position in the stored (rank) order, so are the log-probs
+        torch.testing.assert_close(torch.from_numpy(stored), logp.gather(-1, t.ids)[mask])
 
 
 def test_manifest_consistent_with_shards(tiny_cache):
@@ -123,14 +163,19 @@ def test_targets_round_trip_through_parquet(tiny_cache):
     ids = batch_input_ids(table)
     assert ids.shape == (3, m.dataset.seq_len)
     np.testing.assert_array_equal(ids.numpy(), plan.tasks[0].input_ids[:3])
-    t = batch_targets(table, m)
+    t = batch_targets(table, m, load_rank_order(uri, m))
     assert isinstance(t, SparseTargets)
     torch.testing.assert_close(t.probs.sum(-1), torch.ones(3, m.dataset.seq_len))
-    # The stored ids are draws from the teacher: recompute one row's targets and compare.
+    # The stored ids are draws from the teacher: recompute one row's targets and compare
+    # position by position (the cache orders ids by rank, extraction by id).
     logits = worker.logits(ids[:1])[0]
     again = targets.sampled(logits, 1.0, 50, targets.row_generator(0, table.column("seq_id")[0].as_py()))
-    row_ids = t.ids[0][t.probs[0] > 0].numpy()
-    np.testing.assert_array_equal(row_ids, again["target_ids"])
+    starts = np.concatenate([[0], np.cumsum(again["target_lengths"].astype(int))])
+    for pos in range(m.dataset.seq_len):
+        stored = {int(i): float(p) for i, p in zip(t.ids[0, pos], t.probs[0, pos]) if p > 0}
+        seg = slice(starts[pos], starts[pos + 1])
+        fresh = {int(i): c / 50 for i, c in zip(again["target_ids"][seg], again["target_counts"][seg])}
+        assert stored == pytest.approx(fresh)
 
 
 def test_rewritten_shard_is_byte_identical(tiny_cache, tmp_path):
@@ -171,6 +216,8 @@ def test_verify_names_a_flipped_byte(tiny_cache, tmp_path):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     assert verify(str(copy), m) == [m.shards[1].path]
+    with pytest.raises(OSError):  # Parquet page CRCs catch it while reading, too
+        read_split(str(copy), m, "train")
 
 
 def test_unfinished_cache_for_another_job_is_refused(tmp_path):

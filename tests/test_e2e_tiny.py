@@ -54,7 +54,7 @@ def test_manifest_matches_shards(tiny_run):
     assert m.cache_id == tiny_run["summary"]["cache"]["cache_id"]
     assert verify(cache, m) == []
     on_disk = sorted(p for p in fs.listdir(cache) if p.endswith(".parquet"))
-    assert on_disk == sorted(s.path for s in m.shards)
+    assert on_disk == sorted([s.path for s in m.shards] + [m.id_coding["rank_file"]])
     assert m.totals["tokens"] == tiny_run["summary"]["cache"]["tokens"] == 8192
 
 

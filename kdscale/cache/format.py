@@ -13,18 +13,24 @@ seq_id              string                 blake2b-64 of the int32 token ids
 input_ids           list<int32>            the packed tokens
 teacher_nll         float32                sum of the teacher's next-token NLL (T=1) over
                                            the row's seq_len-1 predicted positions
-target_ids          list<int32>            ``sampled``: unique sampled ids, ascending within
-                                           each position, positions concatenated;
-                                           ``topk``: k ids per position, best first
+target_ids          list<int32>            id-coded (see below) target ids, positions
+                                           concatenated: ``sampled``: the unique sampled ids;
+                                           ``topk``: the k most likely ids
 target_counts       list<uint8>            ``sampled``: draw count of each stored id
-target_lengths      list<uint8|uint16>     ``sampled``: unique ids per position
-target_logprobs     list<float32>          ``topk``: log-probs at the capture temperature;
-                                           ``full``: dense log-probs, seq_len x vocab
+target_lengths      list<uint8>            ``sampled``: unique ids per position
+target_logprobs     list<float32>          ``topk`` (and ``sampled`` with store_logprobs):
+                                           teacher log-probs of the stored ids at the capture
+                                           temperature; ``full``: dense, seq_len x vocab
 tail_mass           list<float32>          ``topk``: probability not covered by the k ids
 teacher_top1        list<int32>            heldout split only: teacher argmax per position
 ==================  =====================  ===============================================
 
 Targets at position i describe the teacher's distribution of the token *after* input_ids[i].
+
+Id coding (``manifest.id_coding``, scheme ``rank-delta``): each id is replaced by its rank in
+``vocab_rank.parquet`` (tokens by descending corpus frequency), ranks are sorted within each
+position and stored as the first rank followed by gaps; companion columns follow the same order.
+See :mod:`kdscale.cache.idcodec`.
 """
 
 from __future__ import annotations
@@ -39,11 +45,20 @@ LEDGER_DIR = "_ledger"
 PLAN = "plan.json"
 SPLITS = ("train", "heldout")
 
-COLUMNS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "sampled": ("target_ids", "target_counts", "target_lengths"),
-    "topk": ("target_ids", "target_logprobs", "tail_mass"),
-    "full": ("target_logprobs",),
-}
+ID_CODING_SCHEME = "rank-delta"
+
+
+def target_columns(kind: str, store_logprobs: bool = False) -> tuple[str, ...]:
+    """The columns holding a target kind's data (what ``target_bytes`` counts)."""
+    if kind == "sampled":
+        return ("target_ids", "target_counts", "target_lengths") + (("target_logprobs",) if store_logprobs else ())
+    if kind == "topk":
+        return ("target_ids", "target_logprobs", "tail_mass")
+    if kind == "full":
+        return ("target_logprobs",)
+    raise ValueError(f"unknown target kind {kind!r}")
+
+
 BASE_COLUMNS = ("seq_id", "input_ids", "teacher_nll")
 HELDOUT_EXTRA_COLUMNS = ("teacher_top1",)
 
@@ -66,6 +81,7 @@ class TargetsInfo(_Model):
     temperature: float
     num_samples: int | None = None
     k: int | None = None
+    store_logprobs: bool = False
     seed: int
 
     def params(self) -> dict[str, Any]:
@@ -123,6 +139,7 @@ class Manifest(_Model):
     tokenizer: TokenizerInfo
     dataset: DatasetInfo
     columns: dict[str, list[str]]
+    id_coding: dict[str, Any] = Field(..., description="Scheme, rank file name and its sha256.")
     shards: list[ShardRecord]
     totals: dict[str, Any]
 

@@ -3,6 +3,8 @@ turning stored columns back into target tensors for the loss."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +13,8 @@ import pyarrow.parquet as pq
 import torch
 
 from kdscale import fs
-from kdscale.cache.format import FORMAT_VERSION, LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
+from kdscale.cache import idcodec
+from kdscale.cache.format import FORMAT_VERSION, ID_CODING_SCHEME, LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
 
 
 def open_manifest(cache_uri: str) -> Manifest:
@@ -42,6 +45,20 @@ def check_tokenizer(manifest: Manifest, fingerprint: str, vocab_size: int, who: 
         )
 
 
+def load_rank_order(cache_uri: str, manifest: Manifest) -> np.ndarray:
+    """The id-coding rank table (``order[rank] = token id``), checked against its sha256."""
+    coding = manifest.id_coding
+    if coding.get("scheme") != ID_CODING_SCHEME:
+        raise CacheFormatError(f"{cache_uri}: unknown id coding {coding.get('scheme')!r}")
+    data = fs.read_bytes(fs.join(cache_uri, coding["rank_file"]))
+    if hashlib.sha256(data).hexdigest() != coding["sha256"]:
+        raise CacheFormatError(f"corrupted cache: {coding['rank_file']} does not match its sha256 in the manifest")
+    order = pq.read_table(io.BytesIO(data)).column("token_id").to_numpy()
+    if len(order) != manifest.tokenizer.vocab_size:
+        raise CacheFormatError(f"{cache_uri}: rank table has {len(order)} entries, vocab is {manifest.tokenizer.vocab_size}")
+    return order.astype(np.int64)
+
+
 def shard_uris(cache_uri: str, manifest: Manifest, split: str) -> list[str]:
     return [fs.join(cache_uri, s.path) for s in manifest.shards_of(split)]
 
@@ -58,12 +75,15 @@ def check_shards_present(cache_uri: str, manifest: Manifest) -> None:
 
 
 def verify(cache_uri: str, manifest: Manifest) -> list[str]:
-    """Names of shards whose bytes do not match the manifest's sha256 (or are missing)."""
+    """Names of files (shards and the rank table) whose bytes do not match the manifest's
+    sha256, or are missing."""
+    expected = [(s.path, s.bytes, s.sha256) for s in manifest.shards]
+    expected.append((manifest.id_coding["rank_file"], None, manifest.id_coding["sha256"]))
     bad = []
-    for s in manifest.shards:
-        uri = fs.join(cache_uri, s.path)
-        if not fs.exists(uri) or fs.size(uri) != s.bytes or fs.sha256(uri) != s.sha256:
-            bad.append(s.path)
+    for path, size, digest in expected:
+        uri = fs.join(cache_uri, path)
+        if not fs.exists(uri) or (size is not None and fs.size(uri) != size) or fs.sha256(uri) != digest:
+            bad.append(path)
     return bad
 
 
@@ -104,7 +124,7 @@ class DenseTargets:
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return arr.flatten().to_numpy(zero_copy_only=False)
+    return arr.flatten().to_numpy(zero_copy_only=False, writable=True)
 
 
 def _pad_segments(values: list[np.ndarray], lengths: np.ndarray, fill: list[float]) -> list[np.ndarray]:
@@ -128,14 +148,17 @@ def batch_input_ids(batch: pa.Table) -> torch.Tensor:
     return torch.from_numpy(_flat(batch.column("input_ids")).astype(np.int64).reshape(batch.num_rows, seq_len))
 
 
-def batch_targets(batch: pa.Table, manifest: Manifest) -> SparseTargets | DenseTargets:
-    """Rebuild the teacher's per-position distribution from a batch of stored rows."""
+def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray) -> SparseTargets | DenseTargets:
+    """Rebuild the teacher's per-position distribution from a batch of stored rows.
+
+    ``order`` is the cache's rank table (:func:`load_rank_order`), needed to decode ids."""
     b, seq_len = batch.num_rows, manifest.dataset.seq_len
     kind = manifest.targets.kind
     if kind == "sampled":
         lengths = _flat(batch.column("target_lengths")).astype(np.int64)
+        raw_ids = idcodec.decode(_flat(batch.column("target_ids")), lengths, order)
         ids, counts = _pad_segments(
-            [_flat(batch.column("target_ids")), _flat(batch.column("target_counts")).astype(np.float32)], lengths, [0, 0.0]
+            [raw_ids, _flat(batch.column("target_counts")).astype(np.float32)], lengths, [0, 0.0]
         )
         probs = counts / float(manifest.targets.num_samples)
         return SparseTargets(
@@ -143,7 +166,8 @@ def batch_targets(batch: pa.Table, manifest: Manifest) -> SparseTargets | DenseT
         )
     if kind == "topk":
         k = manifest.targets.k
-        ids = _flat(batch.column("target_ids")).astype(np.int64).reshape(b, seq_len, k)
+        lengths = np.full(b * seq_len, k, dtype=np.int64)
+        ids = idcodec.decode(_flat(batch.column("target_ids")), lengths, order).reshape(b, seq_len, k)
         probs = np.exp(_flat(batch.column("target_logprobs"))).reshape(b, seq_len, k)
         tail = _flat(batch.column("tail_mass")).reshape(b, seq_len)
         return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(tail))

@@ -19,11 +19,15 @@ def row_generator(seed: int, sid: str) -> torch.Generator:
     return torch.Generator().manual_seed(value & ((1 << 63) - 1))
 
 
-def sampled(logits: torch.Tensor, temperature: float, num_samples: int, generator: torch.Generator) -> dict[str, np.ndarray]:
-    """Unique sampled ids per position (ascending), their counts, and ids per position.
+def sampled(
+    logits: torch.Tensor, temperature: float, num_samples: int, generator: torch.Generator, store_logprobs: bool = False
+) -> dict[str, np.ndarray]:
+    """Unique sampled ids per position (ascending), their counts, and ids per position; with
+    ``store_logprobs`` also the teacher's log-prob of each stored id.
 
     ``logits``: [positions, vocab] already sliced to the true vocabulary."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logp.exp()
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
     first = torch.ones_like(draws, dtype=torch.bool)
@@ -31,11 +35,17 @@ def sampled(logits: torch.Tensor, temperature: float, num_samples: int, generato
     flat_first = first.reshape(-1)
     starts = flat_first.nonzero().squeeze(1)
     ends = torch.cat([starts[1:], torch.tensor([flat_first.numel()])])
-    return {
-        "target_ids": draws.reshape(-1)[starts].to(torch.int32).numpy(),
+    ids = draws.reshape(-1)[starts]
+    lengths = first.sum(dim=-1)
+    out = {
+        "target_ids": ids.to(torch.int32).numpy(),
         "target_counts": (ends - starts).to(torch.uint8).numpy(),
-        "target_lengths": first.sum(dim=-1).to(torch.uint8).numpy(),
+        "target_lengths": lengths.to(torch.uint8).numpy(),
     }
+    if store_logprobs:
+        positions = torch.repeat_interleave(torch.arange(logits.shape[0]), lengths)
+        out["target_logprobs"] = logp[positions, ids].numpy()
+    return out
 
 
 def topk(logits: torch.Tensor, temperature: float, k: int) -> dict[str, np.ndarray]:
@@ -61,9 +71,19 @@ def teacher_nll_and_top1(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple
     return float(nll), logits.argmax(dim=-1).to(torch.int32).numpy()
 
 
-def extract(kind: str, logits: torch.Tensor, *, temperature: float, num_samples: int, k: int, seed: int, sid: str) -> dict[str, np.ndarray]:
+def extract(
+    kind: str,
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    num_samples: int,
+    k: int,
+    seed: int,
+    sid: str,
+    store_logprobs: bool = False,
+) -> dict[str, np.ndarray]:
     if kind == "sampled":
-        return sampled(logits, temperature, num_samples, row_generator(seed, sid))
+        return sampled(logits, temperature, num_samples, row_generator(seed, sid), store_logprobs)
     if kind == "topk":
         return topk(logits, temperature, k)
     if kind == "full":

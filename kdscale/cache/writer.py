@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdscale import __version__, fs
+from kdscale.cache import idcodec
 from kdscale.cache.format import (
     BASE_COLUMNS,
-    COLUMNS_BY_KIND,
     FORMAT_VERSION,
+    ID_CODING_SCHEME,
     HELDOUT_EXTRA_COLUMNS,
     LEDGER_DIR,
     MANIFEST,
@@ -29,10 +30,14 @@ from kdscale.cache.format import (
     TargetsInfo,
     TeacherInfo,
     TokenizerInfo,
+    target_columns,
 )
 
-ZSTD_LEVEL = 6
+DEFAULT_ZSTD_LEVEL = 9
 ROWS_PER_ROW_GROUP = 32
+# Columns whose values are small integers or floats with noisy low bytes: splitting the byte
+# streams lets zstd find the (mostly zero) high bytes. Measured on the quickstart cache.
+BYTE_STREAM_SPLIT_COLUMNS = ("target_ids", "target_logprobs", "tail_mass", "teacher_nll")
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "seq_id": pa.string(),
@@ -47,13 +52,13 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
-def shard_columns(kind: str, split: str) -> list[str]:
+def shard_columns(kind: str, split: str, store_logprobs: bool = False) -> list[str]:
     extra = HELDOUT_EXTRA_COLUMNS if split == "heldout" else ()
-    return [*BASE_COLUMNS, *COLUMNS_BY_KIND[kind], *extra]
+    return [*BASE_COLUMNS, *target_columns(kind, store_logprobs), *extra]
 
 
-def shard_schema(kind: str, split: str) -> pa.Schema:
-    return pa.schema([(c, _ARROW_TYPES[c]) for c in shard_columns(kind, split)])
+def shard_schema(kind: str, split: str, store_logprobs: bool = False) -> pa.Schema:
+    return pa.schema([(c, _ARROW_TYPES[c]) for c in shard_columns(kind, split, store_logprobs)])
 
 
 def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
@@ -64,8 +69,22 @@ def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(typ.value_type.to_pandas_dtype(), copy=False)))
 
 
-def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str) -> pa.Table:
-    schema = shard_schema(kind, split)
+def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]:
+    """Replace a row's raw target ids by their rank-delta code (companions permuted alike)."""
+    if "target_ids" not in row:
+        return row
+    ids = row["target_ids"]
+    lengths = row["target_lengths"] if kind == "sampled" else np.full(len(row["input_ids"]), len(ids) // len(row["input_ids"]))
+    deltas, perm = idcodec.encode(ids, lengths, rank)
+    coded = dict(row, target_ids=deltas)
+    for companion in ("target_counts", "target_logprobs"):
+        if companion in row and len(row[companion]) == len(ids):
+            coded[companion] = row[companion][perm]
+    return coded
+
+
+def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False) -> pa.Table:
+    schema = shard_schema(kind, split, store_logprobs)
     columns = []
     for name in schema.names:
         typ = schema.field(name).type
@@ -74,17 +93,18 @@ def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str) -> pa.Table
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def encode_shard(table: pa.Table) -> bytes:
-    """Parquet bytes: zstd, no dictionaries for id/float lists (high cardinality), page CRCs so a
-    flipped byte is caught while streaming, and small row groups for streaming reads."""
+def encode_shard(table: pa.Table, compression_level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
+    """Parquet bytes: zstd, no dictionaries (ids and floats are high-cardinality), byte-stream
+    split where it helps, page CRCs so a flipped byte fails the read instead of training on
+    garbage, and small row groups for streaming reads."""
     buf = io.BytesIO()
-    dictionary_columns = [c for c in ("seq_id",) if c in table.column_names]
     pq.write_table(
         table,
         buf,
         compression="zstd",
-        compression_level=ZSTD_LEVEL,
-        use_dictionary=dictionary_columns,
+        compression_level=compression_level,
+        use_dictionary=False,
+        column_encoding={c: "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names},
         write_page_checksum=True,
         row_group_size=ROWS_PER_ROW_GROUP,
         write_statistics=False,
@@ -92,9 +112,9 @@ def encode_shard(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def target_bytes(data: bytes, kind: str) -> int:
+def target_bytes(data: bytes, kind: str, store_logprobs: bool = False) -> int:
     meta = pq.ParquetFile(io.BytesIO(data)).metadata
-    wanted = set(COLUMNS_BY_KIND[kind])
+    wanted = set(target_columns(kind, store_logprobs))
     total = 0
     for rg in range(meta.num_row_groups):
         group = meta.row_group(rg)
@@ -105,11 +125,21 @@ def target_bytes(data: bytes, kind: str) -> int:
     return total
 
 
-def write_shard(cache_uri: str, name: str, split: str, index: int, rows: list[dict[str, Any]], kind: str) -> ShardRecord:
-    """Encode and write one shard whole; return its ledger record (size and sha256 of the bytes
-    actually written, computed from memory without re-reading)."""
-    table = rows_to_table(rows, kind, split)
-    data = encode_shard(table)
+def write_shard(
+    cache_uri: str,
+    name: str,
+    split: str,
+    index: int,
+    rows: list[dict[str, Any]],
+    targets: TargetsInfo,
+    rank: np.ndarray,
+    compression_level: int = DEFAULT_ZSTD_LEVEL,
+) -> ShardRecord:
+    """Code, encode and write one shard whole; return its ledger record (size and sha256 of the
+    bytes actually written, computed from memory without re-reading)."""
+    kind = targets.kind
+    table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs)
+    data = encode_shard(table, compression_level)
     fs.write_bytes(fs.join(cache_uri, name), data)
     lengths = [len(r["target_ids"]) for r in rows] if "target_ids" in table.column_names else [0]
     return ShardRecord(
@@ -120,7 +150,7 @@ def write_shard(cache_uri: str, name: str, split: str, index: int, rows: list[di
         tokens=int(sum(len(r["input_ids"]) for r in rows)),
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        target_bytes=target_bytes(data, kind),
+        target_bytes=target_bytes(data, kind, targets.store_logprobs),
         unique_ids=int(sum(lengths)),
         tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows)) if kind == "topk" else 0.0,
         teacher_nll_sum=float(sum(r["teacher_nll"] for r in rows)),
@@ -152,6 +182,15 @@ def start_or_check_plan(cache_uri: str, cache_id: str) -> None:
     fs.write_json(plan_uri, {"cache_id": cache_id, "format_version": FORMAT_VERSION})
 
 
+def write_rank_file(cache_uri: str, order: np.ndarray) -> dict[str, Any]:
+    """Store the id-coding rank table (before any shard); returns the manifest's ``id_coding``."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"token_id": pa.array(order, type=pa.int32())}), buf, compression="zstd")
+    data = buf.getvalue()
+    fs.write_bytes(fs.join(cache_uri, idcodec.RANK_FILE), data)
+    return {"scheme": ID_CODING_SCHEME, "rank_file": idcodec.RANK_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def finished_shards(cache_uri: str, verify: bool = True) -> dict[str, ShardRecord]:
     """Ledger entries whose shard is present with the recorded size and checksum."""
     done: dict[str, ShardRecord] = {}
@@ -178,6 +217,7 @@ def build_manifest(
     teacher: TeacherInfo,
     tokenizer: TokenizerInfo,
     dataset: DatasetInfo,
+    id_coding: dict[str, Any],
     shards: list[ShardRecord],
 ) -> Manifest:
     shards = sorted(shards, key=lambda s: (s.split != "train", s.index))
@@ -206,7 +246,8 @@ def build_manifest(
         teacher=teacher,
         tokenizer=tokenizer,
         dataset=dataset,
-        columns={split: shard_columns(targets.kind, split) for split in ("train", "heldout")},
+        columns={split: shard_columns(targets.kind, split, targets.store_logprobs) for split in ("train", "heldout")},
+        id_coding=id_coding,
         shards=shards,
         totals=totals,
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kdscale.cache import idcodec
 from kdscale.cache.format import FORMAT_VERSION, DatasetInfo, TargetsInfo, TeacherInfo, TokenizerInfo, shard_name
 from kdscale.config import JobSpec
 from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
@@ -40,7 +41,12 @@ class PrecomputePlan:
     teacher: TeacherInfo
     tokenizer: TokenizerInfo
     dataset: DatasetInfo
+    rank_order: np.ndarray  # id-coding table: token ids by descending corpus frequency
     tasks: list[ShardTask] = field(default_factory=list)
+
+    @property
+    def rank(self) -> np.ndarray:
+        return idcodec.inverse(self.rank_order)
 
     @property
     def tokens(self) -> int:
@@ -94,6 +100,7 @@ def targets_info(spec: JobSpec) -> TargetsInfo:
         temperature=t.temperature,
         num_samples=t.num_samples if t.kind == "sampled" else None,
         k=t.k if t.kind == "topk" else None,
+        store_logprobs=t.store_logprobs and t.kind == "sampled",
         seed=spec.seed,
     )
 
@@ -139,4 +146,5 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
     tasks = shard_tasks("train", corpus.train, per_shard) + shard_tasks("heldout", corpus.heldout, per_shard)
-    return PrecomputePlan(cid, targets, teacher, tok, dataset, tasks)
+    order = idcodec.rank_table(np.concatenate(corpus.train + corpus.heldout), tok.vocab_size)
+    return PrecomputePlan(cid, targets, teacher, tok, dataset, order, tasks)

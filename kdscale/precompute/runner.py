@@ -16,7 +16,14 @@ import ray
 from kdscale import fs
 from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest
 from kdscale.cache.reader import open_manifest
-from kdscale.cache.writer import build_manifest, commit, finished_shards, start_or_check_plan, write_ledger_entry
+from kdscale.cache.writer import (
+    build_manifest,
+    commit,
+    finished_shards,
+    start_or_check_plan,
+    write_ledger_entry,
+    write_rank_file,
+)
 from kdscale.config import JobSpec
 from kdscale.precompute.plan import PrecomputePlan
 from kdscale.precompute.worker import TeacherWorker
@@ -62,6 +69,7 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> Preco
 
     fs.makedirs(cache_uri)
     start_or_check_plan(cache_uri, plan.cache_id)
+    id_coding = write_rank_file(cache_uri, plan.rank_order)
     done = finished_shards(cache_uri)
     todo = [t for t in plan.tasks if t.name not in done]
     if done:
@@ -79,6 +87,7 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> Preco
         teacher=plan.teacher,
         tokenizer=plan.tokenizer,
         dataset=plan.dataset,
+        id_coding=id_coding,
         shards=[records[t.name] for t in plan.tasks],
     )
     commit(cache_uri, manifest)
@@ -101,8 +110,10 @@ def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens
             t,
             vocab_size=plan.tokenizer.vocab_size,
             seed=spec.seed,
-            targets=plan.targets.model_dump(),
+            targets=plan.targets,
             cache_uri=cache_uri,
+            rank=plan.rank,
+            compression_level=spec.cache.compression_level,
         )
         for _ in range(replicas)
     ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdscale.cache import targets as extract
-from kdscale.cache.format import ShardRecord
-from kdscale.cache.writer import write_shard
+from kdscale.cache.format import ShardRecord, TargetsInfo
+from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
 from kdscale.models.teacher import load_teacher
 from kdscale.precompute.plan import ShardTask
@@ -23,7 +24,17 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 class TeacherWorker:
-    def __init__(self, teacher: TeacherSpec, *, vocab_size: int, seed: int, targets: dict[str, Any], cache_uri: str):
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        *,
+        vocab_size: int,
+        seed: int,
+        targets: TargetsInfo,
+        cache_uri: str,
+        rank: np.ndarray,
+        compression_level: int = DEFAULT_ZSTD_LEVEL,
+    ):
         if teacher.num_cpus >= 1:
             torch.set_num_threads(int(teacher.num_cpus))
         self.device = pick_device(teacher.num_gpus)
@@ -32,6 +43,8 @@ class TeacherWorker:
         self.vocab_size = vocab_size
         self.targets = targets
         self.cache_uri = cache_uri
+        self.rank = rank
+        self.compression_level = compression_level
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -42,7 +55,7 @@ class TeacherWorker:
     def rows(self, task: ShardTask) -> list[dict[str, Any]]:
         t = self.targets
         rows: list[dict[str, Any]] = []
-        ids = torch.from_numpy(task.input_ids).long()
+        ids = torch.from_numpy(np.array(task.input_ids, dtype=np.int64))
         for start in range(0, ids.shape[0], self.batch_size):
             batch = ids[start : start + self.batch_size]
             logits = self.logits(batch)
@@ -55,20 +68,23 @@ class TeacherWorker:
                     row["teacher_top1"] = top1
                 row.update(
                     extract.extract(
-                        t["kind"],
+                        t.kind,
                         logits[i],
-                        temperature=t["temperature"],
-                        num_samples=t.get("num_samples") or 0,
-                        k=t.get("k") or 0,
-                        seed=t["seed"],
+                        temperature=t.temperature,
+                        num_samples=t.num_samples or 0,
+                        k=t.k or 0,
+                        seed=t.seed,
                         sid=sid,
+                        store_logprobs=t.store_logprobs,
                     )
                 )
                 rows.append(row)
         return rows
 
     def run(self, task: ShardTask) -> ShardRecord:
-        return write_shard(self.cache_uri, task.name, task.split, task.index, self.rows(task), self.targets["kind"])
+        return write_shard(
+            self.cache_uri, task.name, task.split, task.index, self.rows(task), self.targets, self.rank, self.compression_level
+        )
 
     def ready(self) -> bool:
         return True

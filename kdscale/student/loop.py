@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kdscale.cache.format import Manifest
-from kdscale.cache.reader import batch_input_ids, batch_targets
+from kdscale.cache.reader import batch_input_ids, batch_targets, load_rank_order
 from kdscale.config import LossSpec, TrainSpec
 from kdscale.student.losses import distillation_loss
 
@@ -69,6 +69,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train, loss_spec = TrainSpec(**cfg["train"]), LossSpec(**cfg["loss"])
     manifest = Manifest.model_validate(cfg["manifest"])
+    order = load_rank_order(cfg["cache_uri"], manifest)
     device = select_device(train.use_gpu)
     torch.set_num_threads(max(1, int(cfg.get("threads", 1))))
 
@@ -104,7 +105,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if micro >= cfg["steps_per_epoch"] * train.grad_accum:
                 break  # equal step counts on every rank, or the collectives would hang
             input_ids = batch_input_ids(batch).to(device)
-            targets = batch_targets(batch, manifest)
+            targets = batch_targets(batch, manifest, order)
             logits = engine(input_ids=input_ids).logits
             parts = distillation_loss(
                 logits,

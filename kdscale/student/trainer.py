@@ -108,6 +108,7 @@ def train_student(
         "train": t.model_dump(),
         "loss": student.loss.model_dump(),
         "manifest": manifest.model_dump(mode="json"),
+        "cache_uri": cache_uri,
         "student_config": student_config.to_dict(),
         "init_path": student.path if student.init == "pretrained" else None,
         "seed": t.seed if t.seed is not None else spec.seed,
