@@ -225,3 +225,22 @@ def test_unfinished_cache_for_another_job_is_refused(tmp_path):
     start_or_check_plan(str(tmp_path), "a" * 32)
     with pytest.raises(CacheFormatError, match="unfinished cache for another job"):
         start_or_check_plan(str(tmp_path), "b" * 32)
+
+
+def test_padded_teacher_vocab_is_sliced_to_the_tokenizer(tmp_path):
+    """A teacher whose LM head is wider than its tokenizer (e.g. 152,064 vs 151,936 in Qwen):
+    the cache records both sizes and never stores an id past the true vocabulary."""
+    uri, plan, tok, worker = build_cache(
+        tmp_path, **{"teacher.architecture.vocab_size": 520, "corpus.max_tokens": 2048,
+                     "cache.targets": {"kind": "topk", "k": 8}}
+    )
+    m = open_manifest(uri)
+    assert (m.tokenizer.vocab_size, m.tokenizer.logit_width) == (len(tok), 520) == (512, 520)
+    assert worker.model.config.vocab_size == 520
+    table = read_split(uri, m, "train")
+    t = batch_targets(table, m, load_rank_order(uri, m))
+    assert int(t.ids.max()) < 512
+    # With the padding columns sliced off, the top-k mass is that of a 512-way softmax.
+    logits = worker.model(input_ids=batch_input_ids(table)[:1]).logits.detach()
+    p512 = torch.softmax(logits[..., :512], -1)
+    torch.testing.assert_close(t.probs[:1], p512.gather(-1, t.ids[:1]))

@@ -1,0 +1,141 @@
+"""Faults around the cache: a killed precompute resumes to the identical cache; corrupted,
+incomplete or foreign-tokenizer caches are refused before any training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from kdscale import fs
+from kdscale.cache.format import LEDGER_DIR, MANIFEST
+from kdscale.cache.reader import open_manifest
+from kdscale.cli import app
+from tests.conftest import write_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _shards(cache) -> dict[str, str]:
+    m = open_manifest(str(cache))
+    return {s.path: s.sha256 for s in m.shards}
+
+
+def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path, mlflow_uri):
+    job = write_job(tmp_path, **{"cache.rows_per_shard": 4, "corpus.max_tokens": 16384})
+    killed = tmp_path / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdscale.cli", "precompute", str(job), "--workdir", str(killed)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    ledger = killed / "cache" / LEDGER_DIR
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ledger.exists() and len([p for p in os.listdir(ledger) if p.startswith("train-")]) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"precompute ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "cache" / MANIFEST).exists()
+    finished = {p.replace(".json", ".parquet") for p in os.listdir(ledger) if p.endswith(".json") and p != "plan.json"}
+    assert len(finished) >= 3
+    mtimes = {p: (killed / "cache" / p).stat().st_mtime_ns for p in finished}
+
+    with pytest.raises(Exception, match="incomplete cache"):
+        open_manifest(str(killed / "cache"))
+
+    resumed = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(killed)])
+    assert resumed.exit_code == 0, resumed.output
+    total = len(open_manifest(str(killed / "cache")).shards)
+    assert len(finished) < total
+    assert f"{len(finished)} of {total} shards already finished" in " ".join(resumed.output.split())
+    assert {p: (killed / "cache" / p).stat().st_mtime_ns for p in finished} == mtimes  # not recomputed
+
+    clean = tmp_path / "clean"
+    result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(clean)])
+    assert result.exit_code == 0, result.output
+    assert open_manifest(str(killed / "cache")).cache_id == open_manifest(str(clean / "cache")).cache_id
+    assert _shards(killed / "cache") == _shards(clean / "cache")
+
+
+@pytest.fixture(scope="module")
+def committed(ray_session, tmp_path_factory):
+    """A committed tiny cache (precompute only) to damage in copies."""
+    tmp = tmp_path_factory.mktemp("faults")
+    job = write_job(tmp)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp / "w")])
+    assert result.exit_code == 0, result.output
+    return job, tmp / "w"
+
+
+def _copy(committed, tmp_path):
+    job, workdir = committed
+    target = tmp_path / "w"
+    shutil.copytree(workdir / "cache", target / "cache")
+    return job, target
+
+
+def test_flipped_byte_named_by_verify_and_training_refuses(committed, tmp_path, mlflow_uri):
+    job, work = _copy(committed, tmp_path)
+    m = open_manifest(str(work / "cache"))
+    victim = work / "cache" / m.shards[2].path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    verify = CliRunner().invoke(app, ["cache", "verify", str(work / "cache")])
+    assert verify.exit_code == 1
+    assert m.shards[2].path in verify.output and "1 of" in verify.output
+
+    train = CliRunner().invoke(app, ["train", str(job), "--workdir", str(work)])
+    assert train.exit_code == 1
+    assert "corrupted cache" in train.output and m.shards[2].path in "".join(train.output.split())
+    assert not (work / "students").exists()
+
+
+def test_deleted_manifest_is_an_incomplete_cache(committed, tmp_path, mlflow_uri):
+    job, work = _copy(committed, tmp_path)
+    (work / "cache" / MANIFEST).unlink()
+    for args in (["train", str(job), "--workdir", str(work)], ["cache", "inspect", str(work / "cache")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1
+        assert "incomplete cache" in result.output
+    assert not (work / "students").exists()
+
+
+def test_student_with_another_tokenizer_is_refused_before_training(committed, tmp_path, mlflow_uri):
+    from transformers import AutoTokenizer
+
+    job, work = _copy(committed, tmp_path)
+    spec_dir = job.parent
+    tok = AutoTokenizer.from_pretrained(spec_dir / "assets" / "tiny-tokenizer")
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(tmp_path / "other-tokenizer")
+    other = write_job(tmp_path, **{"teacher.tokenizer": str(tmp_path / "other-tokenizer")})
+    m = open_manifest(str(work / "cache"))
+    result = CliRunner().invoke(app, ["train", str(other), "--workdir", str(work)])
+    assert result.exit_code == 1
+    text = "".join(result.output.split())
+    assert "tokenizermismatch" in text and m.tokenizer.fingerprint in text and "vocab513" in text
+    assert not (work / "students").exists()
+
+
+def test_precompute_refuses_to_overwrite_another_cache(committed, tmp_path, mlflow_uri):
+    job, work = _copy(committed, tmp_path)
+    other = write_job(tmp_path, **{"seed": 7})
+    result = CliRunner().invoke(app, ["precompute", str(other), "--workdir", str(work)])
+    assert result.exit_code == 1
+    assert "already holds another cache" in " ".join(result.output.split())
+    assert json.loads((work / "cache" / MANIFEST).read_text())["cache_id"] == open_manifest(str(work / "cache")).cache_id
+    assert fs.exists(str(work / "cache" / MANIFEST))
