@@ -124,6 +124,7 @@ def inspect_dict(m) -> dict:
         "seq_len": m.dataset.seq_len,
         "teacher": {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint, "dtype": m.teacher.dtype},
         "tokenizer": m.tokenizer.model_dump(),
+        "id_coding": m.id_coding["scheme"],
         "dataset_content_hash": m.dataset.content_hash,
         "created_at": m.created_at,
         "kdscale_version": m.kdscale_version,
@@ -139,8 +140,12 @@ def cache_inspect(uri: str = typer.Argument(..., help="Cache folder (path or fss
         print(json.dumps(info))
         return
     table = Table(title=f"cache {info['cache_id']}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in info.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            table.add_row(f"{key}.{sub}" if sub else key, str(v))
     out.print(table)
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from kdscale.cache import idcodec
+from kdscale.cache.format import TargetsInfo
 from kdscale.cli import app
 from kdscale.config import load_job
 from kdscale.data.corpus import pack_corpus
@@ -34,8 +36,9 @@ def test_gguf_teacher_gives_sane_targets_on_python_docs(tmp_path):
     corpus = spec.corpus.model_copy(update={"max_tokens": 512})
     packed = pack_corpus(corpus, tok)
     task = shard_tasks("heldout", packed.train[:2], 2)[0]
-    targets = {"kind": "sampled", "temperature": 1.0, "num_samples": 50, "k": None, "seed": 0}
-    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=0, targets=targets, cache_uri=str(tmp_path))
+    targets = TargetsInfo(kind="sampled", temperature=1.0, num_samples=50, seed=0)
+    rank = idcodec.inverse(idcodec.rank_table(task.input_ids, len(tok)))
+    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=0, targets=targets, cache_uri=str(tmp_path), rank=rank)
     rows = worker.rows(task)
     ce = sum(r["teacher_nll"] for r in rows) / (len(rows) * (spec.corpus.seq_len - 1))
     assert ce < 4.0  # a real language model on English/code text (measured ~2.7), not random (~10.8)
