@@ -70,8 +70,12 @@ class TeacherSpec(Strict):
         None, description="For init=random: transformers config fields (model_type defaults to llama)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    replicas: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1)
+    replicas: int = Field(1, ge=1, description="Data-parallel copies of the teacher.")
+    shards: int = Field(
+        1, ge=1, description="Pipeline stages per replica: the layers split over this many actors (for teachers "
+        "that do not fit one device). Actors in all: replicas x shards."
+    )
+    batch_size: int = Field(4, ge=1, description="Rows per forward (the micro-batch when sharded).")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     trust_remote_code: bool = False

@@ -17,7 +17,7 @@ from kdscale.cache.reader import check_shards_present, check_tokenizer, open_man
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, student_config
-from kdscale.models.teacher import load_teacher_config, load_tokenizer
+from kdscale.models.teacher import load_teacher_config, load_tokenizer, weight_problems
 from kdscale.precompute.plan import check_teacher_fits
 from kdscale.progress import say
 from kdscale.tracking.lineage import Tracker, tracking_uri
@@ -48,6 +48,9 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     """Load the tokenizer and the teacher's config (not its weights), derive every student's
     config, and raise one ConfigError for all problems found. Writes nothing."""
     wd = spec.resolved_workdir(workdir)
+    broken = weight_problems(spec.teacher)
+    if broken:
+        raise ConfigError(spec.name, [("teacher.path", b) for b in broken])
     tokenizer = load_tokenizer(spec.teacher)
     vocab = len(tokenizer)
     teacher_config = load_teacher_config(spec.teacher, vocab)
@@ -131,21 +134,19 @@ def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> di
     }
 
 
-def stage_precompute(p: Prepared, tracker: Tracker) -> Manifest:
-    from kdscale.precompute.plan import build_plan
+def stage_precompute(p: Prepared, tracker: Tracker, plan) -> Manifest:
     from kdscale.precompute.runner import run_precompute
     from kdscale.ray_runtime import ensure_ray
 
     spec = p.spec
     run_id = tracker.start_child("precompute", "precompute")
     try:
-        plan = build_plan(spec, p.tokenizer)
         tracker.log_params(run_id, {
             "teacher": spec.teacher.name, "teacher_fingerprint": plan.teacher.fingerprint,
             "tokenizer_fingerprint": plan.tokenizer.fingerprint, "dataset_content_hash": plan.dataset.content_hash,
             "target_kind": plan.targets.kind, "num_samples": plan.targets.num_samples, "k": plan.targets.k,
             "capture_temperature": plan.targets.temperature, "seq_len": spec.corpus.seq_len,
-            "replicas": spec.teacher.replicas, "cache_uri": p.cache_uri,
+            "replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "cache_uri": p.cache_uri,
         })
         ensure_ray(spec.ray)
         result = run_precompute(spec, plan, p.cache_uri)
@@ -275,9 +276,18 @@ def stage_eval(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, A
 
 
 def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None) -> dict[str, Any]:
-    """Run the given stages in order; returns the merged summary."""
+    """Run the given stages in order; returns the merged summary.
+
+    Everything that can refuse the job (the spec, the teacher's files, a corpus that yields no
+    sequences, an unusable cache) is checked before the workdir or any MLflow run is created."""
+    from kdscale.precompute.plan import build_plan
+
     p = prepare(spec, workdir)
     started = time.perf_counter()
+    plan = build_plan(spec, p.tokenizer) if "precompute" in stages else None
+    manifest = None
+    if plan is None and ("train" in stages or "eval" in stages):
+        manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
     fs.makedirs(p.workdir)
     tracker = Tracker(spec)
     command = "run" if stages == STAGES else "+".join(stages)
@@ -286,11 +296,10 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
                               "mlflow": {"tracking_uri": tracker.uri, "experiment": spec.experiment_name(),
                                          "parent_run_id": parent}})
     try:
-        manifest = stage_precompute(p, tracker) if "precompute" in stages else None
-        if "train" in stages or "eval" in stages:
-            manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
-            if "precompute" not in stages:
-                write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, manifest)})
+        if plan is not None:
+            manifest = stage_precompute(p, tracker, plan)
+        else:
+            write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, manifest)})
         if "train" in stages:
             stage_train(p, tracker, manifest)
         elif "eval" in stages:

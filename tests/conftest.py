@@ -111,7 +111,7 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
-def write_job(tmp_path: Path, base: str = "tiny.yaml", **overrides) -> Path:
+def write_job(tmp_path: Path, base: str = "tiny.yaml", dest: str | None = None, **overrides) -> Path:
     """Copy a job from jobs/ into tmp_path (assets included, so relative paths resolve) with
     top-level/nested overrides given as dotted keys, e.g. ``**{"cache.rows_per_shard": 8}``."""
     assets = tmp_path / "assets"
@@ -127,7 +127,7 @@ def write_job(tmp_path: Path, base: str = "tiny.yaml", **overrides) -> Path:
             node[int(leaf)] = value
         else:
             node[leaf] = value
-    path = tmp_path / base
+    path = tmp_path / (dest or base)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 

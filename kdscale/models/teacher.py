@@ -83,6 +83,55 @@ def weight_files(spec: TeacherSpec) -> list[str]:
     return [p for p in fs.expand(folder) if p.endswith(WEIGHT_SUFFIXES)]
 
 
+def weight_problems(spec: TeacherSpec) -> list[str]:
+    """Cheap integrity checks of the teacher's weight files (headers only, nothing loaded): a
+    missing or truncated file must fail before any work, not minutes into loading on every actor."""
+    if spec.init != "pretrained":
+        return []
+    files = weight_files(spec)
+    if not files:
+        return [f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {teacher_folder(spec)}"]
+    problems = []
+    for uri in files:
+        try:
+            if uri.endswith(".safetensors"):
+                _check_safetensors(uri)
+            elif uri.endswith(".gguf"):
+                _check_gguf(uri)
+        except (ValueError, OSError) as e:
+            problems.append(f"corrupt weights file {uri}: {e}")
+    return problems
+
+
+def _check_safetensors(uri: str) -> None:
+    import json
+    import struct
+
+    size = fs.size(uri)
+    fsys, path = fs.filesystem(uri)
+    with fsys.open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError("header length runs past the end of the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"unreadable safetensors header ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"truncated: tensors need {8 + n + end} bytes, the file has {size}")
+
+
+def _check_gguf(uri: str) -> None:
+    fsys, path = fs.filesystem(uri)
+    with fsys.open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+
+
 @dataclass(frozen=True)
 class TeacherIdentity:
     name: str

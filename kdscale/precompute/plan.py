@@ -16,6 +16,7 @@ from kdscale.config import JobSpec
 from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
 from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.fingerprint import tokenizer_fingerprint
+from kdscale.models.sharding import layer_ranges
 from kdscale.models.teacher import load_teacher_config, teacher_identity
 
 MAX_FULL_VOCAB = 4096
@@ -42,6 +43,7 @@ class PrecomputePlan:
     tokenizer: TokenizerInfo
     dataset: DatasetInfo
     rank_order: np.ndarray  # id-coding table: token ids by descending corpus frequency
+    layer_ranges: list[tuple[int, int]]  # one [start, end) per pipeline stage
     tasks: list[ShardTask] = field(default_factory=list)
 
     @property
@@ -81,7 +83,31 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
         )
     if spec.cache.targets.kind == "topk" and spec.cache.targets.k > vocab_size:
         problems.append(("cache.targets.k", f"k={spec.cache.targets.k} exceeds the vocabulary {vocab_size}"))
+    if spec.teacher.shards > 1:
+        problems += _sharding_problems(spec, teacher_config)
     return problems
+
+
+def _sharding_problems(spec: JobSpec, teacher_config) -> list[tuple[str, str]]:
+    """A sharded teacher needs at least one layer per stage and a Llama-like layout; the layout
+    is checked on an empty (meta-device) instance, so no weights are read."""
+    from kdscale.models.sharding import ShardingError, decoder_parts
+
+    layers = getattr(teacher_config, "num_hidden_layers", None)
+    if layers is None:
+        return [("teacher.shards", "the teacher's config has no num_hidden_layers to split")]
+    if spec.teacher.shards > layers:
+        return [("teacher.shards", f"{spec.teacher.shards} stages for a teacher with only {layers} layers")]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(teacher_config)
+    try:
+        decoder_parts(empty)
+    except ShardingError as e:
+        return [("teacher.shards", str(e))]
+    return []
 
 
 def shard_tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
@@ -124,12 +150,13 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
             f"{spec.corpus.heldout_fraction}); use more text or a larger heldout_fraction"
         )
     identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed)
+    ranges = layer_ranges(teacher_config, spec.teacher.shards)
     teacher = TeacherInfo(
         name=identity.name,
         fingerprint=identity.fingerprint,
         dtype=identity.dtype,
         source=identity.source,
-        parallelism={"replicas": spec.teacher.replicas, "shards": 1},
+        parallelism={"replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "layer_ranges": ranges},
     )
     tok = tokenizer_info(tokenizer, teacher_config.vocab_size)
     dataset = DatasetInfo(
@@ -147,4 +174,4 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     per_shard = spec.cache.rows_per_shard
     tasks = shard_tasks("train", corpus.train, per_shard) + shard_tasks("heldout", corpus.heldout, per_shard)
     order = idcodec.rank_table(np.concatenate(corpus.train + corpus.heldout), tok.vocab_size)
-    return PrecomputePlan(cid, targets, teacher, tok, dataset, order, tasks)
+    return PrecomputePlan(cid, targets, teacher, tok, dataset, order, ranges, tasks)

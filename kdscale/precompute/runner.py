@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray
+import torch
 
 from kdscale import fs
 from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest
@@ -26,7 +28,7 @@ from kdscale.cache.writer import (
 )
 from kdscale.config import JobSpec
 from kdscale.precompute.plan import PrecomputePlan
-from kdscale.precompute.worker import TeacherWorker
+from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
 
 IN_FLIGHT_PER_REPLICA = 2
@@ -100,50 +102,92 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> Preco
     )
 
 
-def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
-    """Run shard tasks on a pool of replica actors, keeping each busy with a short queue."""
+class _LastStage(TeacherWorker):
+    """Ray-side shim: resolve the upstream stage's hidden states as they arrive, one
+    micro-batch at a time, so this stage starts before the whole shard has passed upstream."""
+
+    def run_from(self, task, refs):
+        return self.run(task, (ray.get(ref) for ref in refs))
+
+
+@dataclass
+class _Pipeline:
+    """One teacher replica: a single actor, or S stage actors (first .. last)."""
+
+    stages: list  # StageWorker actors, first to second-to-last
+    last: object  # the TeacherWorker actor that writes shards
+    batch_size: int = 1
+
+    def submit(self, task) -> ray.ObjectRef:
+        if not self.stages:
+            return self.last.run.remote(task)
+        refs = []
+        ids = torch.from_numpy(np.asarray(task.input_ids, dtype=np.int64))
+        for batch in ids.split(self.batch_size):
+            ref = batch
+            for stage in self.stages:
+                ref = stage.forward.remote(ref)
+            refs.append(ref)
+        return self.last.run_from.remote(task, refs)
+
+    def actors(self) -> list:
+        return [*self.stages, self.last]
+
+
+def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replicas: int) -> list[_Pipeline]:
     t = spec.teacher
-    actor_cls = ray.remote(TeacherWorker).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=0)
+    options = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_restarts": 0}
+    common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed}
+    ranges = plan.layer_ranges
+    last_kwargs = {**common, "targets": plan.targets, "cache_uri": cache_uri, "rank": plan.rank,
+                   "compression_level": spec.cache.compression_level}
+    pipelines = []
+    for _ in range(replicas):
+        if len(ranges) == 1:
+            last = ray.remote(TeacherWorker).options(**options).remote(t, **last_kwargs)
+            pipelines.append(_Pipeline([], last, t.batch_size))
+            continue
+        stages = [ray.remote(StageWorker).options(**options).remote(t, **common, layer_range=r) for r in ranges[:-1]]
+        last = ray.remote(_LastStage).options(**options).remote(t, **last_kwargs, layer_range=ranges[-1])
+        pipelines.append(_Pipeline(stages, last, t.batch_size))
+    return pipelines
+
+
+def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
+    """Run shard tasks on a pool of teacher replicas (each one actor, or a pipeline of stage
+    actors when the teacher is sharded), keeping each replica busy with a short queue."""
+    t = spec.teacher
     replicas = min(t.replicas, len(todo))
-    actors = [
-        actor_cls.remote(
-            t,
-            vocab_size=plan.tokenizer.vocab_size,
-            seed=spec.seed,
-            targets=plan.targets,
-            cache_uri=cache_uri,
-            rank=plan.rank,
-            compression_level=spec.cache.compression_level,
-        )
-        for _ in range(replicas)
-    ]
+    pipelines = _start_pipelines(spec, plan, cache_uri, replicas)
+    actors = [a for p in pipelines for a in p.actors()]
     records = {}
     queue = list(todo)
-    in_flight: dict[ray.ObjectRef, tuple[object, object]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[_Pipeline, object]] = {}
+    shape = f"{replicas} x {len(plan.layer_ranges)} stages" if len(plan.layer_ranges) > 1 else f"x{replicas}"
     with bar("tok") as progress:
-        task_id = progress.add_task(f"teacher x{replicas} ({t.name})", total=tokens_todo, rate=0.0)
+        task_id = progress.add_task(f"teacher {shape} ({t.name})", total=tokens_todo, rate=0.0)
         ray.get([a.ready.remote() for a in actors])  # loading counts as setup, not throughput
         first = time.perf_counter()
         done_tokens = 0
 
-        def submit(actor) -> None:
+        def submit(pipeline: _Pipeline) -> None:
             task = queue.pop(0)
-            in_flight[actor.run.remote(task)] = (actor, task)
+            in_flight[pipeline.submit(task)] = (pipeline, task)
 
-        for actor in actors:
+        for pipeline in pipelines:
             for _ in range(IN_FLIGHT_PER_REPLICA):
                 if queue:
-                    submit(actor)
+                    submit(pipeline)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, task = in_flight.pop(ready[0])
+            pipeline, task = in_flight.pop(ready[0])
             record = ray.get(ready[0])
             write_ledger_entry(cache_uri, record)
             records[record.path] = record
             done_tokens += task.tokens
             progress.update(task_id, advance=task.tokens, rate=done_tokens / max(time.perf_counter() - first, 1e-9))
             if queue:
-                submit(actor)
+                submit(pipeline)
         compute_seconds = time.perf_counter() - first
     for a in actors:
         ray.kill(a)

@@ -6,7 +6,7 @@ The replica writes its shards itself, so target tensors never travel back throug
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -15,12 +15,38 @@ from kdscale.cache import targets as extract
 from kdscale.cache.format import ShardRecord, TargetsInfo
 from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
+from kdscale.models.sharding import split
 from kdscale.models.teacher import load_teacher
 from kdscale.precompute.plan import ShardTask
 
 
 def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load(teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None):
+    """The whole teacher, or one pipeline stage of it, on this process's device."""
+    if teacher.num_cpus >= 1:
+        torch.set_num_threads(int(teacher.num_cpus))
+    device = pick_device(teacher.num_gpus)
+    model = load_teacher(teacher, vocab_size, seed, "cpu" if layer_range else device)
+    if layer_range:
+        model = split(model, *layer_range).to(device)
+    return model, device
+
+
+class StageWorker:
+    """A middle/first pipeline stage of a sharded teacher: hidden states in, hidden states out."""
+
+    def __init__(self, teacher: TeacherSpec, *, vocab_size: int, seed: int, layer_range: tuple[int, int]):
+        self.model, self.device = _load(teacher, vocab_size, seed, layer_range)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
+
+    def ready(self) -> bool:
+        return True
 
 
 class TeacherWorker:
@@ -34,11 +60,12 @@ class TeacherWorker:
         cache_uri: str,
         rank: np.ndarray,
         compression_level: int = DEFAULT_ZSTD_LEVEL,
+        layer_range: tuple[int, int] | None = None,
     ):
-        if teacher.num_cpus >= 1:
-            torch.set_num_threads(int(teacher.num_cpus))
-        self.device = pick_device(teacher.num_gpus)
-        self.model = load_teacher(teacher, vocab_size, seed, self.device)
+        """The whole teacher, or (``layer_range``) the last stage of a sharded one, which turns
+        the previous stage's hidden states into logits."""
+        self.model, self.device = _load(teacher, vocab_size, seed, layer_range)
+        self.sharded = layer_range is not None
         self.batch_size = teacher.batch_size
         self.vocab_size = vocab_size
         self.targets = targets
@@ -47,18 +74,26 @@ class TeacherWorker:
         self.compression_level = compression_level
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher logits sliced to the true vocabulary (padded heads have extra columns)."""
-        out = self.model(input_ids=input_ids.to(self.device)).logits
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits sliced to the true vocabulary (padded heads have extra columns).
+        ``x``: token ids, or the previous stage's hidden states for a last stage."""
+        out = self.model(x.to(self.device)) if self.sharded else self.model(input_ids=x.to(self.device)).logits
         return out[..., : self.vocab_size].float().cpu()
 
-    def rows(self, task: ShardTask) -> list[dict[str, Any]]:
+    def micro_batches(self, task: ShardTask) -> list[torch.Tensor]:
+        ids = torch.from_numpy(np.array(task.input_ids, dtype=np.int64))
+        return list(ids.split(self.batch_size))
+
+    def rows(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+        """Targets for every row of ``task``; ``inputs`` are the micro-batches' model inputs when
+        they come from an upstream stage (default: the task's own token ids)."""
         t = self.targets
         rows: list[dict[str, Any]] = []
-        ids = torch.from_numpy(np.array(task.input_ids, dtype=np.int64))
-        for start in range(0, ids.shape[0], self.batch_size):
-            batch = ids[start : start + self.batch_size]
-            logits = self.logits(batch)
+        id_batches = self.micro_batches(task)
+        inputs = id_batches if inputs is None else inputs
+        start = 0
+        for batch, x in zip(id_batches, inputs):
+            logits = self.logits(x)
             for i in range(batch.shape[0]):
                 sid = task.seq_ids[start + i]
                 row: dict[str, Any] = {"seq_id": sid, "input_ids": task.input_ids[start + i]}
@@ -79,11 +114,13 @@ class TeacherWorker:
                     )
                 )
                 rows.append(row)
+            start += batch.shape[0]
         return rows
 
-    def run(self, task: ShardTask) -> ShardRecord:
+    def run(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> ShardRecord:
         return write_shard(
-            self.cache_uri, task.name, task.split, task.index, self.rows(task), self.targets, self.rank, self.compression_level
+            self.cache_uri, task.name, task.split, task.index, self.rows(task, inputs), self.targets, self.rank,
+            self.compression_level,
         )
 
     def ready(self) -> bool:
