@@ -90,7 +90,11 @@ class TeacherSpec(Strict):
 
 
 class CorpusSpec(Strict):
-    paths: list[str] = Field(..., min_length=1, description="Files, globs or fsspec URIs of UTF-8 text.")
+    paths: list[str] = Field(..., min_length=1, description="Files, folders, globs or fsspec URIs.")
+    format: Literal["text", "jsonl", "parquet"] = Field(
+        "text", description="text: one document per file; jsonl: one per line (`field`); parquet: one per row (`field`)."
+    )
+    field: str = Field("text", min_length=1, description="The JSON key / Parquet column holding the text.")
     max_files: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice).")
     seq_len: int = Field(256, ge=8)

@@ -134,6 +134,19 @@ def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> di
     }
 
 
+def plan_precompute(p: Prepared):
+    """Tokenize (in parallel on Ray Data) and pack the corpus, and fingerprint everything into
+    the precompute plan. Reads only; raises PlanError/ConfigError for an unusable corpus."""
+    from kdscale.data.corpus import pack_corpus
+    from kdscale.data.ray_ingest import ray_token_stream
+    from kdscale.precompute.plan import build_plan
+    from kdscale.ray_runtime import ensure_ray
+
+    ensure_ray(p.spec.ray)
+    corpus = pack_corpus(p.spec.corpus, p.tokenizer, ray_token_stream(p.spec.corpus, p.tokenizer))
+    return build_plan(p.spec, p.tokenizer, corpus)
+
+
 def stage_precompute(p: Prepared, tracker: Tracker, plan) -> Manifest:
     from kdscale.precompute.runner import run_precompute
     from kdscale.ray_runtime import ensure_ray
@@ -280,11 +293,9 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
 
     Everything that can refuse the job (the spec, the teacher's files, a corpus that yields no
     sequences, an unusable cache) is checked before the workdir or any MLflow run is created."""
-    from kdscale.precompute.plan import build_plan
-
     p = prepare(spec, workdir)
     started = time.perf_counter()
-    plan = build_plan(spec, p.tokenizer) if "precompute" in stages else None
+    plan = plan_precompute(p) if "precompute" in stages else None
     manifest = None
     if plan is None and ("train" in stages or "eval" in stages):
         manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)

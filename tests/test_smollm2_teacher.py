@@ -44,3 +44,24 @@ def test_gguf_teacher_gives_sane_targets_on_python_docs(tmp_path):
     assert ce < 4.0  # a real language model on English/code text (measured ~2.7), not random (~10.8)
     unique = np.mean([len(r["target_ids"]) / spec.corpus.seq_len for r in rows])
     assert 3 < unique < 40  # RS-KD: ~12-16 unique ids per token at N=50
+
+
+def test_sharded_smollm2_equals_unsharded():
+    import copy
+
+    import torch
+
+    from kdscale.models.sharding import layer_ranges, split
+    from kdscale.models.teacher import load_teacher
+
+    spec = load_job(JOBS / "quickstart.yaml")
+    tok = load_tokenizer(spec.teacher)
+    model = load_teacher(spec.teacher, len(tok), 0)
+    ids = tok("The bisect module provides support for maintaining a list in sorted order.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        ranges = layer_ranges(model.config, 2)
+        x = split(copy.deepcopy(model), *ranges[0])(ids)
+        x = split(model, *ranges[1])(x)
+    assert ranges[0][0] == 0 and ranges[1][1] == 30
+    assert (x - reference).abs().max().item() <= 1e-5

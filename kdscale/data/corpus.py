@@ -9,8 +9,9 @@ content, not on file order or worker count.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -52,40 +53,104 @@ class PackedCorpus:
         return h.hexdigest()
 
 
-def iter_documents(spec: CorpusSpec) -> Iterator[tuple[str, str]]:
-    """(uri, text) for every file the spec names, in sorted order, capped by ``max_files``."""
+def corpus_files(spec: CorpusSpec) -> list[str]:
+    """Every file the spec names, de-duplicated, in sorted order, capped by ``max_files``."""
+    files: list[str] = []
     seen: set[str] = set()
-    count = 0
     for pattern in spec.paths:
         for uri in fs.expand(pattern):
-            if uri in seen:
+            if uri not in seen:
+                seen.add(uri)
+                files.append(uri)
+    return files[: spec.max_files] if spec.max_files else files
+
+
+def file_documents(uri: str, fmt: str, field: str) -> Iterator[str]:
+    """The documents of one file: the whole file (text), one JSON field per line (jsonl), or one
+    column value per row (parquet). Empty documents are skipped."""
+    if fmt == "text":
+        text = fs.read_bytes(uri).decode("utf-8", errors="replace")
+        if text.strip():
+            yield text
+        return
+    if fmt == "jsonl":
+        for n, line in enumerate(fs.read_text(uri).splitlines(), 1):
+            if not line.strip():
                 continue
-            seen.add(uri)
-            yield uri, fs.read_bytes(uri).decode("utf-8", errors="replace")
-            count += 1
-            if spec.max_files and count >= spec.max_files:
-                return
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{uri}:{n}: not JSON ({e.msg})") from None
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise ValueError(f"{uri}:{n}: no string field {field!r}")
+            if value.strip():
+                yield value
+        return
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        fsys, path = fs.filesystem(uri)
+        with fsys.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if field not in pf.schema_arrow.names:
+                raise ValueError(f"{uri}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+            for batch in pf.iter_batches(columns=[field], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    if isinstance(value, str) and value.strip():
+                        yield value
+        return
+    raise ValueError(f"unknown corpus format {fmt!r}")
 
 
-def pack_corpus(spec: CorpusSpec, tokenizer, separator_id: int | None = None) -> PackedCorpus:
-    """Tokenize and pack; stops once ``max_tokens`` tokens are packed (a fixed, reproducible slice)."""
+def tokenize_file(uri: str, fmt: str, field: str, tokenizer) -> list[np.ndarray]:
+    """Token ids of each document of one file (no special tokens; packing adds separators)."""
+    docs = list(file_documents(uri, fmt, field))
+    if not docs:
+        return []
+    return [np.asarray(ids, dtype=np.int32) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+
+
+def local_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndarray]]:
+    """(file uri, document token ids) in corpus order, tokenized in this process."""
+    for uri in corpus_files(spec):
+        for ids in tokenize_file(uri, spec.format, spec.field, tokenizer):
+            yield uri, ids
+
+
+def pack_corpus(
+    spec: CorpusSpec,
+    tokenizer,
+    documents: Iterable[tuple[str, np.ndarray]] | None = None,
+    separator_id: int | None = None,
+) -> PackedCorpus:
+    """Pack tokenized documents (default: tokenized here, in order) into ``seq_len`` rows joined
+    by the end-of-text token; stops once ``max_tokens`` tokens are packed (a fixed slice).
+
+    Packing is sequential and cheap; the tokenization feeding it can run in parallel (Ray Data,
+    :mod:`kdscale.data.ray_ingest`) as long as it yields documents in corpus order."""
     sep = tokenizer.eos_token_id if separator_id is None else separator_id
     if sep is None:
         raise ValueError("the tokenizer has no end-of-text token to separate documents")
     packed = PackedCorpus(seq_len=spec.seq_len)
-    buffer: list[int] = []
+    pending: list[np.ndarray] = []
+    pending_len = 0
     limit = spec.max_tokens
-    for uri, text in iter_documents(spec):
-        if not text.strip():
-            continue
-        packed.sources.append(uri)
+    separator = np.asarray([sep], dtype=np.int32)
+    for uri, ids in documents if documents is not None else local_token_stream(spec, tokenizer):
+        if not packed.sources or packed.sources[-1] != uri:
+            packed.sources.append(uri)
         packed.documents += 1
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        buffer.append(sep)
-        while len(buffer) >= spec.seq_len:
-            row = np.asarray(buffer[: spec.seq_len], dtype=np.int32)
-            del buffer[: spec.seq_len]
+        pending += [ids, separator]
+        pending_len += len(ids) + 1
+        if pending_len < spec.seq_len:
+            continue
+        stream = np.concatenate(pending)
+        full = len(stream) // spec.seq_len * spec.seq_len
+        for row in stream[:full].reshape(-1, spec.seq_len):
+            row = row.copy()
             (packed.heldout if is_heldout(seq_id(row), spec.heldout_fraction) else packed.train).append(row)
             if limit and packed.tokens >= limit:
                 return packed
+        pending, pending_len = [stream[full:]], len(stream) - full
     return packed

@@ -1,0 +1,47 @@
+"""Parallel corpus tokenization on Ray Data (the thin Ray side of :mod:`kdscale.data.corpus`).
+
+One dataset row per corpus file; ``map_batches`` reads and tokenizes files on the cluster (any
+fsspec URI: each task reads its own files), and the stream comes back *in corpus order*
+(``preserve_order``), so packing — sequential, cheap, in the driver — produces exactly the rows,
+seq_ids and content hash of the single-process path. Iteration stops as soon as ``max_tokens`` is
+packed; Ray Data then stops reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+
+from kdscale.config import CorpusSpec
+from kdscale.data.corpus import corpus_files, tokenize_file
+
+FILES_PER_TASK = 4
+
+
+def _tokenize_batch(batch: dict[str, Any], fmt: str, field: str, tokenizer) -> dict[str, Any]:
+    uris, ids = [], []
+    for uri in batch["uri"]:
+        for doc in tokenize_file(str(uri), fmt, field, tokenizer):
+            uris.append(str(uri))
+            ids.append(doc)
+    return {"uri": np.asarray(uris, dtype=object), "ids": np.asarray(ids + [None], dtype=object)[:-1]}
+
+
+def ray_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndarray]]:
+    """(file uri, document token ids) in corpus order, tokenized by Ray Data tasks."""
+    files = corpus_files(spec)
+    if not files:
+        return
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, len(files) // FILES_PER_TASK))
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        _tokenize_batch,
+        batch_size=FILES_PER_TASK,
+        batch_format="numpy",
+        fn_kwargs={"fmt": spec.format, "field": spec.field, "tokenizer": tokenizer},
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for uri, ids in zip(batch["uri"], batch["ids"]):
+            yield str(uri), np.asarray(ids, dtype=np.int32)
