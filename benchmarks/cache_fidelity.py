@@ -67,9 +67,9 @@ def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, 
     info = TargetsInfo(kind=kind, temperature=1.0, num_samples=params.get("num_samples"), k=params.get("k"), seed=seed)
     rows = []
     for i, sid in enumerate(task.seq_ids):
-        row = {"seq_id": sid, "input_ids": task.input_ids[i], "teacher_nll": 0.0}
-        row.update(extract.extract(kind, logits[i], temperature=1.0, num_samples=info.num_samples or 0,
-                                   k=info.k or 0, seed=seed, sid=sid))
+        row = {"seq_id": sid, "input_ids": task.input_ids[i]}
+        row.update(extract.extract_row(kind, logits[i], torch.from_numpy(task.input_ids[i]), temperature=1.0,
+                                       num_samples=info.num_samples or 0, k=info.k or 0, seed=seed, sid=sid))
         rows.append(row)
     record = write_shard(folder, task.name, "train", 0, rows, info, rank)
     id_coding = write_rank_file(folder, order)

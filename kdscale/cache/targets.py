@@ -4,11 +4,20 @@
 the unique ids and their counts, so counts/N is an unbiased estimate of the teacher's
 distribution at ~12-16 ids per token instead of a biased top-k. Draws use a generator seeded
 from (job seed, seq_id), so recomputing a row gives identical targets.
+
+Extraction runs beside the teacher's forward on the same cores, so it touches the logits as few
+times as possible — one max pass (which also gives the teacher's argmax), one subtraction and one
+exp pass at the capture temperature (a second exp only when T != 1, for the T=1 likelihood) — and
+works on ``CHUNK`` positions at a time so the [chunk, vocab] temporaries stay in cache instead of
+paging in fresh memory per op (vocab 49,152 on one core: 0.78 ms/token naive, ~0.25 ms chunked,
+against ~5 ms for SmolLM2's forward). The chunk size is part of the sampling stream (draws are
+taken chunk by chunk from one generator), so it is fixed.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,16 +28,53 @@ def row_generator(seed: int, sid: str) -> torch.Generator:
     return torch.Generator().manual_seed(value & ((1 << 63) - 1))
 
 
-def sampled(
-    logits: torch.Tensor, temperature: float, num_samples: int, generator: torch.Generator, store_logprobs: bool = False
-) -> dict[str, np.ndarray]:
-    """Unique sampled ids per position (ascending), their counts, and ids per position; with
-    ``store_logprobs`` also the teacher's log-prob of each stored id.
+@dataclass
+class RowDistribution:
+    """softmax(logits / T) of one row, kept in the cheapest form: ``scaled = (z - max z) / T``,
+    unnormalised ``weights = exp(scaled)`` and ``log_z = log(sum(weights))``."""
 
-    ``logits``: [positions, vocab] already sliced to the true vocabulary."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    probs = logp.exp()
-    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    scaled: torch.Tensor
+    weights: torch.Tensor
+    log_z: torch.Tensor  # [positions, 1]
+    top1: torch.Tensor  # teacher argmax per position
+    shifted: torch.Tensor  # z - max z (T = 1)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, temperature: float) -> "RowDistribution":
+        maxima, top1 = logits.float().max(dim=-1, keepdim=True)
+        shifted = logits.float() - maxima
+        scaled = shifted if temperature == 1.0 else shifted / temperature
+        weights = scaled.exp()
+        return cls(scaled, weights, weights.sum(dim=-1, keepdim=True).log(), top1.squeeze(-1), shifted)
+
+    def logprobs(self) -> torch.Tensor:
+        return self.scaled - self.log_z
+
+    def nll(self, next_ids: torch.Tensor, temperature: float) -> float:
+        """Sum of NLL at T=1 of ``next_ids`` (the tokens that follow the first len(next_ids)
+        positions of this chunk)."""
+        n = len(next_ids)
+        if n == 0:
+            return 0.0
+        shifted = self.shifted[:n]
+        log_z1 = self.log_z[:n] if temperature == 1.0 else torch.logsumexp(shifted, dim=-1, keepdim=True)
+        return float((log_z1 - shifted.gather(1, next_ids.long().unsqueeze(1))).sum())
+
+
+CHUNK = 16
+
+
+def _chunks(logits: torch.Tensor, temperature: float):
+    for start in range(0, logits.shape[0], CHUNK):
+        yield start, RowDistribution.of(logits[start : start + CHUNK], temperature)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
+
+
+def _sampled(d: RowDistribution, num_samples: int, generator: torch.Generator, store_logprobs: bool) -> dict[str, np.ndarray]:
+    draws = torch.multinomial(d.weights, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -43,37 +89,45 @@ def sampled(
         "target_lengths": lengths.to(torch.uint8).numpy(),
     }
     if store_logprobs:
-        positions = torch.repeat_interleave(torch.arange(logits.shape[0]), lengths)
-        out["target_logprobs"] = logp[positions, ids].numpy()
+        positions = torch.repeat_interleave(torch.arange(d.scaled.shape[0]), lengths)
+        out["target_logprobs"] = (d.scaled[positions, ids] - d.log_z[positions, 0]).numpy()
     return out
 
 
-def topk(logits: torch.Tensor, temperature: float, k: int) -> dict[str, np.ndarray]:
-    """The k most likely ids with their log-probs, and the tail mass they leave uncovered."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, ids = logp.topk(k, dim=-1)
-    tail = (1.0 - values.exp().sum(dim=-1)).clamp_min(0.0)
+def _topk(d: RowDistribution, k: int) -> dict[str, np.ndarray]:
+    values, ids = d.scaled.topk(k, dim=-1)
+    logprobs = values - d.log_z
+    tail = (1.0 - logprobs.exp().sum(dim=-1)).clamp_min(0.0)
     return {
         "target_ids": ids.to(torch.int32).reshape(-1).numpy(),
-        "target_logprobs": values.reshape(-1).numpy(),
+        "target_logprobs": logprobs.reshape(-1).numpy(),
         "tail_mass": tail.numpy(),
     }
 
 
+def sampled(
+    logits: torch.Tensor, temperature: float, num_samples: int, generator: torch.Generator, store_logprobs: bool = False
+) -> dict[str, np.ndarray]:
+    """Unique sampled ids per position (ascending), their counts, and ids per position; with
+    ``store_logprobs`` also the teacher's log-prob of each stored id.
+
+    ``logits``: [positions, vocab] already sliced to the true vocabulary."""
+    return _concat([_sampled(d, num_samples, generator, store_logprobs) for _, d in _chunks(logits, temperature)])
+
+
+def topk(logits: torch.Tensor, temperature: float, k: int) -> dict[str, np.ndarray]:
+    """The k most likely ids with their log-probs, and the tail mass they leave uncovered."""
+    return _concat([_topk(d, k) for _, d in _chunks(logits, temperature)])
+
+
 def full(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
-    return {"target_logprobs": torch.log_softmax(logits.float() / temperature, dim=-1).reshape(-1).numpy()}
+    return _concat([{"target_logprobs": d.logprobs().reshape(-1).numpy()} for _, d in _chunks(logits, temperature)])
 
 
-def teacher_nll_and_top1(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, np.ndarray]:
-    """Sum of next-token NLL at T=1 over the row's predicted positions, and the argmax per position."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp[:-1].gather(1, input_ids[1:].long().unsqueeze(1)).sum()
-    return float(nll), logits.argmax(dim=-1).to(torch.int32).numpy()
-
-
-def extract(
+def extract_row(
     kind: str,
     logits: torch.Tensor,
+    input_ids: torch.Tensor,
     *,
     temperature: float,
     num_samples: int,
@@ -81,11 +135,26 @@ def extract(
     seed: int,
     sid: str,
     store_logprobs: bool = False,
-) -> dict[str, np.ndarray]:
-    if kind == "sampled":
-        return sampled(logits, temperature, num_samples, row_generator(seed, sid), store_logprobs)
-    if kind == "topk":
-        return topk(logits, temperature, k)
-    if kind == "full":
-        return full(logits, temperature)
-    raise ValueError(f"unknown target kind {kind!r}")
+    with_top1: bool = False,
+) -> dict[str, np.ndarray | float]:
+    """Everything a cache row stores for one sequence, from one pass over its logits:
+    the targets of ``kind``, the teacher's summed NLL (T=1) and, optionally, its argmax."""
+    generator = row_generator(seed, sid) if kind == "sampled" else None
+    parts, top1 = [], []
+    nll = 0.0
+    for start, d in _chunks(logits, temperature):
+        if kind == "sampled":
+            parts.append(_sampled(d, num_samples, generator, store_logprobs))
+        elif kind == "topk":
+            parts.append(_topk(d, k))
+        elif kind == "full":
+            parts.append({"target_logprobs": d.logprobs().reshape(-1).numpy()})
+        else:
+            raise ValueError(f"unknown target kind {kind!r}")
+        nll += d.nll(input_ids[start + 1 : start + 1 + d.scaled.shape[0]], temperature)
+        top1.append(d.top1)
+    out: dict = _concat(parts)
+    out["teacher_nll"] = nll
+    if with_top1:
+        out["teacher_top1"] = torch.cat(top1).to(torch.int32).numpy()
+    return out

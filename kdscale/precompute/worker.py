@@ -97,20 +97,18 @@ class TeacherWorker:
             for i in range(batch.shape[0]):
                 sid = task.seq_ids[start + i]
                 row: dict[str, Any] = {"seq_id": sid, "input_ids": task.input_ids[start + i]}
-                nll, top1 = extract.teacher_nll_and_top1(logits[i], batch[i])
-                row["teacher_nll"] = nll
-                if task.split == "heldout":
-                    row["teacher_top1"] = top1
                 row.update(
-                    extract.extract(
+                    extract.extract_row(
                         t.kind,
                         logits[i],
+                        batch[i],
                         temperature=t.temperature,
                         num_samples=t.num_samples or 0,
                         k=t.k or 0,
                         seed=t.seed,
                         sid=sid,
                         store_logprobs=t.store_logprobs,
+                        with_top1=task.split == "heldout",
                     )
                 )
                 rows.append(row)

@@ -1,0 +1,108 @@
+"""Is the precompute stage as fast as the teacher itself? (issue 5's benchmark)
+
+Measures, on the real SmolLM2-135M teacher and the same packed Python-docs sequences:
+
+- ``bare``: a plain loop of teacher forwards in one process with the whole thread budget
+  (torch threads = budget), batch size as in the job — the ceiling;
+- ``precompute``: kdscale's precompute on Ray (teacher replicas as actors, target extraction,
+  id coding, Parquet writes, ledger), data-parallel: ``budget`` replicas x 1 CPU;
+- ``sharded``: the same with one replica split into ``budget`` pipeline stages (1 CPU each).
+
+Throughput is tokens / seconds from the first task submitted to the last shard written (teacher
+loading excluded on both sides; it is reported separately). Prints one JSON line with
+``ratio`` = precompute / bare (goal >= 0.90) and ``sharded_ratio`` = sharded / precompute.
+
+    .venv/bin/python benchmarks/precompute_efficiency.py [--tokens 16384] [--budget 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kdscale.config import load_job  # noqa: E402
+from kdscale.models.teacher import load_teacher  # noqa: E402
+
+
+def bare_loop(spec, plan, budget: int) -> dict:
+    torch.set_num_threads(budget)
+    started = time.perf_counter()
+    model = load_teacher(spec.teacher, plan.tokenizer.vocab_size, spec.seed)
+    load = time.perf_counter() - started
+    rows = np.concatenate([t.input_ids for t in plan.tasks])
+    ids = torch.from_numpy(rows.astype(np.int64))
+    with torch.inference_mode():
+        model(input_ids=ids[: spec.teacher.batch_size])  # warm-up (allocations), not timed
+        started = time.perf_counter()
+        for batch in ids.split(spec.teacher.batch_size):
+            model(input_ids=batch)
+        seconds = time.perf_counter() - started
+    return {"tokens": int(rows.size), "seconds": seconds, "tokens_per_second": rows.size / seconds, "load_seconds": load}
+
+
+def kdscale_precompute(spec, plan, workdir: str) -> dict:
+    from kdscale.precompute.runner import run_precompute
+
+    started = time.perf_counter()
+    result = run_precompute(spec, plan, f"{workdir}/cache")
+    return {
+        "tokens": result.tokens_computed,
+        "seconds": result.compute_seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "stage_seconds_with_loading": time.perf_counter() - started,
+        "bytes_per_token": result.manifest.totals["bytes_per_token"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--budget", type=int, default=2, help="CPU threads/actors for every arm")
+    args = ap.parse_args()
+
+    import ray
+
+    from kdscale import pipeline
+
+    base = load_job(REPO / "jobs" / "quickstart.yaml")
+    base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
+    ray.init(num_cpus=args.budget, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    replicas = base.model_copy(update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, "num_cpus": 1})})
+    sharded = base.model_copy(update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, "num_cpus": 1})})
+    plan = pipeline.plan_precompute(pipeline.prepare(replicas))
+    sharded_plan = pipeline.plan_precompute(pipeline.prepare(sharded))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dp = kdscale_precompute(replicas, plan, f"{tmp}/dp")
+        pp = kdscale_precompute(sharded, sharded_plan, f"{tmp}/pp")
+    ray.shutdown()
+    bare = bare_loop(base, plan, args.budget)
+
+    print(json.dumps({
+        "benchmark": "precompute_efficiency",
+        "teacher": base.teacher.name,
+        "tokens": bare["tokens"],
+        "thread_budget": args.budget,
+        "bare": bare,
+        "precompute": {**dp, "replicas": args.budget, "shards": 1},
+        "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": sharded_plan.layer_ranges},
+        "ratio": dp["tokens_per_second"] / bare["tokens_per_second"],
+        "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads)",
+        "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],
+        "goal": {"ratio_min": 0.90},
+        "goal_met": dp["tokens_per_second"] / bare["tokens_per_second"] >= 0.90,
+    }))
+
+
+if __name__ == "__main__":
+    main()
