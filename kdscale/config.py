@@ -122,8 +122,10 @@ class CacheSpec(Strict):
 class LossSpec(Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weights hard-label CE.")
     temperature: float = Field(1.0, gt=0)
-    divergence: Literal["forward_kl"] = "forward_kl"
-    chunk_positions: int = Field(1024, ge=1, description="Positions per chunk of the KD loss.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"] = "forward_kl"
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture.")
+    skew: float = Field(0.1, gt=0, lt=1, description="skew_kl: the teacher's weight in the student-side mixture.")
+    chunk_positions: int = Field(1024, ge=1, description="Positions per chunk of the KD loss (bounds its memory).")
 
 
 class TrainSpec(Strict):

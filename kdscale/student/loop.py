@@ -19,7 +19,7 @@ import torch
 from kdscale.cache.format import Manifest
 from kdscale.cache.reader import batch_input_ids, batch_targets, load_rank_order
 from kdscale.config import LossSpec, TrainSpec
-from kdscale.student.losses import distillation_loss
+from kdscale.student.losses import Divergence, distillation_loss
 
 STATE_FILE = "kdscale_state.json"
 HF_DIR = "hf"
@@ -87,6 +87,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
 
+    divergence = Divergence(loss_spec.divergence, beta=loss_spec.jsd_beta, skew=loss_spec.skew)
     shard = ray.train.get_dataset_shard("train")
     counter = cfg.get("counter")
     log_every = cfg.get("log_every", 1)
@@ -114,6 +115,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 alpha=loss_spec.alpha,
                 temperature=loss_spec.temperature,
                 chunk_positions=loss_spec.chunk_positions,
+                divergence_spec=divergence,
             )
             engine.backward(parts.total)
             engine.step()
