@@ -148,12 +148,15 @@ class TrainSpec(Strict):
 
 class StudentSpec(Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
-    init: Literal["config", "pretrained"] = "config"
+    init: Literal["config", "pretrained", "teacher_layers"] = "config"
     architecture: dict[str, Any] = Field(
         default_factory=dict,
         description="init=config: config fields overriding the teacher's (same model_type and tokenizer).",
     )
     path: str | None = Field(None, description="init=pretrained: a Hugging Face model folder.")
+    teacher_layers: list[int] | None = Field(
+        None, description="init=teacher_layers: the teacher layers to copy (default: every other one, as DistilBERT)."
+    )
     loss: LossSpec = LossSpec()
     train: TrainSpec = TrainSpec()
 
@@ -161,6 +164,10 @@ class StudentSpec(Strict):
     def _init_needs(self) -> "StudentSpec":
         if self.init == "pretrained" and not self.path:
             raise ValueError("init=pretrained needs `path`")
+        if self.init == "teacher_layers" and self.architecture:
+            raise ValueError("init=teacher_layers copies the teacher's architecture; drop `architecture`")
+        if self.init != "teacher_layers" and self.teacher_layers is not None:
+            raise ValueError("`teacher_layers` needs init=teacher_layers")
         return self
 
 

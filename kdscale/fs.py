@@ -151,3 +151,20 @@ def hash_files(uris: Iterable[str]) -> str:
     for uri in uris:
         h.update(sha256(uri).encode())
     return h.hexdigest()
+
+
+def local_copy(uri: str) -> str:
+    """A local path with ``uri``'s contents: the path itself when local, else a download of the
+    folder or file into a fresh temp folder (for libraries that only read local files)."""
+    if not is_remote(uri):
+        return uri
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="kdscale-")
+    fsys, path = filesystem(uri)
+    if fsys.isdir(path):
+        fsys.get(path.rstrip("/") + "/", local, recursive=True)
+        return local
+    target = os.path.join(local, posixpath.basename(path))
+    fsys.get(path, target)
+    return target

@@ -43,6 +43,14 @@ class Prepared:
     def export_uri(self, name: str) -> str:
         return fs.join(self.student_dir(name), "export")
 
+    def init_uri(self, student) -> str | None:
+        """Where the student's starting weights are read from (None: a seeded fresh init)."""
+        if student.init == "pretrained":
+            return student.path
+        if student.init == "teacher_layers":
+            return fs.join(self.student_dir(student.name), "init")
+        return None
+
 
 def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     """Load the tokenizer and the teacher's config (not its weights), derive every student's
@@ -60,7 +68,7 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
         try:
             configs[s.name] = student_config(s, teacher_config, vocab)
         except ValueError as e:
-            problems.append((f"students.{i}.architecture", str(e)))
+            problems.append((f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e)))
             continue
         if configs[s.name].vocab_size != vocab:
             problems.append((f"students.{i}", f"vocabulary {configs[s.name].vocab_size} differs from the teacher tokenizer's {vocab}"))
@@ -87,7 +95,8 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
         "students": {
             s.name: {
                 "architecture": describe(p.student_configs[s.name]),
-                "parameters": count_parameters(build_student(p.student_configs[s.name], 0)) if s.init == "config" else None,
+                "init": s.init,
+                "parameters": count_parameters(p.student_configs[s.name]),
                 "workers": s.train.num_workers, "zero_stage": s.train.zero_stage, "epochs": s.train.epochs,
                 "loss": s.loss.model_dump(),
             }
@@ -132,6 +141,17 @@ def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> di
         "teacher_heldout_ce": t["teacher_heldout_ce"],
         **({} if reused is None else {"reused": reused}),
     }
+
+
+def check_cluster(spec: JobSpec) -> None:
+    """Refuse, before any work, students whose workers the Ray cluster cannot hold."""
+    from kdscale.ray_runtime import ensure_ray
+    from kdscale.student.trainer import cluster_problems
+
+    ensure_ray(spec.ray)
+    problems = [pr for i in range(len(spec.students)) for pr in cluster_problems(spec, i)]
+    if problems:
+        raise ConfigError(spec.name, problems)
 
 
 def plan_precompute(p: Prepared):
@@ -204,14 +224,15 @@ def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
 def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, Any]:
     from kdscale.ray_runtime import ensure_ray
     from kdscale.student.evaluate import export, load_exported
-    from kdscale.student.trainer import hf_folder, preflight, train_student
+    from kdscale.student.trainer import cache_problems, hf_folder, train_student
 
     spec = p.spec
     ensure_ray(spec.ray)
-    problems = [pr for i in range(len(spec.students)) for pr in preflight(spec, i, manifest)]
+    problems = [pr for i in range(len(spec.students)) for pr in cache_problems(spec, i, manifest)]
     if problems:
         raise ConfigError(spec.name, problems)
     heldout = read_split(p.cache_uri, manifest, "heldout", spec.eval.max_heldout_rows)
+    write_teacher_layer_inits(p)
     results = {}
     for s in spec.students:
         cfg = p.student_configs[s.name]
@@ -219,7 +240,7 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
         try:
             tracker.log_cache(run_id, manifest, p.cache_uri, context="training")
             tracker.log_params(run_id, {
-                "student": s.name, "init": s.init, "parameters": count_parameters(build_student(cfg, 0)),
+                "student": s.name, "init": s.init, "parameters": count_parameters(cfg),
                 **{f"arch.{k}": v for k, v in describe(cfg).items()},
                 **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
                 **{f"train.{k}": v for k, v in s.train.model_dump().items()},
@@ -227,8 +248,10 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
                 "tokenizer_fingerprint": manifest.tokenizer.fingerprint, "cache_uri": p.cache_uri,
             })
             seed = s.train.seed if s.train.seed is not None else spec.seed
-            untrained = _evaluate(p, build_student(cfg, seed, s.path if s.init == "pretrained" else None), heldout)
-            result = train_student(spec, s, cfg, manifest, p.cache_uri, p.student_dir(s.name), tracker.uri, run_id)
+            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s)), heldout)
+            result = train_student(
+                spec, s, cfg, manifest, p.cache_uri, p.student_dir(s.name), tracker.uri, run_id, p.init_uri(s)
+            )
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
             metrics = _evaluate(p, load_exported(export_uri), heldout)
             tracker.log_metrics(run_id, {
@@ -260,6 +283,28 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
         )
     write_summary(p.workdir, {"students": results})
     return results
+
+
+def write_teacher_layer_inits(p: Prepared) -> None:
+    """Build and save the starting weights of every init=teacher_layers student (the teacher is
+    loaded once, in this process, only when such a student exists)."""
+    import tempfile
+
+    from kdscale.models.student import from_teacher_layers, selected_layers
+    from kdscale.models.teacher import load_teacher
+
+    wanted = [s for s in p.spec.students if s.init == "teacher_layers"]
+    if not wanted:
+        return
+    teacher = load_teacher(p.spec.teacher, len(p.tokenizer), p.spec.seed)
+    for s in wanted:
+        layers = selected_layers(s, p.teacher_config)
+        student = from_teacher_layers(teacher, p.student_configs[s.name], layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            student.save_pretrained(tmp, safe_serialization=True)
+            fs.remove(p.init_uri(s))
+            fs.put_dir(tmp, p.init_uri(s))
+        say(f"Student {s.name}: initialised from teacher layers {layers}")
 
 
 def _tokens_per_second(epochs: list[dict[str, Any]]) -> float | None:
@@ -295,6 +340,8 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     sequences, an unusable cache) is checked before the workdir or any MLflow run is created."""
     p = prepare(spec, workdir)
     started = time.perf_counter()
+    if "train" in stages:
+        check_cluster(spec)
     plan = plan_precompute(p) if "precompute" in stages else None
     manifest = None
     if plan is None and ("train" in stages or "eval" in stages):

@@ -8,11 +8,22 @@ from typing import Any
 
 import torch
 
+from kdscale import fs
 from kdscale.config import StudentSpec
 from kdscale.models.teacher import architecture_dict
 
 # Derived from hidden_size / num_attention_heads unless the user sets it explicitly.
 DERIVED_FIELDS = ("head_dim",)
+
+
+def selected_layers(spec: StudentSpec, teacher_config) -> list[int]:
+    """init=teacher_layers: which teacher layers the student starts from (validated)."""
+    n = teacher_config.num_hidden_layers
+    layers = spec.teacher_layers if spec.teacher_layers is not None else list(range(0, n, 2))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"teacher_layers must be distinct indices in [0, {n}), got {layers}")
+    return sorted(layers)
 
 
 def student_config(spec: StudentSpec, teacher_config, vocab_size: int):
@@ -22,6 +33,10 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int):
     if spec.init == "pretrained":
         return AutoConfig.from_pretrained(spec.path)
     base = architecture_dict(teacher_config)
+    if spec.init == "teacher_layers":
+        model_type = base.pop("model_type")
+        base.update(num_hidden_layers=len(selected_layers(spec, teacher_config)), vocab_size=vocab_size)
+        return AutoConfig.for_model(model_type, **base)
     overrides = dict(spec.architecture)
     model_type = overrides.pop("model_type", base.pop("model_type"))
     base.pop("model_type", None)
@@ -38,17 +53,46 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int):
 
 
 def build_student(config, seed: int, path: str | None = None) -> torch.nn.Module:
-    """A fresh student (seeded, so every worker and every rerun starts from the same weights) or a
-    pretrained one."""
+    """A fresh student (seeded, so every worker and every rerun starts from the same weights) or
+    one saved at ``path`` (a pretrained student, or a teacher-layers initialisation; any URI)."""
     from transformers import AutoModelForCausalLM
 
     if path:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(fs.local_copy(path), dtype=torch.float32)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> torch.nn.Module:
+    """A student holding copies of the teacher's embeddings, the chosen decoder layers, final
+    norm and head (DistilBERT's initialisation), sliced to the true vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    vocab = config.vocab_size
+    rename = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith("model.layers."):
+            prefix = ".".join(key.split(".")[:3]) + "."
+            if prefix not in rename:
+                continue
+            key = rename[prefix] + key[len(prefix):]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            value = value[:vocab]
+        state[key] = value.detach().float().clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]:
+        raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+    return student
+
+
+def count_parameters(config) -> int:
+    """Parameters of a model with this config, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -68,12 +68,7 @@ def load_exported(uri: str) -> torch.nn.Module:
     """Load an export (any fsspec URI) with transformers, fetching it locally first if remote."""
     from transformers import AutoModelForCausalLM
 
-    if not fs.is_remote(uri):
-        return AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32)
-    local = tempfile.mkdtemp(prefix="kdscale-export-")
-    fsys, path = fs.filesystem(uri)
-    fsys.get(path.rstrip("/") + "/", local, recursive=True)
-    return AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(fs.local_copy(uri), dtype=torch.float32)
 
 
 def export(hf_dir: str, tokenizer, export_uri: str) -> str:

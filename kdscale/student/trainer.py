@@ -34,8 +34,25 @@ class TrainResult:
     steps: int = 0
 
 
-def preflight(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[str, str]]:
-    """Problems that would only surface mid-training, found before any worker starts."""
+def cluster_problems(spec: JobSpec, index: int) -> list[tuple[str, str]]:
+    """Can the connected Ray cluster hold this student's workers (and Ray Data's reader)?"""
+    s = spec.students[index]
+    where = f"students.{index}.train"
+    problems = []
+    need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
+    have = cluster_cpus()
+    if need > have:
+        problems.append(
+            (f"{where}.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker} CPU + "
+             f"{DATA_CPUS} CPU for reading the cache = {need} CPUs, but the Ray cluster has {have}")
+        )
+    if s.train.use_gpu and s.train.num_workers > cluster_gpus():
+        problems.append((f"{where}.use_gpu", f"{s.train.num_workers} GPU workers, the Ray cluster has {cluster_gpus()} GPUs"))
+    return problems
+
+
+def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[str, str]]:
+    """Problems between a student's settings and the cache it would train from."""
     s = spec.students[index]
     where = f"students.{index}"
     problems = []
@@ -50,16 +67,6 @@ def preflight(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[str, 
             (f"{where}.train", f"{train_rows} training rows are too few for {s.train.num_workers} workers x "
              f"micro_batch_size {s.train.micro_batch_size} x grad_accum {s.train.grad_accum}")
         )
-    if ray.is_initialized():
-        need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
-        have = cluster_cpus()
-        if need > have:
-            problems.append(
-                (f"{where}.train.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker} CPU + "
-                 f"{DATA_CPUS} CPU for reading the cache = {need} CPUs, but the Ray cluster has {have}")
-            )
-        if s.train.use_gpu and s.train.num_workers > cluster_gpus():
-            problems.append((f"{where}.train.use_gpu", f"{s.train.num_workers} GPU workers, cluster has {cluster_gpus()} GPUs"))
     return problems
 
 
@@ -97,6 +104,7 @@ def train_student(
     student_dir: str,
     tracking_uri: str,
     run_id: str | None,
+    init_path: str | None = None,
 ) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -110,7 +118,7 @@ def train_student(
         "manifest": manifest.model_dump(mode="json"),
         "cache_uri": cache_uri,
         "student_config": student_config.to_dict(),
-        "init_path": student.path if student.init == "pretrained" else None,
+        "init_path": init_path,
         "seed": t.seed if t.seed is not None else spec.seed,
         "steps_per_epoch": per_epoch,
         "threads": max(1, int(t.cpus_per_worker)),

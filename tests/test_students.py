@@ -1,0 +1,104 @@
+"""Several students from one cache in one job: fresh (ZeRO-2), initialised from the teacher's own
+layers (ZeRO-3), and pretrained (ZeRO-0); each its own MLflow run; bad student specs refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from kdscale.cli import app
+from kdscale.config import load_job
+from kdscale.models.teacher import load_teacher, load_tokenizer
+from tests.conftest import write_job
+
+TRAIN = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4, "lr": 3.0e-3}
+
+
+def _pretrained(folder, vocab):
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=256)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
+    write_job(tmp_path)
+    students = [
+        {"name": "fresh", "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "num_key_value_heads": 1},
+         "loss": {"alpha": 0.5, "divergence": "jsd"}, "train": {**TRAIN, "zero_stage": 2}},
+        {"name": "distil", "init": "teacher_layers", "teacher_layers": [1],
+         "loss": {"alpha": 0.8, "divergence": "reverse_kl"}, "train": {**TRAIN, "zero_stage": 3}},
+        {"name": "warm", "init": "pretrained", "path": _pretrained(tmp_path / "pre", 512),
+         "loss": {"alpha": 1.0, "divergence": "tvd"}, "train": {**TRAIN, "zero_stage": 0}},
+    ]
+    job = write_job(tmp_path, students=students)
+    workdir = tmp_path / "w"
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["students"]) == {"fresh", "distil", "warm"}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    cache_id = summary["cache"]["cache_id"]
+    run_ids = {s["mlflow_run_id"] for s in summary["students"].values()}
+    assert len(run_ids) == 3
+    for name, st in summary["students"].items():
+        run = client.get_run(st["mlflow_run_id"])
+        assert run.data.tags["kdscale.cache_id"] == cache_id and run.info.status == "FINISHED"
+        assert run.data.params["student"] == name
+        assert AutoModelForCausalLM.from_pretrained(st["export"]).config.vocab_size == 512
+        assert st["loss_history"][-1] < st["loss_history"][0], name
+    assert client.get_run(summary["students"]["distil"]["mlflow_run_id"]).data.params["train.zero_stage"] == "3"
+
+    # the teacher_layers student started as a copy of teacher layer 1 (+ embeddings, norm, head)
+    spec = load_job(job)
+    teacher = load_teacher(spec.teacher, len(load_tokenizer(spec.teacher)), spec.seed).state_dict()
+    init = load_file(str(workdir / "students" / "distil" / "init" / "model.safetensors"))
+    torch.testing.assert_close(init["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"])
+    torch.testing.assert_close(init["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+
+
+def _refused(tmp_path, students, *needles):
+    job = write_job(tmp_path, students=students)
+    result = CliRunner().invoke(app, ["train", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, text
+    assert not (tmp_path / "w").exists()
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path, mlflow_uri):
+    write_job(tmp_path)
+    students = [{"name": "other", "init": "pretrained", "path": _pretrained(tmp_path / "pre", 300)}]
+    _refused(tmp_path, students, "students.0", "vocabulary 300 differs from the teacher tokenizer's 512")
+
+
+def test_teacher_layers_out_of_range_and_bad_zero_stage(tmp_path, mlflow_uri):
+    write_job(tmp_path)
+    students = [{"name": "a", "init": "teacher_layers", "teacher_layers": [0, 5]}]
+    _refused(tmp_path, students, "students.0.teacher_layers", "distinct indices in [0, 2)")
+    job = write_job(tmp_path, **{"students.0.train.zero_stage": 5})
+    result = CliRunner().invoke(app, ["train", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "students.0.train.zero_stage" in result.output
+
+
+@pytest.mark.ray
+def test_more_workers_than_the_cluster_holds(ray_session, tmp_path, mlflow_uri):
+    job = write_job(tmp_path, **{"students.0.train.num_workers": 8})
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "students.0.train.num_workers" in text and "the Ray cluster has 2.0" in text
+    assert not (tmp_path / "w").exists()
