@@ -274,6 +274,7 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
             "loss_first": history[0]["loss"] if history else None,
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": [h["loss"] for h in history],
+            "resumed_at_epochs": result.resumed_at_epochs,
             "mlflow_run_id": run_id,
             "cache_id": manifest.cache_id,
         }

@@ -86,6 +86,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             engine.load_checkpoint(os.path.join(d, DS_DIR), tag="ckpt")
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
+        state.setdefault("resumed_at_epochs", []).append(state["epoch"])
 
     divergence = Divergence(loss_spec.divergence, beta=loss_spec.jsd_beta, skew=loss_spec.skew)
     shard = ray.train.get_dataset_shard("train")

@@ -17,7 +17,8 @@ from kdscale import fs
 from kdscale.cache.format import Manifest
 from kdscale.cache.reader import shard_uris
 from kdscale.config import JobSpec, StudentSpec
-from kdscale.progress import bar
+from kdscale.fingerprint import digest
+from kdscale.progress import bar, say
 from kdscale.ray_runtime import Counter, cluster_cpus, cluster_gpus
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
 
@@ -32,6 +33,7 @@ class TrainResult:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    resumed_at_epochs: list[int] = field(default_factory=list)
 
 
 def cluster_problems(spec: JobSpec, index: int) -> list[tuple[str, str]]:
@@ -68,6 +70,13 @@ def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[
              f"micro_batch_size {s.train.micro_batch_size} x grad_accum {s.train.grad_accum}")
         )
     return problems
+
+
+def training_run_name(student: StudentSpec, manifest: Manifest) -> str:
+    """Checkpoints live under a name keyed by everything that shapes the training, so rerunning
+    the same student resumes (or reuses) its checkpoints, while a changed spec or cache starts
+    afresh instead of silently continuing another run."""
+    return "ray-" + digest({"student": student.model_dump(mode="json"), "cache_id": manifest.cache_id}, 16)
 
 
 def _arrow_filesystem(uri: str):
@@ -131,6 +140,7 @@ def train_student(
     if t.use_gpu:
         resources["GPU"] = 1
     storage = fs.join(student_dir, "checkpoints")
+    run_name = training_run_name(student, manifest)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
@@ -138,7 +148,7 @@ def train_student(
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets={"train": train_dataset(cache_uri, manifest)},
         run_config=RunConfig(
-            name="ray",
+            name=run_name,
             storage_path=_strip(storage) if fs.is_remote(storage) else storage,
             storage_filesystem=_arrow_filesystem(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -157,6 +167,7 @@ def train_student(
     started = time.perf_counter()
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
+    done = 0.0
     with bar("tok") as progress:
         task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
         while thread.is_alive():
@@ -174,12 +185,19 @@ def train_student(
     local = result.checkpoint.to_directory()
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
+    if done == 0 and state["epoch"] >= t.epochs:
+        say(f"Student {student.name}: already trained ({state['epoch']} epochs) in {fs.join(storage, run_name)}; "
+            "reusing that checkpoint (delete it to train again)")
+    elif state.get("resumed_at_epochs"):
+        say(f"Student {student.name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} "
+            f"({fs.join(storage, run_name)})")
     return TrainResult(
         checkpoint_dir=local,
         history=state["history"],
         epochs=state.get("epochs", []),
         seconds=time.perf_counter() - started,
         steps=state["step"],
+        resumed_at_epochs=state.get("resumed_at_epochs", []),
     )
 
 

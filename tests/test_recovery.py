@@ -1,0 +1,98 @@
+"""Training survives faults: a killed training worker is replaced and the run continues from its
+last checkpoint (FailureConfig), and a killed driver's job resumes from its checkpoints when
+rerun with the same spec."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from kdscale.cli import app
+from tests.conftest import write_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+EPOCHS = 5
+
+
+def _prepared(tmp_path, **overrides):
+    job = write_job(tmp_path, **{"students.0.train.epochs": EPOCHS, **overrides})
+    result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    return job
+
+
+def _wait_for_checkpoint(workdir, alive, timeout=240) -> None:
+    """Until Ray Train has *registered* a checkpoint (its manager snapshot is written after the
+    checkpoint folder is complete)."""
+    pattern = str(workdir / "students" / "tiny-student" / "checkpoints" / "ray-*" / "checkpoint_manager_snapshot.json")
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        if glob.glob(pattern):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared while training ran")
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def _student(workdir):
+    return json.loads((workdir / "summary.json").read_text())["students"]["tiny-student"]
+
+
+def test_killed_worker_is_replaced_and_training_continues(ray_session, tmp_path, mlflow_uri):
+    job = _prepared(tmp_path, **{"students.0.train.max_failures": 2})
+    workdir = tmp_path / "w"
+    outcome = {}
+    thread = threading.Thread(
+        target=lambda: outcome.setdefault("r", CliRunner().invoke(app, ["train", str(job), "--workdir", str(workdir)]))
+    )
+    thread.start()
+    _wait_for_checkpoint(workdir, thread.is_alive)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    thread.join(timeout=600)
+    result = outcome["r"]
+    assert result.exit_code == 0, result.output
+    st = _student(workdir)
+    assert st["resumed_at_epochs"] and st["resumed_at_epochs"][0] >= 1
+    assert st["steps"] == len(st["loss_history"])
+    assert st["loss_history"][-1] < st["loss_history"][0]
+
+
+def test_killed_driver_resumes_from_checkpoints_on_rerun(ray_session, tmp_path, mlflow_uri):
+    job = _prepared(tmp_path)
+    workdir = tmp_path / "w"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "kdscale.cli", "train", str(job), "--workdir", str(workdir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    _wait_for_checkpoint(workdir, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # let Ray reap the dead job's controller and workers
+
+    result = CliRunner().invoke(app, ["train", str(job), "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert "resumed from its checkpoint" in " ".join(result.output.split())
+    st = _student(workdir)
+    assert st["resumed_at_epochs"][0] >= 1
+    # the run ends where an uninterrupted one would: every epoch's steps are in the history
+    per_epoch = st["steps"] // EPOCHS
+    assert per_epoch >= 1 and st["steps"] == per_epoch * EPOCHS
