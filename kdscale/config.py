@@ -157,6 +157,10 @@ class StudentSpec(Strict):
     teacher_layers: list[int] | None = Field(
         None, description="init=teacher_layers: the teacher layers to copy (default: every other one, as DistilBERT)."
     )
+    targets: Literal["cache", "online"] = Field(
+        "cache", description="cache: read the teacher's targets from the logit cache; online: run the teacher in "
+        "every training worker (classic KD; no cache needed)."
+    )
     loss: LossSpec = LossSpec()
     train: TrainSpec = TrainSpec()
 

@@ -221,37 +221,99 @@ def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
     return evaluate(model, heldout, p.spec.eval.batch_size).as_dict()
 
 
-def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, Any]:
+@dataclass
+class Sources:
+    """The data students train and are evaluated on: the committed cache (``manifest``) for
+    cache students, the packed corpus with a teacher pass over its held-out rows for online ones."""
+
+    manifest: Manifest | None = None
+    corpus: Any = None  # PackedCorpus, only when some student trains online
+    _heldout: dict[str, Any] = field(default_factory=dict)
+
+    def heldout(self, p: Prepared, online: bool):
+        key = "online" if online else "cache"
+        if key not in self._heldout:
+            rows = p.spec.eval.max_heldout_rows
+            self._heldout[key] = (
+                teacher_heldout(p, self.corpus.heldout[:rows] if rows else self.corpus.heldout)
+                if online else read_split(p.cache_uri, self.manifest, "heldout", rows)
+            )
+        return self._heldout[key]
+
+    def training_data(self, p: Prepared, online: bool):
+        from kdscale.student.trainer import cache_data, online_data
+
+        if online:
+            return online_data(p.spec, self.corpus.train, len(p.tokenizer), self.corpus.content_hash())
+        return cache_data(p.cache_uri, self.manifest)
+
+
+def teacher_heldout(p: Prepared, rows: list) -> Any:
+    """Held-out rows with the teacher's summed NLL and argmax, computed here by one teacher pass
+    (what the cache's heldout split stores), for students trained online."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from kdscale.cache.targets import extract_row
+    from kdscale.data.corpus import seq_id
+    from kdscale.models.teacher import load_teacher
+
+    teacher = load_teacher(p.spec.teacher, len(p.tokenizer), p.spec.seed)
+    nll, top1 = [], []
+    with torch.inference_mode():
+        for row in rows:
+            ids = torch.from_numpy(np.asarray(row, dtype=np.int64))
+            logits = teacher(input_ids=ids[None]).logits[0, :, : len(p.tokenizer)]
+            out = extract_row("topk", logits, ids, temperature=1.0, num_samples=0, k=1, seed=0, sid="", with_top1=True)
+            nll.append(out["teacher_nll"])
+            top1.append(out["teacher_top1"])
+    return pa.table({
+        "seq_id": [seq_id(r) for r in rows],
+        "input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32())),
+        "teacher_nll": pa.array(nll, type=pa.float32()),
+        "teacher_top1": pa.array(top1, type=pa.list_(pa.int32())),
+    })
+
+
+def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
     from kdscale.ray_runtime import ensure_ray
     from kdscale.student.evaluate import export, load_exported
-    from kdscale.student.trainer import cache_problems, hf_folder, train_student
+    from kdscale.student.trainer import cache_problems, hf_folder, steps_per_epoch, train_student
 
     spec = p.spec
     ensure_ray(spec.ray)
-    problems = [pr for i in range(len(spec.students)) for pr in cache_problems(spec, i, manifest)]
+    problems = [pr for i, s in enumerate(spec.students) if s.targets == "cache"
+                for pr in cache_problems(spec, i, sources.manifest)]
+    problems += [(f"students.{i}.train", f"{len(sources.corpus.train)} training rows are too few for its batch")
+                 for i, s in enumerate(spec.students)
+                 if s.targets == "online" and steps_per_epoch(len(sources.corpus.train), s.train) < 1]
     if problems:
         raise ConfigError(spec.name, problems)
-    heldout = read_split(p.cache_uri, manifest, "heldout", spec.eval.max_heldout_rows)
     write_teacher_layer_inits(p)
+    m = sources.manifest
     results = {}
     for s in spec.students:
+        online = s.targets == "online"
+        heldout = sources.heldout(p, online)
         cfg = p.student_configs[s.name]
-        run_id = tracker.start_child(f"student-{s.name}", "student")
+        run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets})
         try:
-            tracker.log_cache(run_id, manifest, p.cache_uri, context="training")
+            if not online:
+                tracker.log_cache(run_id, m, p.cache_uri, context="training")
             tracker.log_params(run_id, {
-                "student": s.name, "init": s.init, "parameters": count_parameters(cfg),
+                "student": s.name, "init": s.init, "targets": s.targets, "parameters": count_parameters(cfg),
                 **{f"arch.{k}": v for k, v in describe(cfg).items()},
                 **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
                 **{f"train.{k}": v for k, v in s.train.model_dump().items()},
-                "teacher": manifest.teacher.name, "teacher_fingerprint": manifest.teacher.fingerprint,
-                "tokenizer_fingerprint": manifest.tokenizer.fingerprint, "cache_uri": p.cache_uri,
+                "teacher": spec.teacher.name,
+                **({} if online else {"teacher_fingerprint": m.teacher.fingerprint,
+                                      "tokenizer_fingerprint": m.tokenizer.fingerprint, "cache_uri": p.cache_uri}),
             })
             seed = s.train.seed if s.train.seed is not None else spec.seed
             untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s)), heldout)
-            result = train_student(
-                spec, s, cfg, manifest, p.cache_uri, p.student_dir(s.name), tracker.uri, run_id, p.init_uri(s)
-            )
+            result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
+                                   run_id, p.init_uri(s))
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
             metrics = _evaluate(p, load_exported(export_uri), heldout)
             tracker.log_metrics(run_id, {
@@ -267,6 +329,7 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
         results[s.name] = {
             **metrics,
             "heldout_ce_untrained": untrained["heldout_ce"],
+            "targets": s.targets,
             "export": export_uri,
             "steps": result.steps,
             "train_seconds": result.seconds,
@@ -276,7 +339,7 @@ def stage_train(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, 
             "loss_history": [h["loss"] for h in history],
             "resumed_at_epochs": result.resumed_at_epochs,
             "mlflow_run_id": run_id,
-            "cache_id": manifest.cache_id,
+            "cache_id": None if online else m.cache_id,
         }
         say(
             f"[green]Student {s.name}: held-out CE {metrics['heldout_ce']:.3f} (untrained "
@@ -313,19 +376,20 @@ def _tokens_per_second(epochs: list[dict[str, Any]]) -> float | None:
     return sum(e["tokens"] for e in epochs) / seconds if seconds else None
 
 
-def stage_eval(p: Prepared, tracker: Tracker, manifest: Manifest) -> dict[str, Any]:
+def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
     """Re-evaluate exported students on the held-out split (e.g. after copying them elsewhere)."""
     from kdscale.student.evaluate import exported, load_exported
 
-    heldout = read_split(p.cache_uri, manifest, "heldout", p.spec.eval.max_heldout_rows)
     results = {}
     for s in p.spec.students:
         uri = p.export_uri(s.name)
         if not exported(uri):
             raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
+        online = s.targets == "online"
         run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
-        metrics = _evaluate(p, load_exported(uri), heldout)
-        tracker.log_cache(run_id, manifest, p.cache_uri, context="evaluation")
+        metrics = _evaluate(p, load_exported(uri), sources.heldout(p, online))
+        if not online:
+            tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="evaluation")
         tracker.log_metrics(run_id, {f"heldout/{k}": v for k, v in metrics.items()})
         tracker.end(run_id)
         results[s.name] = {**metrics, "export": uri, "eval_run_id": run_id}
@@ -338,15 +402,26 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     """Run the given stages in order; returns the merged summary.
 
     Everything that can refuse the job (the spec, the teacher's files, a corpus that yields no
-    sequences, an unusable cache) is checked before the workdir or any MLflow run is created."""
+    sequences, an unusable cache) is checked before the workdir or any MLflow run is created.
+    The cache is only computed and read when some student trains from it; online students read
+    the packed corpus and run the teacher themselves."""
+    from kdscale.data.corpus import pack_corpus
+    from kdscale.data.ray_ingest import ray_token_stream
+    from kdscale.ray_runtime import ensure_ray
+
     p = prepare(spec, workdir)
     started = time.perf_counter()
+    students_need = "train" in stages or "eval" in stages
+    uses_cache = any(s.targets == "cache" for s in spec.students)
     if "train" in stages:
         check_cluster(spec)
-    plan = plan_precompute(p) if "precompute" in stages else None
-    manifest = None
-    if plan is None and ("train" in stages or "eval" in stages):
-        manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
+    plan = plan_precompute(p) if "precompute" in stages and uses_cache else None
+    sources = Sources()
+    if students_need and uses_cache and plan is None:
+        sources.manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
+    if students_need and not all(s.targets == "cache" for s in spec.students):
+        ensure_ray(spec.ray)
+        sources.corpus = pack_corpus(spec.corpus, p.tokenizer, ray_token_stream(spec.corpus, p.tokenizer))
     fs.makedirs(p.workdir)
     tracker = Tracker(spec)
     command = "run" if stages == STAGES else "+".join(stages)
@@ -356,13 +431,15 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
                                          "parent_run_id": parent}})
     try:
         if plan is not None:
-            manifest = stage_precompute(p, tracker, plan)
-        else:
-            write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, manifest)})
+            sources.manifest = stage_precompute(p, tracker, plan)
+        elif sources.manifest is not None:
+            write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, sources.manifest)})
+        elif "precompute" in stages:
+            say("No student trains from the cache (all are online): skipping precompute.")
         if "train" in stages:
-            stage_train(p, tracker, manifest)
+            stage_train(p, tracker, sources)
         elif "eval" in stages:
-            stage_eval(p, tracker, manifest)
+            stage_eval(p, tracker, sources)
         tracker.end(parent)
     except BaseException:
         tracker.end(parent, "FAILED")

@@ -102,3 +102,33 @@ def test_more_workers_than_the_cluster_holds(ray_session, tmp_path, mlflow_uri):
     text = " ".join(result.output.split())
     assert "students.0.train.num_workers" in text and "the Ray cluster has 2.0" in text
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_online_student_beside_a_cache_student(ray_session, tmp_path, mlflow_uri):
+    """Online KD (teacher inside the training workers) and cache KD in one job: same rows, same
+    held-out split, same teacher statistics; only the cache student is linked to the cache."""
+    write_job(tmp_path)
+    arch = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1}
+    students = [
+        {"name": "cached", "architecture": arch, "train": {**TRAIN, "epochs": 2}},
+        {"name": "online", "targets": "online", "architecture": arch, "train": {**TRAIN, "epochs": 2}},
+    ]
+    job = write_job(tmp_path, students=students)
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    cached, online = summary["students"]["cached"], summary["students"]["online"]
+    assert online["teacher_heldout_ce"] == pytest.approx(cached["teacher_heldout_ce"], rel=1e-4)
+    assert online["rows"] == cached["rows"] and online["steps"] == cached["steps"]
+    assert online["loss_history"][-1] < online["loss_history"][0]
+    assert online["heldout_ce"] < online["heldout_ce_untrained"]
+    assert online["cache_id"] is None and cached["cache_id"] == summary["cache"]["cache_id"]
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_uri).get_run(online["mlflow_run_id"])
+    assert run.data.tags["kdscale.targets"] == "online" and "kdscale.cache_id" not in run.data.tags
+    assert not run.inputs.dataset_inputs

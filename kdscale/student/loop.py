@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from kdscale.cache.format import Manifest
-from kdscale.cache.reader import batch_input_ids, batch_targets, load_rank_order
+from kdscale.cache.reader import batch_input_ids
 from kdscale.config import LossSpec, TrainSpec
 from kdscale.student.losses import Divergence, distillation_loss
 
@@ -67,11 +66,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    from kdscale.student.targets_source import make_source
+
     train, loss_spec = TrainSpec(**cfg["train"]), LossSpec(**cfg["loss"])
-    manifest = Manifest.model_validate(cfg["manifest"])
-    order = load_rank_order(cfg["cache_uri"], manifest)
     device = select_device(train.use_gpu)
     torch.set_num_threads(max(1, int(cfg.get("threads", 1))))
+    targets_for = make_source(cfg, device)
 
     config_dict = dict(cfg["student_config"])
     student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
@@ -92,7 +92,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     counter = cfg.get("counter")
     log_every = cfg.get("log_every", 1)
-    tokens_per_micro = train.micro_batch_size * manifest.dataset.seq_len
+    tokens_per_micro = train.micro_batch_size * cfg["seq_len"]
     for epoch in range(state["epoch"], train.epochs):
         started = time.perf_counter()
         window: list[list[float]] = []
@@ -107,7 +107,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if micro >= cfg["steps_per_epoch"] * train.grad_accum:
                 break  # equal step counts on every rank, or the collectives would hang
             input_ids = batch_input_ids(batch).to(device)
-            targets = batch_targets(batch, manifest, order)
+            targets = targets_for(batch, input_ids)
             logits = engine(input_ids=input_ids).logits
             parts = distillation_loss(
                 logits,

@@ -72,11 +72,11 @@ def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[
     return problems
 
 
-def training_run_name(student: StudentSpec, manifest: Manifest) -> str:
+def training_run_name(student: StudentSpec, data_key: str) -> str:
     """Checkpoints live under a name keyed by everything that shapes the training, so rerunning
     the same student resumes (or reuses) its checkpoints, while a changed spec or cache starts
     afresh instead of silently continuing another run."""
-    return "ray-" + digest({"student": student.model_dump(mode="json"), "cache_id": manifest.cache_id}, 16)
+    return "ray-" + digest({"student": student.model_dump(mode="json"), "data": data_key}, 16)
 
 
 def _arrow_filesystem(uri: str):
@@ -93,23 +93,44 @@ def _strip(uri: str) -> str:
     return fs.filesystem(uri)[1] if fs.is_remote(uri) else uri
 
 
-def train_dataset(cache_uri: str, manifest: Manifest):
+@dataclass
+class TrainingData:
+    """What a student trains on: the rows (a Ray dataset), and how workers get their targets."""
+
+    dataset: Any
+    train_rows: int
+    seq_len: int
+    worker_cfg: dict[str, Any]  # merged into the training workers' config
+    key: str  # identifies the data for checkpoint keying (cache_id, or the corpus hash online)
+
+
+def cache_data(cache_uri: str, manifest: Manifest) -> TrainingData:
+    """Stream the cache's train split (its target columns decoded in the workers)."""
     uris = shard_uris(cache_uri, manifest, "train")
     columns = [c for c in manifest.columns["train"] if c not in ("seq_id", "teacher_nll")]
-    return ray.data.read_parquet(
-        [_strip(u) for u in uris],
-        filesystem=_arrow_filesystem(cache_uri),
-        columns=columns,
-        shuffle=None,
+    dataset = ray.data.read_parquet(
+        [_strip(u) for u in uris], filesystem=_arrow_filesystem(cache_uri), columns=columns, shuffle=None
     )
+    worker_cfg = {"manifest": manifest.model_dump(mode="json"), "cache_uri": cache_uri}
+    return TrainingData(dataset, manifest.dataset.rows["train"], manifest.dataset.seq_len, worker_cfg, manifest.cache_id)
+
+
+def online_data(spec: JobSpec, rows: list, vocab_size: int, content_hash: str) -> TrainingData:
+    """The packed corpus rows only; every worker runs the teacher itself (online KD)."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = pa.table({"input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32()))})
+    worker_cfg = {"online": True, "teacher": spec.teacher.model_dump(mode="json"), "vocab_size": vocab_size,
+                  "teacher_seed": spec.seed}
+    return TrainingData(ray.data.from_arrow(table), len(rows), len(rows[0]), worker_cfg, "online-" + content_hash)
 
 
 def train_student(
     spec: JobSpec,
     student: StudentSpec,
     student_config,
-    manifest: Manifest,
-    cache_uri: str,
+    data: TrainingData,
     student_dir: str,
     tracking_uri: str,
     run_id: str | None,
@@ -119,13 +140,13 @@ def train_student(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = student.train
-    per_epoch = steps_per_epoch(manifest.dataset.rows["train"], t)
+    per_epoch = steps_per_epoch(data.train_rows, t)
     counter = Counter.remote()
     cfg = {
+        **data.worker_cfg,
         "train": t.model_dump(),
         "loss": student.loss.model_dump(),
-        "manifest": manifest.model_dump(mode="json"),
-        "cache_uri": cache_uri,
+        "seq_len": data.seq_len,
         "student_config": student_config.to_dict(),
         "init_path": init_path,
         "seed": t.seed if t.seed is not None else spec.seed,
@@ -140,13 +161,13 @@ def train_student(
     if t.use_gpu:
         resources["GPU"] = 1
     storage = fs.join(student_dir, "checkpoints")
-    run_name = training_run_name(student, manifest)
+    run_name = training_run_name(student, data.key)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": train_dataset(cache_uri, manifest)},
+        datasets={"train": data.dataset},
         run_config=RunConfig(
             name=run_name,
             storage_path=_strip(storage) if fs.is_remote(storage) else storage,
@@ -155,7 +176,7 @@ def train_student(
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     )
-    total_tokens = per_epoch * t.grad_accum * t.micro_batch_size * t.num_workers * manifest.dataset.seq_len * t.epochs
+    total_tokens = per_epoch * t.grad_accum * t.micro_batch_size * t.num_workers * data.seq_len * t.epochs
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -1,0 +1,48 @@
+"""Where a training batch's teacher targets come from (no Ray here).
+
+- :class:`CachedTargets`: decoded from the cache columns of the batch (the normal path).
+- :class:`OnlineTeacher`: the teacher runs inside the training worker on every batch and its full
+  distribution at temperature T is the target — classic online KD, for comparison and for users
+  without a cache. The loss is the same function either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from kdscale.cache.format import Manifest
+from kdscale.cache.reader import DenseTargets, SparseTargets, batch_targets, load_rank_order
+from kdscale.config import TeacherSpec
+from kdscale.models.teacher import load_teacher
+
+
+class CachedTargets:
+    def __init__(self, manifest: Manifest, cache_uri: str):
+        self.manifest = manifest
+        self.order = load_rank_order(cache_uri, manifest)
+
+    def __call__(self, batch: pa.Table, input_ids: torch.Tensor) -> SparseTargets | DenseTargets:
+        return batch_targets(batch, self.manifest, self.order)
+
+
+class OnlineTeacher:
+    def __init__(self, teacher: TeacherSpec, vocab_size: int, seed: int, temperature: float, device: torch.device):
+        self.model = load_teacher(teacher, vocab_size, seed, device)
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+
+    @torch.no_grad()  # not inference_mode: the loss's backward must be able to save these tensors
+    def __call__(self, batch: pa.Table, input_ids: torch.Tensor) -> DenseTargets:
+        logits = self.model(input_ids=input_ids).logits[..., : self.vocab_size].float()
+        return DenseTargets(torch.log_softmax(logits / self.temperature, dim=-1))
+
+
+def make_source(cfg: dict[str, Any], device: torch.device):
+    """The target source a training worker's config asks for."""
+    if cfg.get("online"):
+        teacher = TeacherSpec.model_validate(cfg["teacher"])
+        return OnlineTeacher(teacher, cfg["vocab_size"], cfg["teacher_seed"], cfg["loss"]["temperature"], device)
+    return CachedTargets(Manifest.model_validate(cfg["manifest"]), cfg["cache_uri"])
