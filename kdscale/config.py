@@ -143,6 +143,10 @@ class TrainSpec(Strict):
     grad_clip: float = Field(1.0, ge=0)
     seed: int | None = Field(None, description="Student init/data-order seed; defaults to the job seed.")
     log_every: int = Field(1, ge=1, description="Optimizer steps between loss records/MLflow metrics.")
+    preload: bool = Field(
+        False, description="Read and decode the worker's share of the data once and keep it in memory for every "
+        "epoch (small caches trained for many epochs); default: stream it each epoch."
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
 
 

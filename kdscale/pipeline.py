@@ -334,6 +334,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             "steps": result.steps,
             "train_seconds": result.seconds,
             "tokens_per_second": _tokens_per_second(result.epochs),
+            "epochs": result.epochs,
             "loss_first": history[0]["loss"] if history else None,
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": [h["loss"] for h in history],

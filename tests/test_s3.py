@@ -38,7 +38,9 @@ def test_tiny_job_end_to_end_on_s3(ray_session, s3_bucket, tmp_path, mlflow_uri)
     student = summary["students"]["tiny-student"]
     assert student["export"] == f"{workdir}/students/tiny-student/export"
     assert fs.exists(f"{student['export']}/model.safetensors")
-    assert fs.listdir(f"{workdir}/students/tiny-student/checkpoints/ray")
+    runs = fs.listdir(f"{workdir}/students/tiny-student/checkpoints")
+    (run,) = [r for r in runs if r.startswith("ray-")]  # Ray Train's run folder, on S3
+    assert any(c.startswith("checkpoint_") for c in fs.listdir(f"{workdir}/students/tiny-student/checkpoints/{run}"))
     assert student["heldout_ce"] < student["heldout_ce_untrained"]
 
     from kdscale.student.evaluate import load_exported

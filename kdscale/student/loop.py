@@ -93,21 +93,37 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     counter = cfg.get("counter")
     log_every = cfg.get("log_every", 1)
     tokens_per_micro = train.micro_batch_size * cfg["seq_len"]
-    for epoch in range(state["epoch"], train.epochs):
-        started = time.perf_counter()
-        window: list[list[float]] = []
-        micro = 0
-        for batch in shard.iter_batches(
+    micro_per_epoch = cfg["steps_per_epoch"] * train.grad_accum
+
+    def batches(epoch: int):
+        """(input_ids, targets) for this rank's share of one epoch, equal in count on every rank
+        (or the collectives would hang)."""
+        stream = shard.iter_batches(
             batch_size=train.micro_batch_size,
             batch_format="pyarrow",
             drop_last=True,
             local_shuffle_buffer_size=4 * train.micro_batch_size,
             local_shuffle_seed=cfg["seed"] * 1000 + epoch,
-        ):
-            if micro >= cfg["steps_per_epoch"] * train.grad_accum:
-                break  # equal step counts on every rank, or the collectives would hang
+        )
+        for n, batch in enumerate(stream):
+            if n >= micro_per_epoch:
+                break
             input_ids = batch_input_ids(batch).to(device)
-            targets = targets_for(batch, input_ids)
+            yield input_ids, targets_for(batch, input_ids)
+
+    preloaded = None
+    for epoch in range(state["epoch"], train.epochs):
+        started = time.perf_counter()
+        window: list[list[float]] = []
+        micro = 0
+        if train.preload:
+            if preloaded is None:
+                preloaded = list(batches(epoch))
+            order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
+            epoch_batches = (preloaded[i] for i in order.tolist())
+        else:
+            epoch_batches = batches(epoch)
+        for input_ids, targets in epoch_batches:
             logits = engine(input_ids=input_ids).logits
             parts = distillation_loss(
                 logits,
@@ -126,7 +142,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 counter.add.remote("tokens", tokens_per_micro)
             if micro % train.grad_accum == 0:
                 state["step"] += 1
-                if state["step"] % log_every == 0 or micro == cfg["steps_per_epoch"] * train.grad_accum:
+                if state["step"] % log_every == 0 or micro == micro_per_epoch:
                     total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
                     window = []
                     record = {"step": state["step"], "epoch": epoch, "loss": total, "kd": kd, "ce": ce,
