@@ -33,6 +33,8 @@ def main() -> None:
         "epochs": args.epochs,
         "tokens_per_second": rates,
         "epoch_seconds": {n: [round(e["seconds"], 2) for e in st["epochs"]] for n, st in summary["students"].items()},
+        "data_wait_seconds": {n: [round(e.get("data_seconds", 0.0), 2) for e in st["epochs"]]
+                              for n, st in summary["students"].items()},
         "ratio": rates["streaming"] / rates["preloaded"],
         "ratio_meaning": "training tokens/s streaming the cache / with targets preloaded in memory (epochs 2..E)",
         "goal": {"ratio_min": 0.90},

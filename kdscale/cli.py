@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdscale.cache.format import CacheFormatError
@@ -31,7 +32,7 @@ DryRunOpt = typer.Option(False, "--dry-run", help="Validate the spec and print t
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -51,6 +52,7 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
 
     hf_logging.disable_progress_bar()
     from kdscale.precompute.plan import PlanError
+    from kdscale.tracking.lineage import TrackingUnavailable
 
     spec = _load(job)
     try:
@@ -60,7 +62,7 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
             out.print_json(json.dumps(plan))
             return
         summary = pipeline.run(spec, stages, workdir)
-    except (ConfigError, PlanError) as e:
+    except (ConfigError, PlanError, TrackingUnavailable) as e:
         _fail(str(e), 2)
     except CacheFormatError as e:
         _fail(str(e), 1)
@@ -104,38 +106,13 @@ def _open(uri: str):
         _fail(str(e), 1)
 
 
-def inspect_dict(m) -> dict:
-    t = m.totals
-    return {
-        "cache_id": m.cache_id,
-        "format_version": m.format_version,
-        "kind": m.targets.kind,
-        "params": {k: v for k, v in m.targets.model_dump().items() if v is not None and k != "kind"},
-        "rows": t["rows"],
-        "tokens": t["tokens"],
-        "bytes": t["bytes"],
-        "bytes_per_token": t["bytes_per_token"],
-        "target_bytes_per_token": t["target_bytes_per_token"],
-        "mean_ids_per_position": t["mean_ids_per_position"],
-        "mean_tail_mass": t["mean_tail_mass"],
-        "teacher_heldout_ce": t["teacher_heldout_ce"],
-        "shards": len(m.shards),
-        "rows_by_split": m.dataset.rows,
-        "seq_len": m.dataset.seq_len,
-        "teacher": {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint, "dtype": m.teacher.dtype},
-        "tokenizer": m.tokenizer.model_dump(),
-        "id_coding": m.id_coding["scheme"],
-        "dataset_content_hash": m.dataset.content_hash,
-        "created_at": m.created_at,
-        "kdscale_version": m.kdscale_version,
-    }
-
-
 @cache_app.command("inspect")
 def cache_inspect(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)"),
                   as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show a committed cache's kind, size, bytes per token and fingerprints."""
-    info = inspect_dict(_open(uri))
+    from kdscale.cache.profile import describe
+
+    info = describe(_open(uri))
     if as_json:
         print(json.dumps(info))
         return
@@ -160,6 +137,69 @@ def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fssp
     if bad:
         _fail(f"{len(bad)} of {len(m.shards)} shards do not match the manifest: {', '.join(bad)}", 1)
     out.print(f"[green]ok[/] {len(m.shards)} shards match the manifest (cache {m.cache_id})")
+
+
+@app.command()
+def lineage(
+    model: Optional[str] = typer.Argument(None, help="Registered model as MODEL (latest version) or MODEL/VERSION."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="List every student trained from this cache (URI or cache_id)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tracking: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
+) -> None:
+    """Walk a student back to its cache, teacher and corpus, or a cache forward to its students."""
+    from mlflow import MlflowClient
+
+    from kdscale.tracking.lineage import TrackingUnavailable, check_reachable, tracking_uri
+    from kdscale.tracking.query import LineageError, cache_lineage, model_lineage
+
+    if (model is None) == (cache is None):
+        _fail("give a registered MODEL[/VERSION] or --cache URI (one of them)", 2)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep --json output parseable
+    uri = tracking or tracking_uri()
+    try:
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        info = model_lineage(client, model) if model else cache_lineage(client, cache)
+    except TrackingUnavailable as e:
+        _fail(str(e), 2)
+    except LineageError as e:
+        _fail(str(e), 1)
+    if as_json:
+        print(json.dumps(info, default=str))
+        return
+    out.print(_lineage_tree(info), highlight=False)
+
+
+def _lineage_tree(info: dict):
+    from rich.tree import Tree
+
+    def add(node, title: str, block: dict | None, keys: tuple[str, ...]) -> None:
+        if not block:
+            return
+        branch = node.add(f"[bold]{title}[/]")
+        for key in keys:
+            if block.get(key) not in (None, {}, []):
+                branch.add(f"{key}: {escape(str(block[key]))}")
+
+    if "model" in info:
+        mv = info["model"]
+        root = Tree(f"[bold cyan]model {escape(mv['name'])} v{mv['version']}[/] ({escape(mv['source'])})")
+        add(root, "student run", info["student_run"], ("student", "run_id", "experiment", "job", "status", "metrics", "params"))
+    else:
+        root = Tree(f"[bold cyan]cache {info['cache']['cache_id']}[/]")
+    add(root, "cache", info.get("cache"), ("uri", "cache_id", "manifest_from", "manifest", "warning"))
+    add(root, "precompute run", info.get("precompute_run"), ("run_id", "experiment", "job", "status", "metrics"))
+    add(root, "teacher", info.get("teacher"), ("name", "fingerprint", "dtype", "source"))
+    add(root, "corpus", info.get("corpus"), ("patterns", "documents", "tokens", "content_hash"))
+    for problem in info.get("checks", []):
+        root.add(f"[bold red]inconsistent:[/] {escape(problem)}")
+    for st in info.get("students", []):
+        versions = ", ".join(f"{v['name']} v{v['version']}" for v in st["registered"]) or "not registered"
+        ce = st["metrics"].get("heldout/heldout_ce")
+        root.add(f"[bold]student {escape(str(st['student']))}[/] run {st['run_id']} (job {escape(str(st['job']))}, "
+                 f"{st['status']}{'' if ce is None else f', held-out CE {ce:.3f}'}) -> {escape(versions)}")
+    return root
 
 
 if __name__ == "__main__":

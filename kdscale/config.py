@@ -54,6 +54,21 @@ class RaySpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
     experiment: str | None = Field(None, description="MLflow experiment name; defaults to the job name.")
+    register_models: bool = Field(True, description="Register every exported student in the MLflow Model Registry.")
+    model_name: str = Field(
+        "{job}-{student}", description="Registered model name; {job} and {student} are replaced by the job's and "
+        "the student's names.",
+    )
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> "TrackingSpec":
+        unknown = set(re.findall(r"{([^}]*)}", self.model_name)) - {"job", "student"}
+        if unknown:
+            raise ValueError(f"model_name may only use {{job}} and {{student}}, not {', '.join(sorted(unknown))}")
+        return self
+
+    def registered_name(self, job: str, student: str) -> str:
+        return self.model_name.replace("{job}", job).replace("{student}", student)
 
 
 class TeacherSpec(Strict):

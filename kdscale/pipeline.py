@@ -20,7 +20,9 @@ from kdscale.models.student import build_student, count_parameters, describe, st
 from kdscale.models.teacher import load_teacher_config, load_tokenizer, weight_problems
 from kdscale.precompute.plan import check_teacher_fits
 from kdscale.progress import say
-from kdscale.tracking.lineage import Tracker, tracking_uri
+from kdscale.tracking.lineage import CONTENT_HASH_TAG, CACHE_ID_TAG, STUDENT_TAG, TEACHER_TAG, TOKENIZER_TAG, Tracker, \
+    check_reachable, tracking_uri
+from kdscale.tracking.redact import redact_text
 
 SUMMARY = "summary.json"
 STAGES = ("precompute", "train", "eval")
@@ -85,7 +87,7 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
         "job": spec.name,
         "workdir": p.workdir,
         "cache_uri": p.cache_uri,
-        "tracking_uri": tracking_uri(spec),
+        "tracking_uri": redact_text(tracking_uri(spec)),
         "teacher": {"name": spec.teacher.name, "replicas": spec.teacher.replicas, "dtype": spec.teacher.dtype,
                     "vocab_size": len(p.tokenizer), "logit_width": p.teacher_config.vocab_size},
         "corpus": {"files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
@@ -191,12 +193,24 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan) -> Manifest:
             "teacher_heldout_ce": m.totals["teacher_heldout_ce"], "reused": float(result.reused),
         })
         tracker.log_cache(run_id, m, p.cache_uri, context="output")
+        tracker.log_manifest(run_id, m)
+        log_cache_profile(tracker, run_id, p.cache_uri, m)
         tracker.end(run_id)
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
     write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, m, result.reused), "mlflow": {"precompute_run_id": run_id}})
     return m
+
+
+def log_cache_profile(tracker: Tracker, run_id: str, cache_uri: str, m: Manifest) -> None:
+    from kdscale.cache.profile import profile
+    from kdscale.tracking import plots
+
+    prof = profile(cache_uri, m)
+    title = f"cache {m.cache_id[:8]}: {m.targets.kind}"
+    tracker.log_figure(run_id, plots.cache_profile(prof.ids_per_position, prof.tail_mass, prof.teacher_nll_per_token,
+                                                   title), "plots/cache_profile.png")
 
 
 def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
@@ -297,7 +311,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         online = s.targets == "online"
         heldout = sources.heldout(p, online)
         cfg = p.student_configs[s.name]
-        run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets})
+        run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name})
         try:
             if not online:
                 tracker.log_cache(run_id, m, p.cache_uri, context="training")
@@ -321,6 +335,8 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
                 "train/tokens_per_second": _tokens_per_second(result.epochs),
             }, step=result.steps)
+            log_student_plots(tracker, run_id, s.name, result.history, metrics, untrained["heldout_ce"])
+            registered = tracker.register(run_id, export_uri, s.name, lineage_tags(p, sources, online))
             tracker.end(run_id)
         except BaseException:
             tracker.end(run_id, "FAILED")
@@ -341,13 +357,38 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             "resumed_at_epochs": result.resumed_at_epochs,
             "mlflow_run_id": run_id,
             "cache_id": None if online else m.cache_id,
+            "registered_model": None if registered is None else {"name": registered.name,
+                                                                 "version": registered.version},
         }
+        if registered is not None:
+            say(f"Student {s.name}: registered as MLflow model {registered.name} version {registered.version}")
         say(
             f"[green]Student {s.name}: held-out CE {metrics['heldout_ce']:.3f} (untrained "
             f"{untrained['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}) -> {export_uri}"
         )
     write_summary(p.workdir, {"students": results})
     return results
+
+
+def log_student_plots(tracker: Tracker, run_id: str, name: str, history: list, metrics: dict, untrained: float) -> None:
+    from kdscale.tracking import plots
+
+    if history:
+        tracker.log_figure(run_id, plots.loss_curves(history, f"student {name}"), "plots/loss_curves.png")
+    tracker.log_figure(run_id, plots.eval_bars(metrics, untrained, f"student {name}"), "plots/eval.png")
+
+
+def lineage_tags(p: Prepared, sources: Sources, online: bool) -> dict[str, str]:
+    """What a registered student version is tagged with: where its targets came from."""
+    if online:
+        from kdscale.models.teacher import teacher_identity
+
+        teacher = teacher_identity(p.spec.teacher, len(p.tokenizer), p.spec.seed)
+        return {TEACHER_TAG: teacher.fingerprint, TOKENIZER_TAG: tokenizer_fingerprint(p.tokenizer),
+                CONTENT_HASH_TAG: sources.corpus.content_hash(), "kdscale.targets": "online"}
+    m = sources.manifest
+    return {CACHE_ID_TAG: m.cache_id, TEACHER_TAG: m.teacher.fingerprint, TOKENIZER_TAG: m.tokenizer.fingerprint,
+            CONTENT_HASH_TAG: m.dataset.content_hash, "kdscale.targets": "cache", "kdscale.cache_uri": p.cache_uri}
 
 
 def write_teacher_layer_inits(p: Prepared) -> None:
@@ -411,6 +452,7 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     from kdscale.ray_runtime import ensure_ray
 
     p = prepare(spec, workdir)
+    check_reachable(tracking_uri(spec))
     started = time.perf_counter()
     students_need = "train" in stages or "eval" in stages
     uses_cache = any(s.targets == "cache" for s in spec.students)
@@ -428,7 +470,7 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     command = "run" if stages == STAGES else "+".join(stages)
     parent = tracker.start_job(command)
     write_summary(p.workdir, {"job": spec.name, "workdir": p.workdir,
-                              "mlflow": {"tracking_uri": tracker.uri, "experiment": spec.experiment_name(),
+                              "mlflow": {"tracking_uri": redact_text(tracker.uri), "experiment": spec.experiment_name(),
                                          "parent_run_id": parent}})
     try:
         if plan is not None:

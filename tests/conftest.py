@@ -28,6 +28,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+SESSION_AWS_SECRET = "kdscale-test-secret-7c41d9e2"
+
+
 def _free_port() -> int:
     import socket
 
@@ -62,7 +65,7 @@ def s3_endpoint():
         raise RuntimeError("moto_server did not start")
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": SESSION_AWS_SECRET,  # distinctive, so tests can prove it is never recorded
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": url,
         "MLFLOW_S3_ENDPOINT_URL": url,
@@ -102,6 +105,29 @@ def ray_session(s3_endpoint):
         ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """A real `mlflow server` on loopback: PostgreSQL backend store, artifacts on S3 (moto)."""
+    import s3fs
+
+    from tests.services import Postgres, start_mlflow_server
+
+    postgres = Postgres(_free_port())
+    try:
+        backend = postgres.create_database("mlflow")
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("mlflow-artifacts")
+        port = _free_port()
+        log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+        proc = start_mlflow_server(backend, "s3://mlflow-artifacts", port, str(log))
+    except BaseException:
+        postgres.stop()
+        raise
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+    postgres.stop()
 
 
 @pytest.fixture

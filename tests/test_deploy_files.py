@@ -379,7 +379,7 @@ def test_compose_services_are_wired_together():
     mlflow = services["mlflow"]
     command = mlflow["command"] if isinstance(mlflow["command"], str) else " ".join(mlflow["command"])
     assert command.startswith("mlflow server")
-    for part in ("--host 0.0.0.0", "--port 5000", "--backend-store-uri postgresql://", "@postgres:5432/mlflow",
+    for part in ("--host 0.0.0.0", "--port 5000", "--backend-store-uri postgresql+psycopg2://", "@postgres:5432/mlflow",
                  "--artifacts-destination s3://mlflow-artifacts", "--serve-artifacts"):
         assert part in command, part
     assert environment(mlflow)["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:5000"

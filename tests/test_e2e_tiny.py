@@ -138,3 +138,16 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, ray_session):
     plan = json.loads(result.output)
     assert plan["students"]["tiny-student"]["workers"] == 2
     assert not (tmp_path / "w").exists()
+
+
+def test_student_is_registered_and_lineage_prints(tiny_run):
+    s = tiny_run["summary"]
+    assert s["students"]["tiny-student"]["registered_model"] == {"name": "tiny-tiny-student", "version": "1"}
+    result = CliRunner().invoke(app, ["lineage", "tiny-tiny-student/1", "--tracking-uri", tiny_run["uri"]])
+    assert result.exit_code == 0, result.output
+    for text in ("tiny-tiny-student", s["cache"]["cache_id"], "tiny-random-llama", "content_hash"):
+        assert text in result.output
+    by_cache = CliRunner().invoke(app, ["lineage", "--cache", str(tiny_run["workdir"] / "cache"),
+                                        "--tracking-uri", tiny_run["uri"]])
+    assert by_cache.exit_code == 0, by_cache.output
+    assert "student tiny-student" in by_cache.output and "tiny-tiny-student v1" in by_cache.output

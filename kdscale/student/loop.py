@@ -123,7 +123,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             epoch_batches = (preloaded[i] for i in order.tolist())
         else:
             epoch_batches = batches(epoch)
-        for input_ids, targets in epoch_batches:
+        waited = 0.0  # time spent waiting for data (reading, decoding), not computing
+        epoch_batches = iter(epoch_batches)
+        while True:
+            t0 = time.perf_counter()
+            item = next(epoch_batches, None)
+            waited += time.perf_counter() - t0
+            if item is None:
+                break
+            input_ids, targets = item
             logits = engine(input_ids=input_ids).logits
             parts = distillation_loss(
                 logits,
@@ -155,7 +163,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         seconds = time.perf_counter() - started
         tokens = micro * tokens_per_micro * world
-        state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens})
+        state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
+                                                "data_seconds": waited})
         folder = _save_checkpoint(engine, cfg, state, rank, student_config)
         metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
                    "precision": precision}

@@ -15,8 +15,14 @@ from typing import Any
 
 from kdscale.cache.format import Manifest
 from kdscale.config import JobSpec
+from kdscale.tracking.redact import redact, redact_text
 
 CACHE_ID_TAG = "kdscale.cache_id"
+TEACHER_TAG = "kdscale.teacher_fingerprint"
+TOKENIZER_TAG = "kdscale.tokenizer_fingerprint"
+CONTENT_HASH_TAG = "kdscale.dataset_content_hash"
+STUDENT_TAG = "kdscale.student"
+MANIFEST_ARTIFACT = "cache/manifest.json"
 STAGE_TAG = "kdscale.stage"
 JOB_TAG = "kdscale.job"
 PARENT_TAG = "mlflow.parentRunId"
@@ -31,6 +37,62 @@ def tracking_uri(spec: JobSpec | None = None) -> str:
     if spec is not None and spec.tracking.uri:
         return spec.tracking.uri
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def local_artifact_root(uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database file (MLflow's default is ./mlruns
+    of whatever directory the job was started from); servers choose their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from pathlib import Path
+
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlartifacts" / experiment).as_uri()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached; raised before any work is done."""
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with a message that says what to do, when the tracking store is not there.
+
+    MLflow's client retries an unreachable server for minutes before giving up, and would do so
+    only after the teacher had run; we ask once, with a short timeout, before anything starts."""
+    from urllib.parse import urlparse
+
+    shown = redact_text(uri)
+    hint = ("start the server, or point MLFLOW_TRACKING_URI / tracking.uri at a reachable one "
+            "(sqlite:///mlflow.db records locally). Nothing was run.")
+    scheme = urlparse(uri).scheme
+    try:
+        if scheme in ("http", "https"):
+            import requests
+
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            if response.status_code != 200:
+                raise TrackingUnavailable(f"MLflow tracking server {shown} answered /health with HTTP "
+                                          f"{response.status_code}: {hint}")
+            headers = {}
+            token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                    params={"max_results": 1}, headers=headers, timeout=timeout)
+            if response.status_code in (401, 403):
+                raise TrackingUnavailable(f"MLflow tracking server {shown} refused the credentials "
+                                          f"(HTTP {response.status_code}): set MLFLOW_TRACKING_TOKEN or "
+                                          "MLFLOW_TRACKING_USERNAME/PASSWORD. Nothing was run.")
+        elif scheme not in ("databricks", "databricks-uc", "uc"):
+            from mlflow import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)
+    except TrackingUnavailable:
+        raise
+    except Exception as e:  # connection refused, DNS, database down: all the same to the user
+        reason = redact_text(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise TrackingUnavailable(f"MLflow tracking store {shown} is unreachable ({type(e).__name__}: "
+                                  f"{reason[:300]}): {hint}") from None
 
 
 def _cache_dataset(manifest: Manifest, cache_uri: str):
@@ -62,7 +124,7 @@ def _cache_dataset(manifest: Manifest, cache_uri: str):
     with warnings.catch_warnings():
         # MLflow registers its local-file source under two schemes and warns it "could be either".
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(cache_uri)
+        source = resolve_dataset_source(redact_text(cache_uri))
     return LogitCacheDataset(source=source, name=f"kdscale-cache-{manifest.cache_id[:8]}", digest=manifest.cache_id, schema=schema)
 
 
@@ -77,7 +139,8 @@ class Tracker:
         self.spec = spec
         experiment = self.client.get_experiment_by_name(spec.experiment_name())
         self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(spec.experiment_name())
+            experiment.experiment_id if experiment
+            else self.client.create_experiment(spec.experiment_name(), artifact_location=local_artifact_root(self.uri, spec.experiment_name()))
         )
         self.parent_id: str | None = None
 
@@ -86,11 +149,11 @@ class Tracker:
             self.experiment_id, run_name=f"{self.spec.name}-{command}", tags={JOB_TAG: self.spec.name, STAGE_TAG: "job"}
         )
         self.parent_id = run.info.run_id
-        self.client.log_dict(self.parent_id, self.spec.model_dump(mode="json"), "job_spec.json")
+        self.client.log_dict(self.parent_id, redact(self.spec.model_dump(mode="json")), "job_spec.json")
         return self.parent_id
 
     def start_child(self, name: str, stage: str, tags: dict[str, str] | None = None) -> str:
-        all_tags = {JOB_TAG: self.spec.name, STAGE_TAG: stage, **(tags or {})}
+        all_tags = {JOB_TAG: self.spec.name, STAGE_TAG: stage, **redact(tags or {})}
         if self.parent_id:
             all_tags[PARENT_TAG] = self.parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
@@ -98,7 +161,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
+        flat = {k: redact_text("" if v is None else str(v))[:6000] for k, v in params.items()}
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
@@ -110,6 +173,30 @@ class Tracker:
         dataset = _cache_dataset(manifest, cache_uri)
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])])
         self.client.set_tag(run_id, CACHE_ID_TAG, manifest.cache_id)
+
+    def log_manifest(self, run_id: str, manifest: Manifest) -> None:
+        """The manifest beside the run, so lineage still answers when the cache itself is gone."""
+        self.client.log_dict(run_id, redact(manifest.model_dump(mode="json")), MANIFEST_ARTIFACT)
+
+    def log_figure(self, run_id: str, figure, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(run_id, figure, path)
+        finally:
+            plt.close(figure)
+
+    def register(self, run_id: str, export_uri: str, student: str, tags: dict[str, str]):
+        """Register the exported student (see :mod:`kdscale.tracking.registry`); None when the
+        spec turns registration off."""
+        from kdscale.tracking.registry import register_export
+
+        if not self.spec.tracking.register_models:
+            return None
+        name = self.spec.tracking.registered_name(self.spec.name, student)
+        all_tags = {JOB_TAG: self.spec.name, STUDENT_TAG: student, **redact(tags)}
+        return register_export(self.client, run_id, export_uri, name, all_tags,
+                               description=f"Student {student} of job {self.spec.name}")
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
