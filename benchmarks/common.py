@@ -70,3 +70,14 @@ def steady_rate(student_summary: dict) -> float:
     """Training tokens/s over epochs 2..E (epoch 1 carries warm-up and any preloading)."""
     later = student_summary["epochs"][1:] or student_summary["epochs"]
     return sum(e["tokens"] for e in later) / sum(e["seconds"] for e in later)
+
+
+def train_rates(students: list[dict], tokens: int) -> tuple[dict, dict[str, float]]:
+    """Run the quickstart job with ``students`` on a ``tokens`` slice in a throwaway workdir;
+    the summary and each student's steady training tokens/s."""
+    import tempfile
+
+    spec = quickstart(**{"corpus.max_tokens": tokens, "students": students})
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run(spec, tmp)
+    return summary, {name: steady_rate(st) for name, st in summary["students"].items()}

@@ -12,9 +12,8 @@ Ray Data and the driver).
 from __future__ import annotations
 
 import json
-import tempfile
 
-from common import training_args, quickstart, run, start_ray, steady_rate
+from common import start_ray, train_rates, training_args
 
 
 def main() -> None:
@@ -24,10 +23,7 @@ def main() -> None:
         {"name": "one-worker", "train": {"epochs": args.epochs, "num_workers": 1, "cpus_per_worker": 1}},
         {"name": "two-workers", "train": {"epochs": args.epochs, "num_workers": 2, "cpus_per_worker": 0.5}},
     ]
-    spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": students})
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run(spec, tmp)
-    rates = {name: steady_rate(st) for name, st in summary["students"].items()}
+    _, rates = train_rates(students, args.tokens)
     print(json.dumps({
         "benchmark": "scaling",
         "tokens_per_second": rates,

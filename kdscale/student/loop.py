@@ -123,12 +123,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             epoch_batches = (preloaded[i] for i in order.tolist())
         else:
             epoch_batches = batches(epoch)
-        waited = 0.0  # time spent waiting for data (reading, decoding), not computing
+        waited = first_wait = 0.0  # time spent waiting for data (reading, decoding), not computing
         epoch_batches = iter(epoch_batches)
         while True:
             t0 = time.perf_counter()
             item = next(epoch_batches, None)
             waited += time.perf_counter() - t0
+            if micro == 0:
+                first_wait = waited  # the data pipeline's start-up for this epoch
             if item is None:
                 break
             input_ids, targets = item
@@ -164,7 +166,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         tokens = micro * tokens_per_micro * world
         state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
-                                                "data_seconds": waited})
+                                                "data_seconds": waited, "first_batch_seconds": first_wait})
         folder = _save_checkpoint(engine, cfg, state, rank, student_config)
         metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
                    "precision": precision}
