@@ -17,7 +17,8 @@ compares each reconstruction with the full teacher distribution:
 
 Arms: sampled N=50; the same with another seed (its angle to the first is the sampling-noise
 floor); top-12 with tail mass; top-12 renormalised (tail dropped); top-k at equal bytes to
-sampled N=50. Prints one JSON line. Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
+sampled N=50; stratified (k exact ids + M tail draws) at two sizes; sampled N=24 with two draws
+per position (each epoch's draw, and the mean of both). Prints one JSON line. Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
 
     .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096]
 """
@@ -62,14 +63,18 @@ def teacher_logits(teacher, rows: np.ndarray, vocab: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, rank, folder: str, seed: int):
-    """Write one shard with kdscale's writer and read it back as loss targets."""
-    info = TargetsInfo(kind=kind, temperature=1.0, num_samples=params.get("num_samples"), k=params.get("k"), seed=seed)
+def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, rank, folder: str, seed: int,
+          epoch: int = 0):
+    """Write one shard with kdscale's writer and read it back as loss targets (as epoch
+    ``epoch`` sees them: with several draws per position, draw epoch mod draws)."""
+    info = TargetsInfo(kind=kind, temperature=1.0, num_samples=params.get("num_samples"), k=params.get("k"), seed=seed,
+                       draws=params.get("draws", 1))
     rows = []
     for i, sid in enumerate(task.seq_ids):
         row = {"seq_id": sid, "input_ids": task.input_ids[i]}
         row.update(extract.extract_row(kind, logits[i], torch.from_numpy(task.input_ids[i]), temperature=1.0,
-                                       num_samples=info.num_samples or 0, k=info.k or 0, seed=seed, sid=sid))
+                                       num_samples=info.num_samples or 0, k=info.k or 0, seed=seed, sid=sid,
+                                       draws=info.draws))
         rows.append(row)
     record = write_shard(folder, task.name, "train", 0, rows, info, rank)
     id_coding = write_rank_file(folder, order)
@@ -80,7 +85,7 @@ def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, 
     manifest = build_manifest(cache_id="0" * 32, targets=info, teacher=teacher, tokenizer=tok_info, dataset=dataset,
                               id_coding=id_coding, shards=[record])
     table = read_split(folder, manifest, "train")
-    return batch_targets(table, manifest, order), record, batch_input_ids(table)
+    return batch_targets(table, manifest, order, epoch), record, batch_input_ids(table)
 
 
 def dense_reconstruction(t: SparseTargets, vocab: int) -> torch.Tensor:
@@ -188,9 +193,9 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        def arm(name, kind, params, seed=0, transform=None):
+        def arm(name, kind, params, seed=0, transform=None, epoch=0):
             folder = f"{tmp}/{name}"
-            t, record, read_ids = store(kind, params, logits, task, tok_info, order, rank, folder, seed)
+            t, record, read_ids = store(kind, params, logits, task, tok_info, order, rank, folder, seed, epoch)
             assert torch.equal(read_ids, ids)
             if transform:
                 t = transform(t)
@@ -219,6 +224,14 @@ def main() -> None:
                 break
             k_equal = k
         arm(f"topk{k_equal}_tail_equal_bytes", "topk", {"k": k_equal})
+        # issue 8's estimators: an exact head plus weighted tail draws, and several draws per
+        # position (one per epoch: the angle of each draw, and of their mean gradient — what
+        # the student sees summed over that many epochs)
+        arm("stratified_k8_m42", "stratified", {"k": 8, "num_samples": 42})
+        arm("stratified_k4_m24", "stratified", {"k": 4, "num_samples": 24})
+        draws = [arm(f"sampled_n24_draws2_epoch{e}", "sampled", {"num_samples": 24, "draws": 2}, epoch=e)
+                 for e in range(2)]
+        results["sampled_n24_draws2_epoch0"]["mean_of_draws_grad_angle_deg"] = angle(sum(draws) / 2, g_full)
 
     s = results["sampled_n50"]
     print(json.dumps({

@@ -117,11 +117,23 @@ class CorpusSpec(Strict):
 
 
 class TargetsSpec(Strict):
-    kind: Literal["sampled", "topk", "full"] = "sampled"
-    num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position (counts fit uint8).")
-    k: int = Field(12, ge=1, description="topk: ids kept per position.")
+    kind: Literal["sampled", "topk", "full", "stratified"] = Field(
+        "sampled", description="sampled: N draws (unbiased); topk: k ids + tail mass (biased); stratified: k exact "
+        "ids + N draws from the rest (unbiased, lower variance); full: dense (small vocabularies)."
+    )
+    num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position; stratified: draws from "
+                             "the tail (counts fit uint8).")
+    k: int = Field(12, ge=1, description="topk: ids kept per position; stratified: ids kept with exact probabilities.")
     temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax.")
     store_logprobs: bool = Field(False, description="sampled: also store the teacher log-prob of each stored id.")
+    draws: int = Field(1, ge=1, le=16, description="sampled: independent draws stored per position; epoch e "
+                       "trains on draw e mod draws, so re-used data sees fresh noise instead of one fixed draw.")
+
+    @model_validator(mode="after")
+    def _draws_only_for_sampled(self) -> "TargetsSpec":
+        if self.draws > 1 and self.kind != "sampled":
+            raise ValueError(f"draws > 1 applies to kind sampled only, not {self.kind}")
+        return self
 
 
 class CacheSpec(Strict):
@@ -158,6 +170,10 @@ class TrainSpec(Strict):
     grad_clip: float = Field(1.0, ge=0)
     seed: int | None = Field(None, description="Student init/data-order seed; defaults to the job seed.")
     log_every: int = Field(1, ge=1, description="Optimizer steps between loss records/MLflow metrics.")
+    eval_every_steps: int = Field(
+        0, ge=0, description="Score the held-out split every this many optimizer steps during training (and at the "
+        "last step), giving held-out CE against training tokens; 0: only after training."
+    )
     preload: bool = Field(
         False, description="Read and decode the worker's share of the data once and keep it in memory for every "
         "epoch (small caches trained for many epochs); default: stream it each epoch."

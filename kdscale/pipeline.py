@@ -13,15 +13,23 @@ from typing import Any
 
 from kdscale import fs
 from kdscale.cache.format import CacheFormatError, Manifest
-from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split, verify
+from kdscale.cache.reader import batch_input_ids, check_shards_present, check_tokenizer, open_manifest, read_split, verify
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, student_config
 from kdscale.models.teacher import load_teacher_config, load_tokenizer, weight_problems
 from kdscale.precompute.plan import check_teacher_fits
 from kdscale.progress import say
-from kdscale.tracking.lineage import CONTENT_HASH_TAG, CACHE_ID_TAG, STUDENT_TAG, TEACHER_TAG, TOKENIZER_TAG, Tracker, \
-    check_reachable, tracking_uri
+from kdscale.tracking.lineage import (
+    CACHE_ID_TAG,
+    CONTENT_HASH_TAG,
+    STUDENT_TAG,
+    TEACHER_TAG,
+    TOKENIZER_TAG,
+    Tracker,
+    check_reachable,
+    tracking_uri,
+)
 from kdscale.tracking.redact import redact_text
 
 SUMMARY = "summary.json"
@@ -327,7 +335,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             seed = s.train.seed if s.train.seed is not None else spec.seed
             untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s)), heldout)
             result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
-                                   run_id, p.init_uri(s))
+                                   run_id, p.init_uri(s), batch_input_ids(heldout).numpy())
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
             metrics = _evaluate(p, load_exported(export_uri), heldout)
             tracker.log_metrics(run_id, {
@@ -335,7 +343,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
                 "train/tokens_per_second": _tokens_per_second(result.epochs),
             }, step=result.steps)
-            log_student_plots(tracker, run_id, s.name, result.history, metrics, untrained["heldout_ce"])
+            log_student_plots(tracker, run_id, s.name, result, metrics, untrained["heldout_ce"])
             registered = tracker.register(run_id, export_uri, s.name, lineage_tags(p, sources, online))
             tracker.end(run_id)
         except BaseException:
@@ -355,6 +363,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": [h["loss"] for h in history],
             "resumed_at_epochs": result.resumed_at_epochs,
+            "evals": result.evals,
             "mlflow_run_id": run_id,
             "cache_id": None if online else m.cache_id,
             "registered_model": None if registered is None else {"name": registered.name,
@@ -370,11 +379,12 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
     return results
 
 
-def log_student_plots(tracker: Tracker, run_id: str, name: str, history: list, metrics: dict, untrained: float) -> None:
+def log_student_plots(tracker: Tracker, run_id: str, name: str, result, metrics: dict, untrained: float) -> None:
     from kdscale.tracking import plots
 
-    if history:
-        tracker.log_figure(run_id, plots.loss_curves(history, f"student {name}"), "plots/loss_curves.png")
+    if result.history:
+        figure = plots.loss_curves(result.history, f"student {name}", result.evals)
+        tracker.log_figure(run_id, figure, "plots/loss_curves.png")
     tracker.log_figure(run_id, plots.eval_bars(metrics, untrained, f"student {name}"), "plots/eval.png")
 
 

@@ -66,6 +66,20 @@ def test_student_learns(tiny_run):
     assert st["heldout_ce"] < st["heldout_ce_untrained"] - 0.2
 
 
+def test_heldout_ce_is_tracked_during_training(tiny_run):
+    st = tiny_run["summary"]["students"]["tiny-student"]
+    steps = [e["step"] for e in st["evals"]]
+    expected = list(range(8, st["steps"] + 1, 8))  # every 8 steps (jobs/tiny.yaml), and the last step
+    assert steps == expected + ([st["steps"]] if st["steps"] % 8 else [])
+    assert [e["tokens"] for e in st["evals"]] == [s * 2 * 4 * 64 for s in steps]  # 2 workers x 4 rows x 64 tokens
+    assert st["evals"][-1]["heldout_ce"] == pytest.approx(st["heldout_ce"], rel=1e-4)
+    assert st["evals"][0]["heldout_ce"] > st["evals"][-1]["heldout_ce"]
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tiny_run["uri"]).get_metric_history(st["mlflow_run_id"], "eval/heldout_ce")
+    assert [m.step for m in history] == steps
+
+
 def test_mlflow_holds_runs_and_the_cache_link(tiny_run):
     from mlflow import MlflowClient
 

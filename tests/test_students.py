@@ -16,7 +16,8 @@ from kdscale.config import load_job
 from kdscale.models.teacher import load_teacher, load_tokenizer
 from tests.conftest import write_job
 
-TRAIN = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4, "lr": 3.0e-3}
+TRAIN = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4, "lr": 3.0e-3,
+         "eval_every_steps": 3}
 
 
 def _pretrained(folder, vocab):
@@ -59,6 +60,10 @@ def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
         assert run.data.params["student"] == name
         assert AutoModelForCausalLM.from_pretrained(st["export"]).config.vocab_size == 512
         assert st["loss_history"][-1] < st["loss_history"][0], name
+        # held-out CE during training, scored across both ranks (collectively under ZeRO-3),
+        # ends on the same weights the export holds
+        assert [e["step"] for e in st["evals"]][-1] == st["steps"], name
+        assert st["evals"][-1]["heldout_ce"] == pytest.approx(st["heldout_ce"], rel=1e-4), name
     assert client.get_run(summary["students"]["distil"]["mlflow_run_id"]).data.params["train.zero_stage"] == "3"
 
     # the teacher_layers student started as a copy of teacher layer 1 (+ embeddings, norm, head)

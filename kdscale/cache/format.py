@@ -14,14 +14,23 @@ input_ids           list<int32>            the packed tokens
 teacher_nll         float32                sum of the teacher's next-token NLL (T=1) over
                                            the row's seq_len-1 predicted positions
 target_ids          list<int32>            id-coded (see below) target ids, positions
-                                           concatenated: ``sampled``: the unique sampled ids;
-                                           ``topk``: the k most likely ids
+                                           concatenated: ``sampled``: the unique sampled ids
+                                           (with ``draws`` R > 1: R segments per position,
+                                           position-major); ``topk``/``stratified``: the k
+                                           most likely ids
 target_counts       list<uint8>            ``sampled``: draw count of each stored id
-target_lengths      list<uint8>            ``sampled``: unique ids per position
-target_logprobs     list<float32>          ``topk`` (and ``sampled`` with store_logprobs):
-                                           teacher log-probs of the stored ids at the capture
-                                           temperature; ``full``: dense, seq_len x vocab
-tail_mass           list<float32>          ``topk``: probability not covered by the k ids
+target_lengths      list<uint8>            ``sampled``: unique ids per position (per draw)
+target_logprobs     list<float32>          ``topk``/``stratified`` (and ``sampled`` with
+                                           store_logprobs): teacher log-probs of the stored
+                                           ids at the capture temperature; ``full``: dense,
+                                           seq_len x vocab
+tail_mass           list<float32>          ``topk``/``stratified``: probability not covered
+                                           by the k ids
+tail_ids            list<int32>            ``stratified``: id-coded unique ids of M draws from
+                                           the teacher's distribution renormalised outside
+                                           the k ids
+tail_counts         list<uint8>            ``stratified``: draw count of each tail id
+tail_lengths        list<uint8>            ``stratified``: unique tail ids per position
 teacher_top1        list<int32>            heldout split only: teacher argmax per position
 ==================  =====================  ===============================================
 
@@ -54,6 +63,8 @@ def target_columns(kind: str, store_logprobs: bool = False) -> tuple[str, ...]:
         return ("target_ids", "target_counts", "target_lengths") + (("target_logprobs",) if store_logprobs else ())
     if kind == "topk":
         return ("target_ids", "target_logprobs", "tail_mass")
+    if kind == "stratified":
+        return ("target_ids", "target_logprobs", "tail_mass", "tail_ids", "tail_counts", "tail_lengths")
     if kind == "full":
         return ("target_logprobs",)
     raise ValueError(f"unknown target kind {kind!r}")
@@ -77,16 +88,21 @@ class _Model(BaseModel):
 
 
 class TargetsInfo(_Model):
-    kind: Literal["sampled", "topk", "full"]
+    kind: Literal["sampled", "topk", "full", "stratified"]
     temperature: float
-    num_samples: int | None = None
-    k: int | None = None
+    num_samples: int | None = Field(None, description="sampled: draws per position; stratified: tail draws.")
+    k: int | None = Field(None, description="topk: ids kept; stratified: ids kept exactly.")
     store_logprobs: bool = False
     seed: int
+    draws: int = Field(1, description="sampled: independent draws per position; epoch e trains on draw e mod draws.")
 
     def params(self) -> dict[str, Any]:
-        """The parameters that change the stored targets (part of the cache_id)."""
-        return self.model_dump()
+        """The parameters that change the stored targets (part of the cache_id). ``draws`` joins
+        only when it is not 1, so caches made before it existed keep their cache_id."""
+        params = self.model_dump()
+        if self.draws == 1:
+            params.pop("draws")
+        return params
 
 
 class TeacherInfo(_Model):

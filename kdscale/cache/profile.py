@@ -55,12 +55,14 @@ def profile(cache_uri: str, m: Manifest, max_rows: int = 256) -> Profile:
     table = read_split(cache_uri, m, "train", max_rows)
     positions = table.num_rows * m.dataset.seq_len
     kind = m.targets.kind
-    if kind == "sampled":
-        ids = _flat(table.column("target_lengths")).astype(np.int64)
+    if kind == "sampled":  # all draws of a position together: what it costs on disk
+        ids = _flat(table.column("target_lengths")).astype(np.int64).reshape(positions, m.targets.draws).sum(axis=1)
     elif kind == "topk":
         ids = np.full(positions, m.targets.k, dtype=np.int64)
+    elif kind == "stratified":
+        ids = m.targets.k + _flat(table.column("tail_lengths")).astype(np.int64)
     else:
         ids = np.full(positions, m.tokenizer.vocab_size, dtype=np.int64)
-    tail = _flat(table.column("tail_mass")).astype(np.float64) if kind == "topk" else None
+    tail = _flat(table.column("tail_mass")).astype(np.float64) if kind in ("topk", "stratified") else None
     nll = table.column("teacher_nll").to_numpy().astype(np.float64) / max(m.dataset.seq_len - 1, 1)
     return Profile(ids, tail, nll)

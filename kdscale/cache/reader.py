@@ -131,10 +131,8 @@ def _pad_segments(values: list[np.ndarray], lengths: np.ndarray, fill: list[floa
     """Scatter concatenated variable-length segments into a [segments, max_len] grid."""
     n = len(lengths)
     width = int(lengths.max()) if n else 0
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
     row = np.repeat(np.arange(n), lengths)
-    col = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    col = _offsets_within(lengths)
     out = []
     for v, f in zip(values, fill):
         grid = np.full((n, width), f, dtype=v.dtype)
@@ -148,20 +146,63 @@ def batch_input_ids(batch: pa.Table) -> torch.Tensor:
     return torch.from_numpy(_flat(batch.column("input_ids")).astype(np.int64).reshape(batch.num_rows, seq_len))
 
 
-def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray) -> SparseTargets | DenseTargets:
+def _offsets_within(lengths: np.ndarray) -> np.ndarray:
+    """For concatenated segments of ``lengths``: each element's offset inside its segment."""
+    return np.arange(int(lengths.sum())) - np.repeat(idcodec.segment_starts(lengths), lengths)
+
+
+def _select_draw(lengths: np.ndarray, draws: int, draw: int) -> tuple[np.ndarray, np.ndarray]:
+    """For segments stored position-major with ``draws`` per position: the flat indices of
+    draw ``draw``'s elements, and those segments' lengths."""
+    starts = idcodec.segment_starts(lengths).reshape(-1, draws)[:, draw]
+    chosen = lengths.reshape(-1, draws)[:, draw]
+    return np.repeat(starts, chosen) + _offsets_within(chosen), chosen
+
+
+def _merge_segments(a_len: np.ndarray, b_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where two per-position segment lists land when each position's ``a`` segment is followed
+    by its ``b`` segment: (indices of a's elements, indices of b's elements, merged lengths)."""
+    total = a_len + b_len
+    starts = idcodec.segment_starts(total)
+
+    return (np.repeat(starts, a_len) + _offsets_within(a_len), np.repeat(starts + a_len, b_len) + _offsets_within(b_len),
+            total)
+
+
+def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch: int = 0) -> SparseTargets | DenseTargets:
     """Rebuild the teacher's per-position distribution from a batch of stored rows.
 
-    ``order`` is the cache's rank table (:func:`load_rank_order`), needed to decode ids."""
+    ``order`` is the cache's rank table (:func:`load_rank_order`), needed to decode ids. With
+    several draws per position (``targets.draws``), epoch e reads draw e mod draws."""
     b, seq_len = batch.num_rows, manifest.dataset.seq_len
     kind = manifest.targets.kind
     if kind == "sampled":
         lengths = _flat(batch.column("target_lengths")).astype(np.int64)
         raw_ids = idcodec.decode(_flat(batch.column("target_ids")), lengths, order)
-        ids, counts = _pad_segments(
-            [raw_ids, _flat(batch.column("target_counts")).astype(np.float32)], lengths, [0, 0.0]
-        )
+        counts = _flat(batch.column("target_counts")).astype(np.float32)
+        if manifest.targets.draws > 1:
+            picked, lengths = _select_draw(lengths, manifest.targets.draws, epoch % manifest.targets.draws)
+            raw_ids, counts = raw_ids[picked], counts[picked]
+        ids, counts = _pad_segments([raw_ids, counts], lengths, [0, 0.0])
         probs = counts / float(manifest.targets.num_samples)
         return SparseTargets(
+            torch.from_numpy(ids.astype(np.int64)).view(b, seq_len, -1), torch.from_numpy(probs).view(b, seq_len, -1)
+        )
+    if kind == "stratified":
+        k, positions = manifest.targets.k, b * seq_len
+        head_len = np.full(positions, k, dtype=np.int64)
+        tail_len = _flat(batch.column("tail_lengths")).astype(np.int64)
+        tail_mass = _flat(batch.column("tail_mass")).astype(np.float32)
+        at_head, at_tail, total = _merge_segments(head_len, tail_len)
+        ids = np.empty(int(total.sum()), dtype=np.int64)
+        probs = np.empty(int(total.sum()), dtype=np.float32)
+        ids[at_head] = idcodec.decode(_flat(batch.column("target_ids")), head_len, order)
+        probs[at_head] = np.exp(_flat(batch.column("target_logprobs")))
+        ids[at_tail] = idcodec.decode(_flat(batch.column("tail_ids")), tail_len, order)
+        probs[at_tail] = (_flat(batch.column("tail_counts")).astype(np.float32)
+                          * np.repeat(tail_mass / manifest.targets.num_samples, tail_len))
+        ids, probs = _pad_segments([ids, probs], total, [0, 0.0])
+        return SparseTargets(  # head exact + weighted tail draws: an estimate of the whole distribution
             torch.from_numpy(ids.astype(np.int64)).view(b, seq_len, -1), torch.from_numpy(probs).view(b, seq_len, -1)
         )
     if kind == "topk":

@@ -39,7 +39,8 @@ ROWS_PER_ROW_GROUP = 32
 # noisy low bytes: splitting the byte streams lets zstd find the mostly-zero high bytes. On the
 # quickstart cache (sampled N=50) this took the whole shard from 36.2 to 26.8 bytes/token
 # (ids 25.2 -> 20.0 with rank-delta coding, counts 6.6 -> 4.8, lengths 1.0 -> 0.7).
-BYTE_STREAM_SPLIT_COLUMNS = ("target_ids", "target_counts", "target_lengths", "target_logprobs", "tail_mass", "teacher_nll")
+BYTE_STREAM_SPLIT_COLUMNS = ("target_ids", "target_counts", "target_lengths", "target_logprobs", "tail_mass", "teacher_nll",
+                             "tail_ids", "tail_counts", "tail_lengths")
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "seq_id": pa.string(),
@@ -50,6 +51,9 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "target_lengths": pa.list_(pa.uint8()),
     "target_logprobs": pa.list_(pa.float32()),
     "tail_mass": pa.list_(pa.float32()),
+    "tail_ids": pa.list_(pa.int32()),
+    "tail_counts": pa.list_(pa.uint8()),
+    "tail_lengths": pa.list_(pa.uint8()),
     "teacher_top1": pa.list_(pa.int32()),
 }
 
@@ -71,18 +75,24 @@ def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(typ.value_type.to_pandas_dtype(), copy=False)))
 
 
+def _code(row: dict[str, Any], ids_col: str, lengths: np.ndarray, companions: tuple[str, ...], rank: np.ndarray) -> dict:
+    deltas, perm = idcodec.encode(row[ids_col], lengths, rank)
+    return {ids_col: deltas, **{c: row[c][perm] for c in companions if c in row}}
+
+
 def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]:
     """Replace a row's raw target ids by their rank-delta code (companions permuted alike)."""
     if "target_ids" not in row:
         return row
-    ids = row["target_ids"]
-    lengths = row["target_lengths"] if kind == "sampled" else np.full(len(row["input_ids"]), len(ids) // len(row["input_ids"]))
-    deltas, perm = idcodec.encode(ids, lengths, rank)
-    coded = dict(row, target_ids=deltas)
-    for companion in ("target_counts", "target_logprobs"):
-        if companion in row and len(row[companion]) == len(ids):
-            coded[companion] = row[companion][perm]
-    return coded
+    positions = len(row["input_ids"])
+    if kind == "sampled":
+        coded = _code(row, "target_ids", row["target_lengths"], ("target_counts", "target_logprobs"), rank)
+    else:  # topk, stratified: k ids per position
+        k = len(row["target_ids"]) // positions
+        coded = _code(row, "target_ids", np.full(positions, k), ("target_logprobs",), rank)
+    if kind == "stratified":
+        coded.update(_code(row, "tail_ids", row["tail_lengths"], ("tail_counts",), rank))
+    return dict(row, **coded)
 
 
 def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False) -> pa.Table:
@@ -149,7 +159,7 @@ def write_shard(
     table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs)
     data = encode_shard(table, compression_level)
     fs.write_bytes(fs.join(cache_uri, name), data)
-    lengths = [len(r["target_ids"]) for r in rows] if "target_ids" in table.column_names else [0]
+    lengths = [len(r["target_ids"]) + len(r.get("tail_ids", ())) for r in rows] if "target_ids" in table.column_names else [0]
     return ShardRecord(
         path=name,
         split=split,
@@ -160,7 +170,7 @@ def write_shard(
         sha256=hashlib.sha256(data).hexdigest(),
         target_bytes=target_bytes(data, kind, targets.store_logprobs),
         unique_ids=int(sum(lengths)),
-        tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows)) if kind == "topk" else 0.0,
+        tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows)) if "tail_mass" in table.column_names else 0.0,
         teacher_nll_sum=float(sum(r["teacher_nll"] for r in rows)),
     )
 
@@ -242,7 +252,7 @@ def build_manifest(
         "bytes_per_token": total_bytes / tokens if tokens else 0.0,
         "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
         "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
-        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind == "topk" and tokens else None,
+        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind in ("topk", "stratified") and tokens else None,
         "teacher_heldout_ce": sum(s.teacher_nll_sum for s in heldout) / heldout_positions if heldout_positions else None,
     }
     return Manifest(

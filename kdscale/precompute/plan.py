@@ -83,6 +83,9 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
         )
     if spec.cache.targets.kind == "topk" and spec.cache.targets.k > vocab_size:
         problems.append(("cache.targets.k", f"k={spec.cache.targets.k} exceeds the vocabulary {vocab_size}"))
+    if spec.cache.targets.kind == "stratified" and spec.cache.targets.k >= vocab_size:
+        problems.append(("cache.targets.k", f"stratified needs a tail to sample: k={spec.cache.targets.k} must be "
+                                            f"below the vocabulary {vocab_size}"))
     if spec.teacher.shards > 1:
         problems += _sharding_problems(spec, teacher_config)
     return problems
@@ -124,10 +127,11 @@ def targets_info(spec: JobSpec) -> TargetsInfo:
     return TargetsInfo(
         kind=t.kind,
         temperature=t.temperature,
-        num_samples=t.num_samples if t.kind == "sampled" else None,
-        k=t.k if t.kind == "topk" else None,
+        num_samples=t.num_samples if t.kind in ("sampled", "stratified") else None,
+        k=t.k if t.kind in ("topk", "stratified") else None,
         store_logprobs=t.store_logprobs and t.kind == "sampled",
         seed=spec.seed,
+        draws=t.draws,
     )
 
 

@@ -109,6 +109,7 @@ class TeacherWorker:
                         sid=sid,
                         store_logprobs=t.store_logprobs,
                         with_top1=task.split == "heldout",
+                        draws=t.draws,
                     )
                 )
                 rows.append(row)

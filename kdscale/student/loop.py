@@ -39,6 +39,36 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def heldout_ce(engine, ids: torch.Tensor, rank: int, world: int, batch_size: int) -> float:
+    """Held-out next-token CE of the model being trained. Each rank scores rows rank::world and
+    the sums are all-reduced; every rank runs the same number of forwards (a rank short of rows
+    scores a throw-away batch) because a ZeRO-3 forward gathers parameters collectively."""
+    import math
+
+    mine = ids[rank::world]
+    rounds = math.ceil(math.ceil(len(ids) / world) / batch_size)
+    engine.eval()
+    nll = count = 0.0
+    for i in range(rounds):
+        batch = mine[i * batch_size : (i + 1) * batch_size]
+        logits = engine(input_ids=batch if len(batch) else ids[:1]).logits.float()
+        if len(batch):
+            nll += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    engine.train()
+    total_nll, total_count = _sum_across_ranks([nll, count])
+    return total_nll / max(total_count, 1.0)
+
+
 def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config) -> str:
     from kdscale.student.engine import full_state_dict
 
@@ -94,10 +124,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     log_every = cfg.get("log_every", 1)
     tokens_per_micro = train.micro_batch_size * cfg["seq_len"]
     micro_per_epoch = cfg["steps_per_epoch"] * train.grad_accum
+    tokens_per_step = tokens_per_micro * train.grad_accum * world
+    eval_ids = None
+    if train.eval_every_steps and cfg.get("heldout_ids") is not None:
+        eval_ids = torch.as_tensor(cfg["heldout_ids"], dtype=torch.long, device=device)
 
-    def batches(epoch: int):
+    def batches(epoch: int, decode: bool = True):
         """(input_ids, targets) for this rank's share of one epoch, equal in count on every rank
-        (or the collectives would hang)."""
+        (or the collectives would hang); with ``decode=False`` the stored batch instead of targets."""
         stream = shard.iter_batches(
             batch_size=train.micro_batch_size,
             batch_format="pyarrow",
@@ -109,7 +143,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if n >= micro_per_epoch:
                 break
             input_ids = batch_input_ids(batch).to(device)
-            yield input_ids, targets_for(batch, input_ids)
+            yield input_ids, (targets_for(batch, input_ids, epoch) if decode else batch)
 
     preloaded = None
     for epoch in range(state["epoch"], train.epochs):
@@ -117,10 +151,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         window: list[list[float]] = []
         micro = 0
         if train.preload:
+            # keep decoded targets, unless each epoch decodes its own draw from the stored rows
+            per_epoch = targets_for.varies_by_epoch
             if preloaded is None:
-                preloaded = list(batches(epoch))
+                preloaded = list(batches(epoch, decode=not per_epoch))
             order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
-            epoch_batches = (preloaded[i] for i in order.tolist())
+            epoch_batches = ((preloaded[i][0], targets_for(preloaded[i][1], preloaded[i][0], epoch)) if per_epoch
+                             else preloaded[i] for i in order.tolist())
         else:
             epoch_batches = batches(epoch)
         waited = first_wait = 0.0  # time spent waiting for data (reading, decoding), not computing
@@ -161,6 +198,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     if rank == 0 and cfg.get("run_id"):
                         log_step_metrics(cfg["tracking_uri"], cfg["run_id"],
                                          {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
+                                         state["step"])
+                if eval_ids is not None and (state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps):
+                    point = {"step": state["step"], "tokens": state["step"] * tokens_per_step,
+                             "heldout_ce": heldout_ce(engine, eval_ids, rank, world, train.micro_batch_size)}
+                    state.setdefault("evals", []).append(point)
+                    if rank == 0 and cfg.get("run_id"):
+                        log_step_metrics(cfg["tracking_uri"], cfg["run_id"], {"eval/heldout_ce": point["heldout_ce"]},
                                          state["step"])
         state["epoch"] = epoch + 1
         seconds = time.perf_counter() - started

@@ -23,9 +23,11 @@ class CachedTargets:
     def __init__(self, manifest: Manifest, cache_uri: str):
         self.manifest = manifest
         self.order = load_rank_order(cache_uri, manifest)
+        # a cache with several draws per position gives each epoch its own draw
+        self.varies_by_epoch = manifest.targets.draws > 1
 
-    def __call__(self, batch: pa.Table, input_ids: torch.Tensor) -> SparseTargets | DenseTargets:
-        return batch_targets(batch, self.manifest, self.order)
+    def __call__(self, batch: pa.Table, input_ids: torch.Tensor, epoch: int = 0) -> SparseTargets | DenseTargets:
+        return batch_targets(batch, self.manifest, self.order, epoch)
 
 
 class OnlineTeacher:
@@ -34,8 +36,10 @@ class OnlineTeacher:
         self.vocab_size = vocab_size
         self.temperature = temperature
 
+    varies_by_epoch = False
+
     @torch.no_grad()  # not inference_mode: the loss's backward must be able to save these tensors
-    def __call__(self, batch: pa.Table, input_ids: torch.Tensor) -> DenseTargets:
+    def __call__(self, batch: pa.Table, input_ids: torch.Tensor, epoch: int = 0) -> DenseTargets:
         logits = self.model(input_ids=input_ids).logits[..., : self.vocab_size].float()
         return DenseTargets(torch.log_softmax(logits / self.temperature, dim=-1))
 

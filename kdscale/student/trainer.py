@@ -34,6 +34,7 @@ class TrainResult:
     seconds: float = 0.0
     steps: int = 0
     resumed_at_epochs: list[int] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # held-out CE during training
 
 
 def cluster_problems(spec: JobSpec, index: int) -> list[tuple[str, str]]:
@@ -135,7 +136,10 @@ def train_student(
     tracking_uri: str,
     run_id: str | None,
     init_path: str | None = None,
+    heldout_ids=None,
 ) -> TrainResult:
+    """Train one student on Ray Train; ``heldout_ids`` (rows of token ids) are scored during
+    training when ``train.eval_every_steps`` asks for it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -156,6 +160,7 @@ def train_student(
         "run_id": run_id,
         "counter": counter,
         "log_every": t.log_every,
+        "heldout_ids": heldout_ids if t.eval_every_steps else None,
     }
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -219,6 +224,7 @@ def train_student(
         seconds=time.perf_counter() - started,
         steps=state["step"],
         resumed_at_epochs=state.get("resumed_at_epochs", []),
+        evals=state.get("evals", []),
     )
 
 

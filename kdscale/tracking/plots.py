@@ -21,12 +21,16 @@ def _figure(ncols: int = 1, width: float = 6.0):
     return fig, list(axes[0])
 
 
-def loss_curves(history: Sequence[dict[str, Any]], title: str):
-    """KD, CE and total loss per optimizer step, with epoch boundaries marked."""
+def loss_curves(history: Sequence[dict[str, Any]], title: str, evals: Sequence[dict[str, Any]] = ()):
+    """KD, CE and total loss per optimizer step, with epoch boundaries marked, and the held-out
+    CE measured during training when there is one."""
     fig, (ax,) = _figure()
     steps = [h["step"] for h in history]
     for key, label in (("loss", "total"), ("kd", "KD (T² · divergence)"), ("ce", "CE (hard labels)")):
         ax.plot(steps, [h[key] for h in history], label=label, linewidth=1.4)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["heldout_ce"] for e in evals], "o--", color="black",
+                label="held-out CE", linewidth=1.0, markersize=4)
     for prev, cur in zip(history, history[1:]):
         if cur["epoch"] != prev["epoch"]:
             ax.axvline(prev["step"] + 0.5, color="0.85", linewidth=0.8, zorder=0)
