@@ -65,18 +65,19 @@ def eval_bars(metrics: dict[str, float], untrained_ce: float | None, title: str)
 
 def cache_profile(ids_per_position: np.ndarray, tail_mass: np.ndarray | None, teacher_nll: np.ndarray, title: str):
     """How much of the teacher each cached position keeps: stored ids per position, the
-    probability left outside them (top-k only), and the teacher's own per-token NLL."""
+    probability outside the k most likely ids (top-k: dropped into one bucket; stratified:
+    sampled), and the teacher's own NLL per token (by sequence)."""
     panels = 3 if tail_mass is not None else 2
     fig, axes = _figure(panels, width=4.2)
     axes[0].hist(ids_per_position, bins=min(50, max(int(ids_per_position.max()), 1)), color="tab:blue")
     axes[0].set(xlabel="stored ids per position", ylabel="positions",
                 title=f"{title}\nmean {ids_per_position.mean():.1f} ids")
     axes[1].hist(teacher_nll, bins=50, color="tab:green")
-    axes[1].set(xlabel="teacher NLL of the next token (nats)", ylabel="positions",
+    axes[1].set(xlabel="teacher NLL per token, by sequence (nats)", ylabel="sequences",
                 title=f"mean {teacher_nll.mean():.2f} nats")
     if tail_mass is not None:
         axes[2].hist(tail_mass, bins=50, range=(0, 1), color="tab:orange")
-        axes[2].set(xlabel="tail mass outside the stored ids", ylabel="positions",
+        axes[2].set(xlabel="tail mass: probability outside the k most likely ids", ylabel="positions",
                     title=f"mean {tail_mass.mean():.3f}")
     fig.tight_layout()
     return fig
