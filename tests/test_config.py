@@ -13,8 +13,10 @@ from tests.conftest import JOBS, write_job
 
 
 def test_shipped_jobs_are_valid():
-    for name in ("tiny.yaml", "quickstart.yaml"):
-        spec = load_job(JOBS / name)
+    shipped = sorted(JOBS.glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"tiny.yaml", "quickstart.yaml", "quality.yaml"}
+    for path in shipped:
+        spec = load_job(path)
         assert spec.students and spec.teacher.name
 
 

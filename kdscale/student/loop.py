@@ -8,6 +8,7 @@ history. A restarted worker group resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -67,6 +68,27 @@ def heldout_ce(engine, ids: torch.Tensor, rank: int, world: int, batch_size: int
     engine.train()
     total_nll, total_count = _sum_across_ranks([nll, count])
     return total_nll / max(total_count, 1.0)
+
+
+class _DataClock:
+    """Iterates ``items`` and measures how long the loop waited for them (reading, decoding:
+    time not spent computing), and the first item's share — the data pipeline's start-up."""
+
+    def __init__(self, items):
+        self.items = iter(items)
+        self.waited = 0.0
+        self.first = 0.0
+
+    def __iter__(self):
+        for n in itertools.count():
+            started = time.perf_counter()
+            item = next(self.items, None)
+            self.waited += time.perf_counter() - started
+            if n == 0:
+                self.first = self.waited
+            if item is None:
+                return
+            yield item
 
 
 def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config) -> str:
@@ -160,17 +182,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                              else preloaded[i] for i in order.tolist())
         else:
             epoch_batches = batches(epoch)
-        waited = first_wait = 0.0  # time spent waiting for data (reading, decoding), not computing
-        epoch_batches = iter(epoch_batches)
-        while True:
-            t0 = time.perf_counter()
-            item = next(epoch_batches, None)
-            waited += time.perf_counter() - t0
-            if micro == 0:
-                first_wait = waited  # the data pipeline's start-up for this epoch
-            if item is None:
-                break
-            input_ids, targets = item
+        clock = _DataClock(epoch_batches)
+        for input_ids, targets in clock:
             logits = engine(input_ids=input_ids).logits
             parts = distillation_loss(
                 logits,
@@ -210,7 +223,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         tokens = micro * tokens_per_micro * world
         state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
-                                                "data_seconds": waited, "first_batch_seconds": first_wait})
+                                                "data_seconds": clock.waited, "first_batch_seconds": clock.first})
         folder = _save_checkpoint(engine, cfg, state, rank, student_config)
         metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
                    "precision": precision}
