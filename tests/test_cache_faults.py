@@ -39,7 +39,8 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
     ledger = killed / "cache" / LEDGER_DIR
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if ledger.exists() and len([p for p in os.listdir(ledger) if p.startswith("train-")]) >= 3:
+        # only committed entries: a ledger entry is written to a temp name first, then renamed
+        if ledger.exists() and len([p for p in os.listdir(ledger) if p.startswith("train-") and p.endswith(".json")]) >= 3:
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"precompute ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
