@@ -25,12 +25,17 @@ def quickstart(**overrides: Any) -> JobSpec:
         if dotted == "students":
             raw["students"] = [_merge(base_student, s) for s in value]
             continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     return JobSpec.model_validate(raw)
+
+
+def set_dotted(spec: dict, dotted: str, value: Any) -> None:
+    """Set ``spec["a"]["b"][0]["c"]`` from ``"a.b.0.c"`` (numbers index lists)."""
+    node = spec
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[leaf] = value
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import set_dotted
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_JOB = REPO / "jobs" / "quality.yaml"
@@ -62,11 +63,7 @@ def job_spec(regime: str, arm: str, out: Path) -> dict:
     if "reuse" in ARMS[arm]:
         overrides["cache.uri"] = str(out / regime / ARMS[arm]["reuse"] / "work" / "cache")
     for dotted, value in overrides.items():
-        node = spec
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[leaf] = value
+        set_dotted(spec, dotted, value)
     return spec
 
 

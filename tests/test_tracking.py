@@ -3,7 +3,6 @@ and model registration that leaves either a complete version or none."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from typer.testing import CliRunner
 
 from kdscale.cli import app
 from kdscale.tracking.redact import MASK, redact, redact_text, secret_values
-from tests.conftest import write_job
+from tests.conftest import _free_port, write_job  # a port nothing listens on
 
 
 def test_secret_values_come_from_credential_like_variables():
@@ -33,14 +32,8 @@ def test_redact_masks_env_secrets_and_uri_passwords_anywhere():
     assert redact_text("s3://bucket/plain/path", secrets) == "s3://bucket/plain/path"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-
 def test_unreachable_tracking_server_fails_fast_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://kdscale:hunter2pw@127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://kdscale:hunter2pw@127.0.0.1:{_free_port()}")
     job = write_job(tmp_path)
     workdir = tmp_path / "work"
     started = time.perf_counter()
