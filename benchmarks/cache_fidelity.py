@@ -49,7 +49,7 @@ from kdscale.data.corpus import pack_corpus  # noqa: E402
 from kdscale.models.student import build_student, student_config  # noqa: E402
 from kdscale.models.teacher import load_teacher, load_teacher_config, load_tokenizer  # noqa: E402
 from kdscale.precompute.plan import shard_tasks, tokenizer_info  # noqa: E402
-from kdscale.student.losses import distillation_loss  # noqa: E402
+from kdscale.student.losses import distillation_loss, next_token_labels  # noqa: E402
 
 EPS = 1e-8
 BATCH = 4
@@ -72,7 +72,8 @@ def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, 
     rows = []
     for i, sid in enumerate(task.seq_ids):
         row = {"seq_id": sid, "input_ids": task.input_ids[i]}
-        row.update(extract.extract_row(kind, logits[i], torch.from_numpy(task.input_ids[i]), temperature=1.0,
+        row.update(extract.extract_row(kind, logits[i], next_token_labels(torch.from_numpy(task.input_ids[i])[None])[0],
+                                       temperature=1.0,
                                        num_samples=info.num_samples or 0, k=info.k or 0, seed=seed, sid=sid,
                                        draws=info.draws))
         rows.append(row)
@@ -118,7 +119,7 @@ def gradient(student, ids: torch.Tensor, make_targets) -> torch.Tensor:
     student.zero_grad(set_to_none=True)
     for i in range(0, ids.shape[0], BATCH):
         batch = ids[i : i + BATCH]
-        parts = distillation_loss(student(input_ids=batch).logits, batch, make_targets(i, i + BATCH), alpha=1.0,
+        parts = distillation_loss(student(input_ids=batch).logits, next_token_labels(batch), make_targets(i, i + BATCH), alpha=1.0,
                                   temperature=1.0, chunk_positions=512)
         (parts.total * batch.shape[0] / ids.shape[0]).backward()
     return torch.cat([p.grad.reshape(-1).double() for p in student.parameters() if p.grad is not None])

@@ -40,7 +40,7 @@ def arm(name: str, positions: int, vocab: int, chunk: int) -> dict:
     if name == "ce":
         loss = cross_entropy(logits, ids)
     else:
-        loss = distillation_loss(logits, ids, targets, alpha=0.5, temperature=1.0, chunk_positions=chunk).total
+        loss = distillation_loss(logits, next_token_labels(ids), targets, alpha=0.5, temperature=1.0, chunk_positions=chunk).total
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arm": name, "peak_bytes": peak - base, "logits_bytes": logits.numel() * 4, "loss": float(loss)}

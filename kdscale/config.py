@@ -80,7 +80,8 @@ class TeacherSpec(Strict):
         "'pkg:<module>' names an installed Python package's folder, found without importing it.",
     )
     gguf_file: str | None = None
-    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to the teacher's path.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to the teacher's path (causal_lm; "
+                                  "an image classifier's labels come from its config).")
     architecture: dict[str, Any] | None = Field(
         None, description="For init=random: transformers config fields (model_type defaults to llama)."
     )
@@ -99,19 +100,27 @@ class TeacherSpec(Strict):
     def _init_needs(self) -> "TeacherSpec":
         if self.init == "pretrained" and not self.path:
             raise ValueError("init=pretrained needs `path`")
-        if self.init == "random" and (self.architecture is None or not self.tokenizer):
-            raise ValueError("init=random needs `architecture` and `tokenizer`")
+        if self.init == "random" and self.architecture is None:
+            raise ValueError("init=random needs `architecture`")
         return self
 
 
 class CorpusSpec(Strict):
-    paths: list[str] = Field(..., min_length=1, description="Files, folders, globs or fsspec URIs.")
-    format: Literal["text", "jsonl", "parquet"] = Field(
-        "text", description="text: one document per file; jsonl: one per line (`field`); parquet: one per row (`field`)."
+    paths: list[str] = Field(..., min_length=1, description="Files, folders, globs or fsspec URIs (idx: image files).")
+    format: Literal["text", "jsonl", "parquet", "idx"] = Field(
+        "text", description="text: one document per file; jsonl: one per line (`field`); parquet: one per row (`field`); "
+        "idx: IDX image files (MNIST's format) with their label files in `labels` (task image_classification)."
     )
+    labels: list[str] | None = Field(None, description="idx: the label file of each file in `paths`, in the same order.")
+    heldout_paths: list[str] | None = Field(
+        None, description="idx: image files of the held-out split (e.g. an official test set); default: a content-hash "
+        "split of `paths` by heldout_fraction."
+    )
+    heldout_labels: list[str] | None = Field(None, description="idx: the label files of `heldout_paths`.")
     field: str = Field("text", min_length=1, description="The JSON key / Parquet column holding the text.")
     max_files: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice).")
+    max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice); for images, "
+                                   "training images (one position each).")
     seq_len: int = Field(256, ge=8)
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
 
@@ -217,6 +226,10 @@ class EvalSpec(Strict):
 
 class JobSpec(Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
+    task: Literal["causal_lm", "image_classification"] = Field(
+        "causal_lm", description="causal_lm: next-token distributions at every position of packed token sequences; "
+        "image_classification: one class distribution per image (AutoModelForImageClassification teacher/students)."
+    )
     seed: int = 0
     workdir: str | None = Field(None, description="Where outputs go; defaults to runs/<name>.")
     ray: RaySpec = RaySpec()
@@ -294,8 +307,9 @@ def _rebase_paths(raw: dict[str, Any], base: Path) -> None:
             if isinstance(teacher.get(key), str):
                 teacher[key] = _relative_to(base, teacher[key])
     corpus = raw.get("corpus")
-    if isinstance(corpus, dict) and isinstance(corpus.get("paths"), list):
-        corpus["paths"] = [_relative_to(base, p) if isinstance(p, str) else p for p in corpus["paths"]]
+    for key in ("paths", "labels", "heldout_paths", "heldout_labels"):
+        if isinstance(corpus, dict) and isinstance(corpus.get(key), list):
+            corpus[key] = [_relative_to(base, p) if isinstance(p, str) else p for p in corpus[key]]
     for student in raw.get("students") or []:
         if isinstance(student, dict) and isinstance(student.get("path"), str):
             student["path"] = _relative_to(base, student["path"])
@@ -329,9 +343,10 @@ def _resource_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     if tok and not tok.startswith("pkg:") and not fs.exists(tok):
         problems.append(("teacher.tokenizer", f"no such folder: {tok}"))
     corpus = raw.get("corpus") if isinstance(raw.get("corpus"), dict) else {}
-    for i, pattern in enumerate(corpus.get("paths") or [] if isinstance(corpus.get("paths"), list) else []):
-        if isinstance(pattern, str) and not fs.expand(pattern):
-            problems.append((f"corpus.paths.{i}", f"no file matches {pattern!r}"))
+    for key in ("paths", "labels", "heldout_paths", "heldout_labels"):
+        for i, pattern in enumerate(corpus.get(key) or [] if isinstance(corpus.get(key), list) else []):
+            if isinstance(pattern, str) and not fs.expand(pattern):
+                problems.append((f"corpus.{key}.{i}", f"no file matches {pattern!r}"))
     students = raw.get("students") if isinstance(raw.get("students"), list) else []
     for i, s in enumerate(students):
         spath = _str(s, "path")
@@ -359,11 +374,42 @@ def parse_job(raw: Any, source: str = "<spec>", base_dir: Path | None = None, ch
             dupes = repeated_names([s.get("name") for s in students if isinstance(s, dict)])
             if dupes:
                 problems.append(("students", dupes))
+    if spec is not None:
+        problems += task_problems(spec)
     if check_resources:
         problems += _resource_problems(raw)
     if problems:
         raise ConfigError(source, problems)
     return spec
+
+
+def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What each task needs of the rest of the spec (a causal LM reads text with a tokenizer; an
+    image classifier reads IDX images with label files, and its features are those kdscale
+    supports for classifiers)."""
+    problems = []
+    c = spec.corpus
+    if spec.task == "causal_lm":
+        if c.format == "idx":
+            problems.append(("corpus.format", "idx (images) needs task: image_classification"))
+        if spec.teacher.init == "random" and not spec.teacher.tokenizer:
+            problems.append(("teacher.tokenizer", "a random causal_lm teacher needs a tokenizer folder"))
+        return problems
+    if c.format != "idx":
+        problems.append(("corpus.format", f"image_classification reads IDX image files (format: idx), not {c.format}"))
+    if not c.labels or len(c.labels) != len(c.paths):
+        problems.append(("corpus.labels", f"one label file per image file: {len(c.paths)} in paths, "
+                                          f"{len(c.labels or [])} in labels"))
+    if bool(c.heldout_paths) != bool(c.heldout_labels) or len(c.heldout_paths or []) != len(c.heldout_labels or []):
+        problems.append(("corpus.heldout_labels", "one label file per file in heldout_paths"))
+    if spec.teacher.shards > 1:
+        problems.append(("teacher.shards", "a sharded (pipelined) teacher is supported for causal_lm only"))
+    for i, s in enumerate(spec.students):
+        if s.targets == "online":
+            problems.append((f"students.{i}.targets", "online students are supported for causal_lm only; use cache"))
+        if s.init == "teacher_layers":
+            problems.append((f"students.{i}.init", "teacher_layers is supported for causal_lm only"))
+    return problems
 
 
 def load_job(path: str | Path, check_resources: bool = True) -> JobSpec:

@@ -37,7 +37,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of what decides token ids: vocabulary, merges, normalizer, pre-tokenizer, added tokens.
 
     Settings that do not change ids (padding, truncation) are left out so two copies of one
-    tokenizer configured differently still match."""
+    tokenizer configured differently still match. An image task stands in for the tokenizer
+    and fingerprints its own label names and input encoding."""
+    if hasattr(tokenizer, "fingerprint"):
+        return tokenizer.fingerprint()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError(f"kdscale needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")

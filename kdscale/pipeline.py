@@ -13,12 +13,13 @@ from typing import Any
 
 from kdscale import fs
 from kdscale.cache.format import CacheFormatError, Manifest
-from kdscale.cache.reader import batch_input_ids, check_shards_present, check_tokenizer, open_manifest, read_split, verify
+from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split, verify
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, student_config
+from kdscale.models.task import CausalLM, table_arrays
 from kdscale.models.teacher import load_teacher_config, load_tokenizer, weight_problems
-from kdscale.precompute.plan import check_teacher_fits
+from kdscale.precompute.plan import check_teacher_fits, logit_width
 from kdscale.progress import say
 from kdscale.tracking.lineage import (
     CACHE_ID_TAG,
@@ -43,9 +44,16 @@ class Prepared:
     spec: JobSpec
     workdir: str
     cache_uri: str
-    tokenizer: Any
+    tokenizer: Any  # the teacher's tokenizer; for images the image task (labels and input encoding)
     teacher_config: Any
     student_configs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self):
+        """The task adapter (:mod:`kdscale.models.task`) every stage uses."""
+        from kdscale.models.task import CausalLM
+
+        return CausalLM() if self.spec.task == "causal_lm" else self.tokenizer
 
     def student_dir(self, name: str) -> str:
         return fs.join(self.workdir, "students", name)
@@ -69,22 +77,45 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     broken = weight_problems(spec.teacher)
     if broken:
         raise ConfigError(spec.name, [("teacher.path", b) for b in broken])
-    tokenizer = load_tokenizer(spec.teacher)
+    if spec.task == "causal_lm":
+        tokenizer = load_tokenizer(spec.teacher)
+        teacher_config = load_teacher_config(spec.teacher, len(tokenizer))
+    else:
+        teacher_config, tokenizer = _image_task(spec)
     vocab = len(tokenizer)
-    teacher_config = load_teacher_config(spec.teacher, vocab)
+    task = CausalLM() if spec.task == "causal_lm" else tokenizer
     problems = check_teacher_fits(spec, teacher_config, vocab)
     configs = {}
     for i, s in enumerate(spec.students):
         try:
-            configs[s.name] = student_config(s, teacher_config, vocab)
+            configs[s.name] = student_config(s, teacher_config, vocab, task)
         except ValueError as e:
             problems.append((f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e)))
             continue
-        if configs[s.name].vocab_size != vocab:
-            problems.append((f"students.{i}", f"vocabulary {configs[s.name].vocab_size} differs from the teacher tokenizer's {vocab}"))
+        size = task.output_size(configs[s.name])
+        if size != vocab:
+            problems.append((f"students.{i}", f"vocabulary {size} differs from the teacher tokenizer's {vocab}"
+                             if spec.task == "causal_lm" else f"{size} classes differ from the teacher's {vocab}"))
     if problems:
         raise ConfigError(spec.name, problems)
     return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, configs)
+
+
+def _image_task(spec: JobSpec):
+    """An image job's teacher config and task (labels from the teacher, image size from the
+    first IDX file's header), or a ConfigError naming the unreadable file."""
+    from kdscale.data.images import IdxError, image_shape
+    from kdscale.models.teacher import load_image_task
+
+    teacher_config = load_teacher_config(spec.teacher, None, spec.task)
+    if getattr(teacher_config, "num_labels", 0) < 2:
+        raise ConfigError(spec.name, [("teacher", "an image classifier teacher needs num_labels >= 2 in its config")])
+    files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    try:
+        height, width = image_shape(files[0])
+    except (IdxError, OSError) as e:
+        raise ConfigError(spec.name, [("corpus.paths", str(e))]) from None
+    return teacher_config, load_image_task(spec.teacher, teacher_config, height, width)
 
 
 def describe_plan(p: Prepared) -> dict[str, Any]:
@@ -96,8 +127,9 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
         "workdir": p.workdir,
         "cache_uri": p.cache_uri,
         "tracking_uri": redact_text(tracking_uri(spec)),
+        "task": p.task.describe(),
         "teacher": {"name": spec.teacher.name, "replicas": spec.teacher.replicas, "dtype": spec.teacher.dtype,
-                    "vocab_size": len(p.tokenizer), "logit_width": p.teacher_config.vocab_size},
+                    "vocab_size": len(p.tokenizer), "logit_width": logit_width(spec, p.teacher_config)},
         "corpus": {"files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
                    "seq_len": spec.corpus.seq_len, "max_tokens": spec.corpus.max_tokens,
                    "heldout_fraction": spec.corpus.heldout_fraction},
@@ -106,7 +138,7 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
             s.name: {
                 "architecture": describe(p.student_configs[s.name]),
                 "init": s.init,
-                "parameters": count_parameters(p.student_configs[s.name]),
+                "parameters": count_parameters(p.student_configs[s.name], p.task),
                 "workers": s.train.num_workers, "zero_stage": s.train.zero_stage, "epochs": s.train.epochs,
                 "loss": s.loss.model_dump(),
             }
@@ -173,6 +205,8 @@ def plan_precompute(p: Prepared):
     from kdscale.ray_runtime import ensure_ray
 
     ensure_ray(p.spec.ray)
+    if p.spec.task != "causal_lm":
+        return build_plan(p.spec, p.tokenizer)  # images: read from their IDX files
     corpus = pack_corpus(p.spec.corpus, p.tokenizer, ray_token_stream(p.spec.corpus, p.tokenizer))
     return build_plan(p.spec, p.tokenizer, corpus)
 
@@ -240,7 +274,7 @@ def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
 def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
     from kdscale.student.evaluate import evaluate
 
-    return evaluate(model, heldout, p.spec.eval.batch_size).as_dict()
+    return evaluate(model, heldout, p.spec.eval.batch_size, p.task).as_dict()
 
 
 @dataclass
@@ -279,6 +313,7 @@ def teacher_heldout(p: Prepared, rows: list) -> Any:
 
     from kdscale.cache.targets import extract_row
     from kdscale.data.corpus import seq_id
+    from kdscale.models.task import next_token_labels
     from kdscale.models.teacher import load_teacher
 
     teacher = load_teacher(p.spec.teacher, len(p.tokenizer), p.spec.seed)
@@ -287,7 +322,8 @@ def teacher_heldout(p: Prepared, rows: list) -> Any:
         for row in rows:
             ids = torch.from_numpy(np.asarray(row, dtype=np.int64))
             logits = teacher(input_ids=ids[None]).logits[0, :, : len(p.tokenizer)]
-            out = extract_row("topk", logits, ids, temperature=1.0, num_samples=0, k=1, seed=0, sid="", with_top1=True)
+            labels = next_token_labels(ids[None])[0]
+            out = extract_row("topk", logits, labels, temperature=1.0, num_samples=0, k=1, seed=0, sid="", with_top1=True)
             nll.append(out["teacher_nll"])
             top1.append(out["teacher_top1"])
     return pa.table({
@@ -324,7 +360,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             if not online:
                 tracker.log_cache(run_id, m, p.cache_uri, context="training")
             tracker.log_params(run_id, {
-                "student": s.name, "init": s.init, "targets": s.targets, "parameters": count_parameters(cfg),
+                "student": s.name, "init": s.init, "targets": s.targets, "parameters": count_parameters(cfg, p.task),
                 **{f"arch.{k}": v for k, v in describe(cfg).items()},
                 **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
                 **{f"train.{k}": v for k, v in s.train.model_dump().items()},
@@ -333,11 +369,11 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                                       "tokenizer_fingerprint": m.tokenizer.fingerprint, "cache_uri": p.cache_uri}),
             })
             seed = s.train.seed if s.train.seed is not None else spec.seed
-            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s)), heldout)
+            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout)
             result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
-                                   run_id, p.init_uri(s), batch_input_ids(heldout).numpy())
+                                   run_id, p.init_uri(s), table_arrays(heldout, p.task.input_columns), p.task.describe())
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
-            metrics = _evaluate(p, load_exported(export_uri), heldout)
+            metrics = _evaluate(p, load_exported(export_uri, p.task), heldout)
             tracker.log_metrics(run_id, {
                 **{f"heldout/{k}": v for k, v in metrics.items()},
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
@@ -439,7 +475,7 @@ def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any
             raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
         online = s.targets == "online"
         run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
-        metrics = _evaluate(p, load_exported(uri), sources.heldout(p, online))
+        metrics = _evaluate(p, load_exported(uri, p.task), sources.heldout(p, online))
         if not online:
             tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="evaluation")
         tracker.log_metrics(run_id, {f"heldout/{k}": v for k, v in metrics.items()})

@@ -128,7 +128,7 @@ def test_every_kind_reconstructs_the_teacher(tmp_path, targets):
     assert m.targets.kind == targets["kind"] and verify(uri, m) == []
     table = read_split(uri, m, "train", max_rows=2)
     t = batch_targets(table, m, load_rank_order(uri, m))
-    logp = torch.log_softmax(worker.logits(batch_input_ids(table)) / targets["temperature"], dim=-1)
+    logp = torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)}) / targets["temperature"], dim=-1)
     if targets["kind"] == "full":
         torch.testing.assert_close(t.logprobs, logp)
     elif targets["kind"] == "topk":
@@ -168,7 +168,7 @@ def test_targets_round_trip_through_parquet(tiny_cache):
     torch.testing.assert_close(t.probs.sum(-1), torch.ones(3, m.dataset.seq_len))
     # The stored ids are draws from the teacher: recompute one row's targets and compare
     # position by position (the cache orders ids by rank, extraction by id).
-    logits = worker.logits(ids[:1])[0]
+    logits = worker.logits({"input_ids": ids[:1]})[0]
     again = targets.sampled(logits, 1.0, 50, targets.row_generator(0, table.column("seq_id")[0].as_py()))
     starts = np.concatenate([[0], np.cumsum(again["target_lengths"].astype(int))])
     for pos in range(m.dataset.seq_len):

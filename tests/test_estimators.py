@@ -13,6 +13,7 @@ from kdscale.cache import targets
 from kdscale.cache.format import DatasetInfo, Manifest, TargetsInfo
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest, read_split, verify
 from kdscale.cache.writer import code_ids, rows_to_table
+from kdscale.models.task import table_arrays
 from kdscale.config import ConfigError, load_job
 from tests.conftest import write_job
 
@@ -113,8 +114,7 @@ def test_new_kinds_through_the_teacher_worker(tmp_path, spec):
     order = load_rank_order(uri, m)
     t = batch_targets(table, m, order)
     torch.testing.assert_close(t.probs.sum(-1), torch.ones(t.probs.shape[:2]))
-    p = torch.softmax(worker.logits(torch.from_numpy(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)))
-                                    .long()), dim=-1)
+    p = torch.softmax(worker.logits(table_arrays(table, ("input_ids",))), dim=-1)
     if spec["kind"] == "stratified":
         head = p.topk(spec["k"], dim=-1)
         stored = torch.zeros_like(p).scatter_add_(-1, t.ids, t.probs)

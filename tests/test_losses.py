@@ -39,7 +39,7 @@ def _grad(fn, logits):
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
 def test_dense_matches_reference(T, chunk):
     logits, teacher, ids = _inputs()
-    parts, grad = _grad(lambda x: distillation_loss(x, ids, DenseTargets(teacher), alpha=0.3, temperature=T, chunk_positions=chunk), logits)
+    parts, grad = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.3, temperature=T, chunk_positions=chunk), logits)
     x = logits.clone().requires_grad_(True)
     total, kl, ce = _reference(x, teacher, ids, 0.3, T)
     total.backward()
@@ -57,8 +57,8 @@ def test_sparse_over_full_support_equals_dense(chunk):
     sparse_ids = torch.cat([perm.expand(B, L, V), torch.zeros(B, L, 3, dtype=torch.long)], dim=-1)
     probs = torch.cat([teacher.exp()[..., perm], torch.zeros(B, L, 3)], dim=-1)
     sparse = SparseTargets(sparse_ids, probs)
-    p1, g1 = _grad(lambda x: distillation_loss(x, ids, sparse, alpha=0.5, temperature=1.0, chunk_positions=chunk), logits)
-    p2, g2 = _grad(lambda x: distillation_loss(x, ids, DenseTargets(teacher), alpha=0.5, temperature=1.0, chunk_positions=1000), logits)
+    p1, g1 = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.5, temperature=1.0, chunk_positions=chunk), logits)
+    p2, g2 = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=1.0, chunk_positions=1000), logits)
     torch.testing.assert_close(p1.total, p2.total)
     torch.testing.assert_close(g1, g2)
 
@@ -70,7 +70,7 @@ def test_topk_with_tail_equals_collapsed_dense_reference():
     top_p, top_i = p.topk(k, dim=-1)
     tail = 1 - top_p.sum(-1)
     targets = SparseTargets(top_i, top_p, tail)
-    parts = distillation_loss(logits, ids, targets, alpha=1.0, temperature=1.0, chunk_positions=3)
+    parts = distillation_loss(logits, next_token_labels(ids), targets, alpha=1.0, temperature=1.0, chunk_positions=3)
     # Reference: KL between the (k+1)-bucket distributions, computed position by position.
     q = torch.softmax(logits, dim=-1)
     total = 0.0
@@ -87,15 +87,15 @@ def test_chunked_sparse_equals_unchunked_with_gradients():
     logits, _, ids = _inputs(4)
     g = torch.Generator().manual_seed(5)
     sparse = SparseTargets(torch.randint(0, V, (B, L, 6), generator=g), torch.rand(B, L, 6, generator=g) / 6)
-    a, ga = _grad(lambda x: distillation_loss(x, ids, sparse, alpha=0.7, temperature=2.0, chunk_positions=2), logits)
-    b, gb = _grad(lambda x: distillation_loss(x, ids, sparse, alpha=0.7, temperature=2.0, chunk_positions=10_000), logits)
+    a, ga = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=2), logits)
+    b, gb = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=10_000), logits)
     torch.testing.assert_close(a.total, b.total)
     torch.testing.assert_close(ga, gb)
 
 
 def test_alpha_zero_is_plain_cross_entropy():
     logits, teacher, ids = _inputs(6)
-    parts = distillation_loss(logits, ids, DenseTargets(teacher), alpha=0.0, temperature=1.0)
+    parts = distillation_loss(logits, next_token_labels(ids), DenseTargets(teacher), alpha=0.0, temperature=1.0)
     torch.testing.assert_close(parts.total, cross_entropy(logits, ids))
 
 
@@ -122,7 +122,7 @@ def _reference_divergence(name, p, q, beta=0.5, skew=0.1):
 def test_every_divergence_dense_matches_textbook(name, T):
     logits, teacher, ids = _inputs(7)
     div = Divergence(name, beta=0.3, skew=0.2)
-    parts, grad = _grad(lambda x: distillation_loss(x, ids, DenseTargets(teacher), alpha=0.6, temperature=T,
+    parts, grad = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.6, temperature=T,
                                                     chunk_positions=3, divergence_spec=div), logits)
     x = logits.clone().requires_grad_(True)
     q = torch.softmax(x / T, dim=-1)
@@ -142,9 +142,9 @@ def test_every_divergence_sparse_full_support_equals_dense(name):
     sparse = SparseTargets(torch.cat([perm.expand(B, L, V), torch.zeros(B, L, 2, dtype=torch.long)], -1),
                            torch.cat([teacher.exp()[..., perm], torch.zeros(B, L, 2)], -1))
     div = Divergence(name)
-    a, ga = _grad(lambda x: distillation_loss(x, ids, sparse, alpha=0.8, temperature=1.5, chunk_positions=4,
+    a, ga = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.8, temperature=1.5, chunk_positions=4,
                                               divergence_spec=div), logits)
-    b, gb = _grad(lambda x: distillation_loss(x, ids, DenseTargets(teacher), alpha=0.8, temperature=1.5,
+    b, gb = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.8, temperature=1.5,
                                               chunk_positions=1000, divergence_spec=div), logits)
     torch.testing.assert_close(a.total, b.total)
     torch.testing.assert_close(ga, gb)
@@ -157,7 +157,7 @@ def test_every_divergence_on_topk_buckets(name):
     k = 3
     top_p, top_i = teacher.exp().topk(k, dim=-1)
     tail = 1 - top_p.sum(-1)
-    parts = distillation_loss(logits, ids, SparseTargets(top_i, top_p, tail), alpha=1.0, temperature=1.0,
+    parts = distillation_loss(logits, next_token_labels(ids), SparseTargets(top_i, top_p, tail), alpha=1.0, temperature=1.0,
                               chunk_positions=2, divergence_spec=Divergence(name))
     q = torch.softmax(logits, dim=-1)
     qk = q.gather(-1, top_i)
@@ -169,6 +169,6 @@ def test_every_divergence_on_topk_buckets(name):
 def test_no_grad_path_equals_grad_path():
     logits, teacher, ids = _inputs(11)
     with torch.no_grad():
-        a = distillation_loss(logits, ids, DenseTargets(teacher), alpha=0.5, temperature=2.0, chunk_positions=3)
-    b = distillation_loss(logits.clone().requires_grad_(True), ids, DenseTargets(teacher), alpha=0.5, temperature=2.0)
+        a = distillation_loss(logits, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0, chunk_positions=3)
+    b = distillation_loss(logits.clone().requires_grad_(True), next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0)
     torch.testing.assert_close(a.total, b.total.detach())

@@ -36,6 +36,11 @@ teacher_top1        list<int32>            heldout split only: teacher argmax pe
 
 Targets at position i describe the teacher's distribution of the token *after* input_ids[i].
 
+Image classification (``dataset.task.name == "image_classification"``): a row is one image with
+one position; ``input_ids`` is replaced by ``pixels`` (list<uint8>, C*H*W raw values; the
+normalisation is in ``dataset.task``) and ``labels`` (list<int32>, the class); ``seq_len`` is 1
+and "tokens" count images. The target columns are the same, over the label vocabulary.
+
 Id coding (``manifest.id_coding``, scheme ``rank-delta``): each id is replaced by its rank in
 ``vocab_rank.parquet`` (tokens by descending corpus frequency), ranks are sorted within each
 position and stored as the first rank followed by gaps; companion columns follow the same order.
@@ -71,7 +76,13 @@ def target_columns(kind: str, store_logprobs: bool = False) -> tuple[str, ...]:
 
 
 BASE_COLUMNS = ("seq_id", "input_ids", "teacher_nll")
+IMAGE_BASE_COLUMNS = ("seq_id", "pixels", "labels", "teacher_nll")
 HELDOUT_EXTRA_COLUMNS = ("teacher_top1",)
+
+
+def base_columns(task: str = "causal_lm") -> tuple[str, ...]:
+    """A row's identity, model inputs (and, for images, labels) and the teacher's summed NLL."""
+    return BASE_COLUMNS if task == "causal_lm" else IMAGE_BASE_COLUMNS
 
 
 def shard_name(split: str, index: int) -> str:
@@ -121,6 +132,8 @@ class TokenizerInfo(_Model):
 
 
 class DatasetInfo(_Model):
+    task: dict[str, Any] = Field(default_factory=lambda: {"name": "causal_lm"},
+                                 description="The task and, for images, input shape, normalisation and label names.")
     sources: list[str]
     patterns: list[str]
     documents: int
@@ -129,6 +142,14 @@ class DatasetInfo(_Model):
     heldout_fraction: float
     rows: dict[str, int]
     tokens: int
+
+    @property
+    def task_name(self) -> str:
+        return self.task["name"]
+
+    def labelled_per_row(self) -> int:
+        """Positions per row with a label: all but the last token (causal LM), the image's one."""
+        return self.seq_len - 1 if self.task_name == "causal_lm" else self.seq_len
 
 
 class ShardRecord(_Model):

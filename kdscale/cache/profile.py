@@ -32,6 +32,7 @@ def describe(m: Manifest) -> dict[str, Any]:
         "shards": len(m.shards),
         "rows_by_split": m.dataset.rows,
         "seq_len": m.dataset.seq_len,
+        "task": m.dataset.task,
         "teacher": {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint, "dtype": m.teacher.dtype},
         "tokenizer": m.tokenizer.model_dump(),
         "id_coding": m.id_coding["scheme"],
@@ -64,5 +65,5 @@ def profile(cache_uri: str, m: Manifest, max_rows: int = 256) -> Profile:
     else:
         ids = np.full(positions, m.tokenizer.vocab_size, dtype=np.int64)
     tail = _flat(table.column("tail_mass")).astype(np.float64) if kind in ("topk", "stratified") else None
-    nll = table.column("teacher_nll").to_numpy().astype(np.float64) / max(m.dataset.seq_len - 1, 1)
+    nll = table.column("teacher_nll").to_numpy().astype(np.float64) / max(m.dataset.labelled_per_row(), 1)
     return Profile(ids, tail, nll)

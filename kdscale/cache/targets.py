@@ -50,15 +50,15 @@ class RowDistribution:
     def logprobs(self) -> torch.Tensor:
         return self.scaled - self.log_z
 
-    def nll(self, next_ids: torch.Tensor, temperature: float) -> float:
-        """Sum of NLL at T=1 of ``next_ids`` (the tokens that follow the first len(next_ids)
-        positions of this chunk)."""
-        n = len(next_ids)
-        if n == 0:
+    def nll(self, labels: torch.Tensor, temperature: float) -> float:
+        """Sum of NLL at T=1 of this chunk's ``labels`` (one per position; negative: none, as
+        the last token of a sequence, whose successor is unknown)."""
+        at = (labels >= 0).nonzero().squeeze(1)
+        if at.numel() == 0:
             return 0.0
-        shifted = self.shifted[:n]
-        log_z1 = self.log_z[:n] if temperature == 1.0 else torch.logsumexp(shifted, dim=-1, keepdim=True)
-        return float((log_z1 - shifted.gather(1, next_ids.long().unsqueeze(1))).sum())
+        shifted = self.shifted[at]
+        log_z1 = self.log_z[at] if temperature == 1.0 else torch.logsumexp(shifted, dim=-1, keepdim=True)
+        return float((log_z1 - shifted.gather(1, labels[at].long().unsqueeze(1))).sum())
 
 
 CHUNK = 16
@@ -165,7 +165,7 @@ def full(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
 def extract_row(
     kind: str,
     logits: torch.Tensor,
-    input_ids: torch.Tensor,
+    labels: torch.Tensor,
     *,
     temperature: float,
     num_samples: int,
@@ -176,8 +176,9 @@ def extract_row(
     with_top1: bool = False,
     draws: int = 1,
 ) -> dict[str, np.ndarray | float]:
-    """Everything a cache row stores for one sequence, from one pass over its logits:
-    the targets of ``kind``, the teacher's summed NLL (T=1) and, optionally, its argmax."""
+    """Everything a cache row stores for one row, from one pass over its logits [positions,
+    vocab]: the targets of ``kind``, the teacher's summed NLL (T=1) of ``labels`` (one per
+    position, negative where there is none) and, optionally, its argmax."""
     generator = row_generator(seed, sid) if kind in ("sampled", "stratified") else None
     parts, top1 = [], []
     nll = 0.0
@@ -192,7 +193,7 @@ def extract_row(
             parts.append({"target_logprobs": d.logprobs().reshape(-1).numpy()})
         else:
             raise ValueError(f"unknown target kind {kind!r}")
-        nll += d.nll(input_ids[start + 1 : start + 1 + d.scaled.shape[0]], temperature)
+        nll += d.nll(labels[start : start + d.scaled.shape[0]], temperature)
         top1.append(d.top1)
     out: dict = _concat(parts)
     out["teacher_nll"] = nll

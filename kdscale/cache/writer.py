@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from kdscale import __version__, fs
 from kdscale.cache import idcodec
 from kdscale.cache.format import (
-    BASE_COLUMNS,
     FORMAT_VERSION,
     ID_CODING_SCHEME,
     HELDOUT_EXTRA_COLUMNS,
@@ -30,6 +29,7 @@ from kdscale.cache.format import (
     TargetsInfo,
     TeacherInfo,
     TokenizerInfo,
+    base_columns,
     target_columns,
 )
 
@@ -45,6 +45,8 @@ BYTE_STREAM_SPLIT_COLUMNS = ("target_ids", "target_counts", "target_lengths", "t
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "seq_id": pa.string(),
     "input_ids": pa.list_(pa.int32()),
+    "pixels": pa.list_(pa.uint8()),
+    "labels": pa.list_(pa.int32()),
     "teacher_nll": pa.float32(),
     "target_ids": pa.list_(pa.int32()),
     "target_counts": pa.list_(pa.uint8()),
@@ -58,13 +60,18 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
-def shard_columns(kind: str, split: str, store_logprobs: bool = False) -> list[str]:
+def shard_columns(kind: str, split: str, store_logprobs: bool = False, task: str = "causal_lm") -> list[str]:
     extra = HELDOUT_EXTRA_COLUMNS if split == "heldout" else ()
-    return [*BASE_COLUMNS, *target_columns(kind, store_logprobs), *extra]
+    return [*base_columns(task), *target_columns(kind, store_logprobs), *extra]
 
 
-def shard_schema(kind: str, split: str, store_logprobs: bool = False) -> pa.Schema:
-    return pa.schema([(c, _ARROW_TYPES[c]) for c in shard_columns(kind, split, store_logprobs)])
+def shard_schema(kind: str, split: str, store_logprobs: bool = False, task: str = "causal_lm") -> pa.Schema:
+    return pa.schema([(c, _ARROW_TYPES[c]) for c in shard_columns(kind, split, store_logprobs, task)])
+
+
+def row_positions(row: dict[str, Any]) -> int:
+    """Predicted positions in a row: its tokens (causal LM) or its one label (image)."""
+    return len(row["labels"]) if "labels" in row else len(row["input_ids"])
 
 
 def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
@@ -84,7 +91,7 @@ def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]
     """Replace a row's raw target ids by their rank-delta code (companions permuted alike)."""
     if "target_ids" not in row:
         return row
-    positions = len(row["input_ids"])
+    positions = row_positions(row)
     if kind == "sampled":
         coded = _code(row, "target_ids", row["target_lengths"], ("target_counts", "target_logprobs"), rank)
     else:  # topk, stratified: k ids per position
@@ -95,8 +102,9 @@ def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]
     return dict(row, **coded)
 
 
-def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False) -> pa.Table:
-    schema = shard_schema(kind, split, store_logprobs)
+def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False,
+                  task: str = "causal_lm") -> pa.Table:
+    schema = shard_schema(kind, split, store_logprobs, task)
     columns = []
     for name in schema.names:
         typ = schema.field(name).type
@@ -156,7 +164,8 @@ def write_shard(
     """Code, encode and write one shard whole; return its ledger record (size and sha256 of the
     bytes actually written, computed from memory without re-reading)."""
     kind = targets.kind
-    table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs)
+    task = "image_classification" if rows and "pixels" in rows[0] else "causal_lm"
+    table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs, task)
     data = encode_shard(table, compression_level)
     fs.write_bytes(fs.join(cache_uri, name), data)
     lengths = [len(r["target_ids"]) + len(r.get("tail_ids", ())) for r in rows] if "target_ids" in table.column_names else [0]
@@ -165,7 +174,7 @@ def write_shard(
         split=split,
         index=index,
         rows=len(rows),
-        tokens=int(sum(len(r["input_ids"]) for r in rows)),
+        tokens=int(sum(row_positions(r) for r in rows)),
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         target_bytes=target_bytes(data, kind, targets.store_logprobs),
@@ -243,7 +252,7 @@ def build_manifest(
     total_bytes = sum(s.bytes for s in shards)
     tgt_bytes = sum(s.target_bytes for s in shards)
     heldout = [s for s in shards if s.split == "heldout"]
-    heldout_positions = sum(s.rows * (dataset.seq_len - 1) for s in heldout)
+    heldout_positions = sum(s.rows * dataset.labelled_per_row() for s in heldout)
     totals = {
         "rows": sum(s.rows for s in shards),
         "tokens": tokens,
@@ -264,7 +273,8 @@ def build_manifest(
         teacher=teacher,
         tokenizer=tokenizer,
         dataset=dataset,
-        columns={split: shard_columns(targets.kind, split, targets.store_logprobs) for split in ("train", "heldout")},
+        columns={split: shard_columns(targets.kind, split, targets.store_logprobs, dataset.task_name)
+                 for split in ("train", "heldout")},
         id_coding=id_coding,
         shards=shards,
         totals=totals,

@@ -10,6 +10,7 @@ import torch
 
 from kdscale import fs
 from kdscale.config import StudentSpec
+from kdscale.models.task import CausalLM, Task
 from kdscale.models.teacher import architecture_dict
 
 # Derived from hidden_size / num_attention_heads unless the user sets it explicitly.
@@ -26,8 +27,9 @@ def selected_layers(spec: StudentSpec, teacher_config) -> list[int]:
     return sorted(layers)
 
 
-def student_config(spec: StudentSpec, teacher_config, vocab_size: int):
-    """The student's transformers config; raises ValueError naming every unknown field."""
+def student_config(spec: StudentSpec, teacher_config, vocab_size: int, task: Task = CausalLM()):
+    """The student's transformers config (its output size: the tokenizer's vocabulary, or the
+    task's classes); raises ValueError naming every unknown field."""
     from transformers import AutoConfig
 
     if spec.init == "pretrained":
@@ -48,19 +50,18 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int):
         if key not in overrides:
             base.pop(key, None)
     base.update(overrides)
-    base["vocab_size"] = vocab_size
+    task.set_output_size(base, vocab_size)
     return AutoConfig.for_model(model_type, **base)
 
 
-def build_student(config, seed: int, path: str | None = None) -> torch.nn.Module:
+def build_student(config, seed: int, path: str | None = None, task: Task = CausalLM()) -> torch.nn.Module:
     """A fresh student (seeded, so every worker and every rerun starts from the same weights) or
     one saved at ``path`` (a pretrained student, or a teacher-layers initialisation; any URI)."""
-    from transformers import AutoModelForCausalLM
-
+    auto = task.auto_model()
     if path:
-        return AutoModelForCausalLM.from_pretrained(fs.local_copy(path), dtype=torch.float32)
+        return auto.from_pretrained(fs.local_copy(path), dtype=torch.float32)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return auto.from_config(config, dtype=torch.float32)
 
 
 def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> torch.nn.Module:
@@ -87,15 +88,17 @@ def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> 
     return student
 
 
-def count_parameters(config) -> int:
+def count_parameters(config, task: Task = CausalLM()) -> int:
     """Parameters of a model with this config, counted on the meta device (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = task.auto_model().from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
 def describe(config) -> dict[str, Any]:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
+    """The size-defining fields of a config (transformer LMs; convolutional classifiers)."""
+    lm = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    if getattr(config, "vocab_size", None) is not None or getattr(config, "hidden_size", None) is not None:
+        return {k: getattr(config, k, None) for k in lm}
+    vision = ("model_type", "embedding_size", "hidden_sizes", "depths", "num_labels")
+    return {k: getattr(config, k) for k in vision if getattr(config, k, None) is not None}

@@ -43,35 +43,63 @@ def load_tokenizer(spec: TeacherSpec):
     return AutoTokenizer.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
 
 
-def random_teacher_config(spec: TeacherSpec, vocab_size: int):
+def random_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str = "causal_lm"):
+    """A random teacher's config: a llama over the tokenizer's vocabulary, or (images) the
+    architecture as given, a ResNet unless ``model_type`` says otherwise."""
     from transformers import AutoConfig
 
     arch = dict(spec.architecture or {})
-    model_type = arch.pop("model_type", "llama")
-    arch.setdefault("vocab_size", vocab_size)
+    model_type = arch.pop("model_type", "llama" if task == "causal_lm" else "resnet")
+    if task == "causal_lm":
+        arch.setdefault("vocab_size", vocab_size)
     return AutoConfig.for_model(model_type, **arch)
 
 
-def load_teacher_config(spec: TeacherSpec, vocab_size: int):
+def load_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str = "causal_lm"):
     """The teacher's architecture without its weights (cheap: used for planning and students)."""
     if spec.init == "random":
-        return random_teacher_config(spec, vocab_size)
+        return random_teacher_config(spec, vocab_size, task)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
 
 
-def load_teacher(spec: TeacherSpec, vocab_size: int, seed: int, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load the teacher in eval mode on ``device`` with the spec's dtype."""
-    from transformers import AutoModelForCausalLM
+def auto_model(task: str):
+    from kdscale.models.task import CausalLM, ImageClassification
 
+    return (CausalLM if task == "causal_lm" else ImageClassification).auto_model()
+
+
+def load_teacher(spec: TeacherSpec, vocab_size: int | None, seed: int, device: str | torch.device = "cpu",
+                 task: str = "causal_lm") -> torch.nn.Module:
+    """Load the teacher in eval mode on ``device`` with the spec's dtype."""
+    auto = auto_model(task)
     dtype = DTYPES[spec.dtype]
     if spec.init == "random":
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(random_teacher_config(spec, vocab_size), dtype=dtype)
+        model = auto.from_config(random_teacher_config(spec, vocab_size, task), dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(teacher_folder(spec), dtype=dtype, **_load_kwargs(spec))
+        model = auto.from_pretrained(teacher_folder(spec), dtype=dtype, **_load_kwargs(spec))
     return model.to(device).eval()
+
+
+def load_image_task(spec: TeacherSpec, teacher_config, height: int, width: int):
+    """The image task a classifier teacher defines: its label names (config ``id2label``), its
+    input channels, and the normalisation it was trained with (``preprocessor_config.json``
+    beside its weights; none: pixels scaled to [0, 1])."""
+    from kdscale.models.task import ImageClassification
+
+    channels = int(getattr(teacher_config, "num_channels", 1))
+    mean, std = (0.0,) * channels, (1.0,) * channels
+    folder = teacher_folder(spec)
+    if folder and fs.exists(fs.join(folder, "preprocessor_config.json")):
+        pre = fs.read_json(fs.join(folder, "preprocessor_config.json"))
+        if pre.get("do_normalize", True) and pre.get("image_mean") is not None:
+            mean, std = tuple(map(float, pre["image_mean"])), tuple(map(float, pre["image_std"]))
+    n = teacher_config.num_labels
+    id2label = getattr(teacher_config, "id2label", None) or {}
+    names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(n))
+    return ImageClassification((channels, height, width), mean, std, names)
 
 
 def weight_files(spec: TeacherSpec) -> list[str]:
@@ -140,11 +168,11 @@ class TeacherIdentity:
     source: dict[str, Any]
 
 
-def teacher_identity(spec: TeacherSpec, vocab_size: int, seed: int) -> TeacherIdentity:
+def teacher_identity(spec: TeacherSpec, vocab_size: int | None, seed: int, task: str = "causal_lm") -> TeacherIdentity:
     """Fingerprint the teacher by content: hash of its weight files, or of its tensors for a
     random teacher. dtype is part of it because the same weights in bf16 give other targets."""
     if spec.init == "random":
-        model = load_teacher(spec, vocab_size, seed)
+        model = load_teacher(spec, vocab_size, seed, task=task)
         weights = tensors_fingerprint(model.state_dict())
         source = {"init": "random", "architecture": spec.architecture, "seed": seed}
     else:

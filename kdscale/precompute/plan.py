@@ -27,12 +27,21 @@ class ShardTask:
     name: str
     split: str
     index: int
-    input_ids: np.ndarray  # [rows, seq_len] int32
+    columns: dict[str, np.ndarray]  # the rows' inputs: input_ids [rows, seq_len]; or pixels + labels
     seq_ids: list[str]
+    positions: int  # predicted positions in all rows (tokens; one per image)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.columns["input_ids"]
 
     @property
     def tokens(self) -> int:
-        return int(self.input_ids.size)
+        return self.positions
+
+    @property
+    def rows(self) -> int:
+        return len(self.seq_ids)
 
 
 @dataclass
@@ -59,6 +68,11 @@ class PlanError(ValueError):
     """The spec is well-formed but cannot be run (e.g. the corpus yields no sequences)."""
 
 
+def logit_width(spec: JobSpec, teacher_config) -> int:
+    """The teacher's output width: its LM head (possibly padded past the tokenizer) or its classes."""
+    return teacher_config.vocab_size if spec.task == "causal_lm" else teacher_config.num_labels
+
+
 def tokenizer_info(tokenizer, logit_width: int) -> TokenizerInfo:
     return TokenizerInfo(
         fingerprint=tokenizer_fingerprint(tokenizer),
@@ -71,7 +85,7 @@ def tokenizer_info(tokenizer, logit_width: int) -> TokenizerInfo:
 def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[tuple[str, str]]:
     """Problems that only show once the teacher's config and tokenizer are known."""
     problems = []
-    width = teacher_config.vocab_size
+    width = logit_width(spec, teacher_config)
     if width < vocab_size:
         problems.append(("teacher", f"logit width {width} is smaller than the tokenizer's vocabulary {vocab_size}"))
     context = getattr(teacher_config, "max_position_embeddings", None)
@@ -118,7 +132,22 @@ def shard_tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[Shar
     tasks = []
     for index, start in enumerate(range(0, len(rows), per_shard)):
         block = np.stack(rows[start : start + per_shard]).astype(np.int32)
-        tasks.append(ShardTask(shard_name(split, index), split, index, block, [seq_id(r) for r in block]))
+        tasks.append(ShardTask(shard_name(split, index), split, index, {"input_ids": block}, [seq_id(r) for r in block],
+                               int(block.size)))
+    return tasks
+
+
+def image_shard_tasks(split: str, examples: list[tuple[np.ndarray, int]], per_shard: int) -> list[ShardTask]:
+    """Cut one split of (pixels, label) examples into shards of `per_shard` images."""
+    from kdscale.data.images import example_id
+
+    tasks = []
+    for index, start in enumerate(range(0, len(examples), per_shard)):
+        chunk = examples[start : start + per_shard]
+        pixels = np.stack([x for x, _ in chunk]).astype(np.uint8)
+        labels = np.asarray([[y] for _, y in chunk], dtype=np.int32)
+        tasks.append(ShardTask(shard_name(split, index), split, index, {"pixels": pixels, "labels": labels},
+                               [example_id(x, y) for x, y in chunk], len(chunk)))
     return tasks
 
 
@@ -136,24 +165,33 @@ def targets_info(spec: JobSpec) -> TargetsInfo:
 
 
 def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> PrecomputePlan:
-    teacher_config = load_teacher_config(spec.teacher, len(tokenizer))
+    """``tokenizer``: the teacher's tokenizer, or for images the image task (its label space)."""
+    images = spec.task == "image_classification"
+    teacher_config = load_teacher_config(spec.teacher, len(tokenizer), spec.task)
     problems = check_teacher_fits(spec, teacher_config, len(tokenizer))
     if problems:
         from kdscale.config import ConfigError
 
         raise ConfigError(spec.name, problems)
-    corpus = corpus or pack_corpus(spec.corpus, tokenizer)
+    if corpus is None:
+        if images:
+            from kdscale.data.images import load_images
+
+            corpus = load_images(spec.corpus)
+        else:
+            corpus = pack_corpus(spec.corpus, tokenizer)
     if not corpus.train:
         raise PlanError(
             f"the corpus yields no training sequences of {spec.corpus.seq_len} tokens "
-            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})"
+            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})" if not images else
+            f"no training images in {spec.corpus.paths}"
         )
     if not corpus.heldout:
         raise PlanError(
             f"the corpus yields no held-out sequences ({len(corpus.train)} sequences, heldout_fraction "
             f"{spec.corpus.heldout_fraction}); use more text or a larger heldout_fraction"
         )
-    identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed)
+    identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed, spec.task)
     ranges = layer_ranges(teacher_config, spec.teacher.shards)
     teacher = TeacherInfo(
         name=identity.name,
@@ -162,13 +200,14 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
         source=identity.source,
         parallelism={"replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "layer_ranges": ranges},
     )
-    tok = tokenizer_info(tokenizer, teacher_config.vocab_size)
+    tok = tokenizer_info(tokenizer, logit_width(spec, teacher_config))
     dataset = DatasetInfo(
+        task=tokenizer.describe() if images else {"name": "causal_lm"},
         sources=corpus.sources,
         patterns=list(spec.corpus.paths),
         documents=corpus.documents,
         content_hash=corpus.content_hash(),
-        seq_len=spec.corpus.seq_len,
+        seq_len=corpus.seq_len,
         heldout_fraction=spec.corpus.heldout_fraction,
         rows={"train": len(corpus.train), "heldout": len(corpus.heldout)},
         tokens=corpus.tokens,
@@ -176,6 +215,9 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     targets = targets_info(spec)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
-    tasks = shard_tasks("train", corpus.train, per_shard) + shard_tasks("heldout", corpus.heldout, per_shard)
-    order = idcodec.rank_table(np.concatenate(corpus.train + corpus.heldout), tok.vocab_size)
+    cut = image_shard_tasks if images else shard_tasks
+    tasks = cut("train", corpus.train, per_shard) + cut("heldout", corpus.heldout, per_shard)
+    # id coding ranks the output ids by frequency: tokens in the corpus, or the images' labels
+    order = idcodec.rank_table(corpus.all_labels() if images else np.concatenate(corpus.train + corpus.heldout),
+                               tok.vocab_size)
     return PrecomputePlan(cid, targets, teacher, tok, dataset, order, ranges, tasks)

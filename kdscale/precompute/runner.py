@@ -140,7 +140,7 @@ def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replic
     common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed}
     ranges = plan.layer_ranges
     last_kwargs = {**common, "targets": plan.targets, "cache_uri": cache_uri, "rank": plan.rank,
-                   "compression_level": spec.cache.compression_level}
+                   "compression_level": spec.cache.compression_level, "task": plan.dataset.task}
     pipelines = []
     for _ in range(replicas):
         if len(ranges) == 1:

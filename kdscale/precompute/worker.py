@@ -16,6 +16,7 @@ from kdscale.cache.format import ShardRecord, TargetsInfo
 from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
 from kdscale.models.sharding import split
+from kdscale.models.task import task_from_dict
 from kdscale.models.teacher import load_teacher
 from kdscale.precompute.plan import ShardTask
 
@@ -24,12 +25,13 @@ def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load(teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None):
+def _load(teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None,
+          task: str = "causal_lm"):
     """The whole teacher, or one pipeline stage of it, on this process's device."""
     if teacher.num_cpus >= 1:
         torch.set_num_threads(int(teacher.num_cpus))
     device = pick_device(teacher.num_gpus)
-    model = load_teacher(teacher, vocab_size, seed, "cpu" if layer_range else device)
+    model = load_teacher(teacher, vocab_size, seed, "cpu" if layer_range else device, task=task)
     if layer_range:
         model = split(model, *layer_range).to(device)
     return model, device
@@ -61,10 +63,13 @@ class TeacherWorker:
         rank: np.ndarray,
         compression_level: int = DEFAULT_ZSTD_LEVEL,
         layer_range: tuple[int, int] | None = None,
+        task: dict[str, Any] | None = None,
     ):
         """The whole teacher, or (``layer_range``) the last stage of a sharded one, which turns
-        the previous stage's hidden states into logits."""
-        self.model, self.device = _load(teacher, vocab_size, seed, layer_range)
+        the previous stage's hidden states into logits. ``task``: the task's description
+        (default: causal LM)."""
+        self.task = task_from_dict(task or {"name": "causal_lm"})
+        self.model, self.device = _load(teacher, vocab_size, seed, layer_range, self.task.name)
         self.sharded = layer_range is not None
         self.batch_size = teacher.batch_size
         self.vocab_size = vocab_size
@@ -74,34 +79,40 @@ class TeacherWorker:
         self.compression_level = compression_level
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits sliced to the true vocabulary (padded heads have extra columns).
-        ``x``: token ids, or the previous stage's hidden states for a last stage."""
-        out = self.model(x.to(self.device)) if self.sharded else self.model(input_ids=x.to(self.device)).logits
+    def logits(self, x: torch.Tensor | dict[str, np.ndarray]) -> torch.Tensor:
+        """Teacher logits [rows, positions, vocab] sliced to the true vocabulary (padded heads
+        have extra columns). ``x``: a micro-batch's columns, or the previous stage's hidden
+        states for a last stage."""
+        if self.sharded:
+            out = self.model(x.to(self.device))
+        else:
+            out = self.task.logits(self.model, self.task.model_inputs(x, self.device))
         return out[..., : self.vocab_size].float().cpu()
 
-    def micro_batches(self, task: ShardTask) -> list[torch.Tensor]:
-        ids = torch.from_numpy(np.array(task.input_ids, dtype=np.int64))
-        return list(ids.split(self.batch_size))
+    def micro_batches(self, task: ShardTask) -> list[dict[str, np.ndarray]]:
+        """The shard's rows in micro-batches of the spec's batch size (columns sliced alike)."""
+        return [{name: col[start : start + self.batch_size] for name, col in task.columns.items()}
+                for start in range(0, task.rows, self.batch_size)]
 
     def rows(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> list[dict[str, Any]]:
         """Targets for every row of ``task``; ``inputs`` are the micro-batches' model inputs when
-        they come from an upstream stage (default: the task's own token ids)."""
+        they come from an upstream stage (default: the task's own columns)."""
         t = self.targets
         rows: list[dict[str, Any]] = []
-        id_batches = self.micro_batches(task)
-        inputs = id_batches if inputs is None else inputs
+        batches = self.micro_batches(task)
+        inputs = batches if inputs is None else inputs
         start = 0
-        for batch, x in zip(id_batches, inputs):
+        for batch, x in zip(batches, inputs):
             logits = self.logits(x)
-            for i in range(batch.shape[0]):
+            labels = self.task.labels(batch)
+            for i in range(len(labels)):
                 sid = task.seq_ids[start + i]
-                row: dict[str, Any] = {"seq_id": sid, "input_ids": task.input_ids[start + i]}
+                row: dict[str, Any] = {"seq_id": sid, **{name: col[start + i] for name, col in task.columns.items()}}
                 row.update(
                     extract.extract_row(
                         t.kind,
                         logits[i],
-                        batch[i],
+                        labels[i],
                         temperature=t.temperature,
                         num_samples=t.num_samples or 0,
                         k=t.k or 0,
@@ -113,7 +124,7 @@ class TeacherWorker:
                     )
                 )
                 rows.append(row)
-            start += batch.shape[0]
+            start += len(labels)
         return rows
 
     def run(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> ShardRecord:

@@ -1,8 +1,9 @@
 """Held-out evaluation and Hugging Face export of a trained student (single process, no Ray).
 
-Metrics on the cache's held-out split: next-token cross-entropy and perplexity, and top-1
-agreement with the teacher (the heldout shards store the teacher's argmax per position). The
-teacher's own held-out CE comes from the cache (summed NLL per row), so no teacher is loaded.
+Metrics on the cache's held-out split: cross-entropy (next token; image class) and perplexity,
+accuracy against the labels, and top-1 agreement with the teacher (the heldout shards store the
+teacher's argmax per position). The teacher's own held-out CE and accuracy come from the cache
+(summed NLL per row, argmax), so no teacher is loaded.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import pyarrow as pa
 import torch
 
 from kdscale import fs
-from kdscale.cache.reader import batch_input_ids
-from kdscale.student.losses import IGNORE, next_token_labels
+from kdscale.models.task import IGNORE, CausalLM, Task, table_arrays
+from kdscale.student.losses import nll_sum
 
 
 @dataclass
 class HeldoutMetrics:
     heldout_ce: float
     perplexity: float
-    top1_agreement: float
+    top1_agreement: float  # student argmax == teacher argmax, over every position
+    accuracy: float  # student argmax == label, over labelled positions (next token; image class)
+    teacher_accuracy: float
     teacher_heldout_ce: float
     rows: int
     tokens: int
@@ -35,40 +38,40 @@ class HeldoutMetrics:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, heldout: pa.Table, batch_size: int = 4) -> HeldoutMetrics:
+def evaluate(model: torch.nn.Module, heldout: pa.Table, batch_size: int = 4, task: Task = CausalLM()) -> HeldoutMetrics:
     model.eval()
-    nll_sum, labelled, agree, positions = 0.0, 0, 0, 0
+    nll_total, labelled, agree, positions, correct, teacher_correct = 0.0, 0, 0, 0, 0, 0
     for start in range(0, heldout.num_rows, batch_size):
         batch = heldout.slice(start, batch_size)
-        ids = batch_input_ids(batch)
-        logits = model(input_ids=ids).logits.float()
-        labels = next_token_labels(ids)
-        nll_sum += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-        )
-        labelled += int((labels != IGNORE).sum())
-        teacher_top1 = np.stack([np.asarray(x) for x in batch.column("teacher_top1").to_pylist()])
-        agree += int((logits.argmax(-1).numpy() == teacher_top1).sum())
-        positions += teacher_top1.size
+        arrays = table_arrays(batch, task.input_columns)
+        logits = task.logits(model, task.model_inputs(arrays)).float()
+        labels = task.labels(arrays)
+        nll, count = nll_sum(logits, labels)
+        nll_total, labelled = nll_total + nll, labelled + count
+        predicted = logits.argmax(-1)
+        teacher_top1 = torch.from_numpy(table_arrays(batch, ("teacher_top1",))["teacher_top1"].astype(np.int64))
+        agree += int((predicted == teacher_top1).sum())
+        positions += teacher_top1.numel()
+        has_label = labels != IGNORE
+        correct += int(((predicted == labels) & has_label).sum())
+        teacher_correct += int(((teacher_top1 == labels) & has_label).sum())
     teacher_nll = float(np.sum(heldout.column("teacher_nll").to_numpy()))
-    ce = nll_sum / labelled
+    ce = nll_total / labelled
     return HeldoutMetrics(
         heldout_ce=ce,
         perplexity=math.exp(ce),
         top1_agreement=agree / positions,
+        accuracy=correct / labelled,
+        teacher_accuracy=teacher_correct / labelled,
         teacher_heldout_ce=teacher_nll / labelled,
         rows=heldout.num_rows,
-        tokens=heldout.num_rows * ids.shape[1],
+        tokens=positions,
     )
 
 
-def load_exported(uri: str) -> torch.nn.Module:
+def load_exported(uri: str, task: Task = CausalLM()) -> torch.nn.Module:
     """Load an export (any fsspec URI) with transformers, fetching it locally first if remote."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(fs.local_copy(uri), dtype=torch.float32)
+    return task.auto_model().from_pretrained(fs.local_copy(uri), dtype=torch.float32)
 
 
 def export(hf_dir: str, tokenizer, export_uri: str) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from kdscale.cache.reader import batch_input_ids
 from kdscale.config import LossSpec, TrainSpec
-from kdscale.student.losses import Divergence, distillation_loss
+from kdscale.models.task import Task, table_arrays, task_from_dict
+from kdscale.student.losses import Divergence, distillation_loss, nll_sum
 
 STATE_FILE = "kdscale_state.json"
 HF_DIR = "hf"
@@ -48,23 +48,25 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def heldout_ce(engine, ids: torch.Tensor, rank: int, world: int, batch_size: int) -> float:
-    """Held-out next-token CE of the model being trained. Each rank scores rows rank::world and
-    the sums are all-reduced; every rank runs the same number of forwards (a rank short of rows
-    scores a throw-away batch) because a ZeRO-3 forward gathers parameters collectively."""
+def heldout_ce(engine, task: Task, heldout: dict, rank: int, world: int, batch_size: int, device=None) -> float:
+    """Held-out CE of the model being trained (``heldout``: the held-out rows' input columns).
+    Each rank scores rows rank::world and the sums are all-reduced; every rank runs the same
+    number of forwards (a rank short of rows scores a throw-away batch) because a ZeRO-3 forward
+    gathers parameters collectively."""
     import math
 
-    mine = ids[rank::world]
-    rounds = math.ceil(math.ceil(len(ids) / world) / batch_size)
+    rows = len(next(iter(heldout.values())))
+    mine = {k: v[rank::world] for k, v in heldout.items()}
+    rounds = math.ceil(math.ceil(rows / world) / batch_size)
     engine.eval()
     nll = count = 0.0
     for i in range(rounds):
-        batch = mine[i * batch_size : (i + 1) * batch_size]
-        logits = engine(input_ids=batch if len(batch) else ids[:1]).logits.float()
-        if len(batch):
-            nll += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
+        batch = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in mine.items()}
+        empty = len(next(iter(batch.values()))) == 0
+        logits = task.logits(engine, task.model_inputs({k: v[:1] for k, v in heldout.items()} if empty else batch, device))
+        if not empty:
+            n, c = nll_sum(logits, task.labels(batch, device))
+            nll, count = nll + n, count + c
     engine.train()
     total_nll, total_count = _sum_across_ranks([nll, count])
     return total_nll / max(total_count, 1.0)
@@ -91,16 +93,14 @@ class _DataClock:
             yield item
 
 
-def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config) -> str:
+def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config, task: Task) -> str:
     from kdscale.student.engine import full_state_dict
 
     folder = tempfile.mkdtemp(prefix="kdscale-ckpt-")
     engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
     weights = full_state_dict(engine, cfg["train"]["zero_stage"])  # collective under ZeRO-3
     if rank == 0:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(student_config)
+        model = task.auto_model().from_config(student_config)
         model.load_state_dict(weights)
         model.save_pretrained(os.path.join(folder, HF_DIR), safe_serialization=True)
         with open(os.path.join(folder, STATE_FILE), "w") as f:
@@ -124,10 +124,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = select_device(train.use_gpu)
     torch.set_num_threads(max(1, int(cfg.get("threads", 1))))
     targets_for = make_source(cfg, device)
+    task = task_from_dict(cfg.get("task") or {"name": "causal_lm"})
 
     config_dict = dict(cfg["student_config"])
     student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = build_student(student_config, cfg["seed"], cfg.get("init_path"))
+    model = build_student(student_config, cfg["seed"], cfg.get("init_path"), task)
     total_steps = cfg["steps_per_epoch"] * train.epochs
     engine, precision = make_engine(model, train, total_steps, device, world)
 
@@ -147,13 +148,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     tokens_per_micro = train.micro_batch_size * cfg["seq_len"]
     micro_per_epoch = cfg["steps_per_epoch"] * train.grad_accum
     tokens_per_step = tokens_per_micro * train.grad_accum * world
-    eval_ids = None
-    if train.eval_every_steps and cfg.get("heldout_ids") is not None:
-        eval_ids = torch.as_tensor(cfg["heldout_ids"], dtype=torch.long, device=device)
+    heldout = cfg.get("heldout") if train.eval_every_steps else None
 
     def batches(epoch: int, decode: bool = True):
-        """(input_ids, targets) for this rank's share of one epoch, equal in count on every rank
-        (or the collectives would hang); with ``decode=False`` the stored batch instead of targets."""
+        """(model inputs, labels, targets) for this rank's share of one epoch, equal in count on
+        every rank (or the collectives would hang); with ``decode=False`` the stored batch
+        instead of targets."""
         stream = shard.iter_batches(
             batch_size=train.micro_batch_size,
             batch_format="pyarrow",
@@ -164,8 +164,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for n, batch in enumerate(stream):
             if n >= micro_per_epoch:
                 break
-            input_ids = batch_input_ids(batch).to(device)
-            yield input_ids, (targets_for(batch, input_ids, epoch) if decode else batch)
+            arrays = table_arrays(batch, task.input_columns)
+            inputs, labels = task.model_inputs(arrays, device), task.labels(arrays, device)
+            yield inputs, labels, (targets_for(batch, inputs, epoch) if decode else batch)
 
     preloaded = None
     for epoch in range(state["epoch"], train.epochs):
@@ -178,16 +179,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if preloaded is None:
                 preloaded = list(batches(epoch, decode=not per_epoch))
             order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
-            epoch_batches = ((preloaded[i][0], targets_for(preloaded[i][1], preloaded[i][0], epoch)) if per_epoch
-                             else preloaded[i] for i in order.tolist())
+            epoch_batches = ((preloaded[i][0], preloaded[i][1], targets_for(preloaded[i][2], preloaded[i][0], epoch))
+                             if per_epoch else preloaded[i] for i in order.tolist())
         else:
             epoch_batches = batches(epoch)
         clock = _DataClock(epoch_batches)
-        for input_ids, targets in clock:
-            logits = engine(input_ids=input_ids).logits
+        for inputs, labels, targets in clock:
+            logits = task.logits(engine, inputs)
             parts = distillation_loss(
                 logits,
-                input_ids,
+                labels,
                 targets,
                 alpha=loss_spec.alpha,
                 temperature=loss_spec.temperature,
@@ -212,9 +213,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                         log_step_metrics(cfg["tracking_uri"], cfg["run_id"],
                                          {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
                                          state["step"])
-                if eval_ids is not None and (state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps):
+                if heldout is not None and (state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps):
                     point = {"step": state["step"], "tokens": state["step"] * tokens_per_step,
-                             "heldout_ce": heldout_ce(engine, eval_ids, rank, world, train.micro_batch_size)}
+                             "heldout_ce": heldout_ce(engine, task, heldout, rank, world, train.micro_batch_size, device)}
                     state.setdefault("evals", []).append(point)
                     if rank == 0 and cfg.get("run_id"):
                         log_step_metrics(cfg["tracking_uri"], cfg["run_id"], {"eval/heldout_ce": point["heldout_ce"]},
@@ -224,7 +225,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         tokens = micro * tokens_per_micro * world
         state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
                                                 "data_seconds": clock.waited, "first_batch_seconds": clock.first})
-        folder = _save_checkpoint(engine, cfg, state, rank, student_config)
+        folder = _save_checkpoint(engine, cfg, state, rank, student_config, task)
         metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
                    "precision": precision}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from kdscale.cache.reader import DenseTargets, SparseTargets
+from kdscale.models.task import IGNORE, next_token_labels
 
-IGNORE = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 _TINY = 1e-30
 _FLOOR = 1e-8
@@ -98,13 +98,6 @@ def _chunk_loss(logits, target, labels, temperature: float, div: Divergence):
     return kd, ce
 
 
-def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with logits: position i predicts input_ids[i+1]; the last has no label."""
-    labels = torch.full_like(input_ids, IGNORE)
-    labels[:, :-1] = input_ids[:, 1:]
-    return labels
-
-
 def _chunk_targets(targets, n: int, sl: slice, device):
     if isinstance(targets, SparseTargets):
         tail = None if targets.tail_mass is None else targets.tail_mass.reshape(n)[sl].to(device, torch.float32)
@@ -146,7 +139,7 @@ class _ChunkedDistillation(torch.autograd.Function):
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    input_ids: torch.Tensor,
+    labels: torch.Tensor,
     targets: SparseTargets | DenseTargets,
     *,
     alpha: float,
@@ -156,10 +149,12 @@ def distillation_loss(
 ) -> LossParts:
     """KD is averaged over every position (each has teacher targets), CE over labelled ones.
 
-    ``kd`` and ``ce`` in the result are for logging; gradients flow through ``total`` only."""
+    ``student_logits``: [B, P, V]; ``labels``: [B, P] hard labels, IGNORE where none (for a causal
+    LM, :func:`next_token_labels` of the input ids). ``kd`` and ``ce`` in the result are for
+    logging; gradients flow through ``total`` only."""
     b, length, vocab = student_logits.shape
     logits = student_logits.reshape(b * length, vocab)
-    labels = next_token_labels(input_ids).reshape(-1).to(logits.device)
+    labels = labels.reshape(-1).to(logits.device)
     n, n_labelled = logits.shape[0], max(int((labels != IGNORE).sum()), 1)
     if torch.is_grad_enabled() and logits.requires_grad:
         total, kd, ce = _ChunkedDistillation.apply(
@@ -181,3 +176,11 @@ def cross_entropy(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torc
     return F.cross_entropy(
         student_logits.reshape(-1, vocab).float(), next_token_labels(input_ids).reshape(-1), ignore_index=IGNORE
     )
+
+
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy over the labelled positions and their count: the held-out score,
+    shared by the collective evaluation during training and the evaluation after it."""
+    flat = labels.reshape(-1)
+    nll = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=IGNORE, reduction="sum")
+    return float(nll), int((flat != IGNORE).sum())

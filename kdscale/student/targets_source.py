@@ -26,7 +26,7 @@ class CachedTargets:
         # a cache with several draws per position gives each epoch its own draw
         self.varies_by_epoch = manifest.targets.draws > 1
 
-    def __call__(self, batch: pa.Table, input_ids: torch.Tensor, epoch: int = 0) -> SparseTargets | DenseTargets:
+    def __call__(self, batch: pa.Table, inputs: dict[str, torch.Tensor], epoch: int = 0) -> SparseTargets | DenseTargets:
         return batch_targets(batch, self.manifest, self.order, epoch)
 
 
@@ -39,8 +39,8 @@ class OnlineTeacher:
     varies_by_epoch = False
 
     @torch.no_grad()  # not inference_mode: the loss's backward must be able to save these tensors
-    def __call__(self, batch: pa.Table, input_ids: torch.Tensor, epoch: int = 0) -> DenseTargets:
-        logits = self.model(input_ids=input_ids).logits[..., : self.vocab_size].float()
+    def __call__(self, batch: pa.Table, inputs: dict[str, torch.Tensor], epoch: int = 0) -> DenseTargets:
+        logits = self.model(**inputs).logits[..., : self.vocab_size].float()
         return DenseTargets(torch.log_softmax(logits / self.temperature, dim=-1))
 
 

@@ -136,10 +136,12 @@ def train_student(
     tracking_uri: str,
     run_id: str | None,
     init_path: str | None = None,
-    heldout_ids=None,
+    heldout: dict | None = None,
+    task: dict | None = None,
 ) -> TrainResult:
-    """Train one student on Ray Train; ``heldout_ids`` (rows of token ids) are scored during
-    training when ``train.eval_every_steps`` asks for it."""
+    """Train one student on Ray Train for ``task`` (its description; default causal LM);
+    ``heldout`` (the held-out rows' input columns) is scored during training when
+    ``train.eval_every_steps`` asks for it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -160,7 +162,8 @@ def train_student(
         "run_id": run_id,
         "counter": counter,
         "log_every": t.log_every,
-        "heldout_ids": heldout_ids if t.eval_every_steps else None,
+        "heldout": heldout if t.eval_every_steps else None,
+        "task": task or {"name": "causal_lm"},
     }
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
