@@ -13,8 +13,9 @@ from kdscale.config import StudentSpec
 from kdscale.models.task import CausalLM, Task
 from kdscale.models.teacher import architecture_dict
 
-# Derived from hidden_size / num_attention_heads unless the user sets it explicitly.
-DERIVED_FIELDS = ("head_dim",)
+# Derived from other fields unless the user sets them explicitly: head_dim from hidden_size /
+# num_attention_heads; a vision backbone's stage names and outputs from its depths.
+DERIVED_FIELDS = ("head_dim", "stage_names", "out_features", "out_indices")
 
 
 def selected_layers(spec: StudentSpec, teacher_config) -> list[int]:
