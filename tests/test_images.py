@@ -206,3 +206,34 @@ def test_image_cache_inspect_and_eval(image_run):
     summary = json.loads((image_run["work"] / "summary.json").read_text())
     assert summary["students"]["distilled"]["accuracy"] == pytest.approx(
         image_run["summary"]["students"]["distilled"]["accuracy"])
+
+
+# The real data (Debian's dataset-fashion-mnist, installed by `infra/setup.sh test`) ---------
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+def test_fashion_mnist_files_read_as_the_job_names_them():
+    spec = load_job(Path(__file__).parent.parent / "jobs" / "fashion_mnist.yaml", check_resources=False)
+    corpus = load_images(spec.corpus)
+    assert (len(corpus.train), len(corpus.heldout), corpus.height, corpus.width) == (60000, 10000, 28, 28)
+    counts = np.bincount([label for _, label in corpus.train], minlength=10)
+    assert counts.tolist() == [6000] * 10  # Fashion-MNIST is balanced
+    assert spec.corpus.paths[0].startswith(str(FASHION))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fashion_mnist_precompute_with_a_stand_in_teacher(ray_session, tmp_path, mlflow_uri):
+    """The real job file on the real images (a slice), with a random 10-class teacher standing in
+    for the trained one that benchmarks/fashion_mnist.py makes."""
+    teacher = copy.deepcopy(TEACHER)
+    teacher["architecture"]["id2label"] = {i: str(i) for i in range(10)}
+    job = write_job(tmp_path, base="fashion_mnist.yaml", teacher=teacher, **{"corpus.max_tokens": 2000})
+    result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    m = open_manifest(str(tmp_path / "w" / "cache"))
+    assert m.dataset.rows == {"train": 2000, "heldout": 10000} and m.dataset.task["input_shape"] == [1, 28, 28]
+    assert m.dataset.sources[0].endswith("train-images-idx3-ubyte.gz")
+    assert verify(str(tmp_path / "w" / "cache"), m) == []

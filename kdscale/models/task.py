@@ -110,7 +110,8 @@ class ImageClassification:
 
     def model_inputs(self, arrays: dict[str, np.ndarray], device=None) -> dict[str, torch.Tensor]:
         c, h, w = self.input_shape
-        x = torch.as_tensor(np.asarray(arrays["pixels"], dtype=np.uint8), device=device).to(torch.float32) / 255.0
+        pixels = np.array(arrays["pixels"], dtype=np.uint8)  # a copy: columns read from Parquet are read-only
+        x = torch.as_tensor(pixels, device=device).to(torch.float32) / 255.0
         x = x.reshape(-1, c, h, w)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
@@ -142,7 +143,10 @@ class ImageClassification:
     def save_pretrained(self, folder: str) -> None:
         """An image processor config beside the exported model, so transformers' pipelines and
         AutoImageProcessor feed it inputs normalised as in training."""
-        from transformers import ViTImageProcessor
+        try:  # the PIL backend needs no torchvision (recent transformers; older ones have only this one)
+            from transformers import ViTImageProcessorPil as ViTImageProcessor
+        except ImportError:
+            from transformers import ViTImageProcessor
 
         c, h, w = self.input_shape
         ViTImageProcessor(do_resize=True, size={"height": h, "width": w}, do_rescale=True, rescale_factor=1 / 255,
