@@ -17,6 +17,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 _HASH_CHUNK = 8 << 20
+TEMP_MARK = ".tmp-"  # write_bytes writes <name>.tmp-<pid>, then renames it to <name>
 
 
 def is_remote(uri: str) -> bool:
@@ -92,12 +93,24 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{TEMP_MARK}{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_temp_files(folder_uri: str) -> list[str]:
+    """Delete the temp files that writers killed mid-write left in a local folder (``write_bytes``
+    renames a finished file into place, so a leftover temp file is never part of a result);
+    returns their names. Call it only when no writer is running."""
+    if is_remote(folder_uri) or not os.path.isdir(folder_uri):
+        return []
+    stale = [name for name in os.listdir(folder_uri) if TEMP_MARK in name]
+    for name in stale:
+        os.remove(os.path.join(folder_uri, name))
+    return stale
 
 
 def write_json(uri: str, obj: Any) -> None:

@@ -53,9 +53,14 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
 
     with pytest.raises(Exception, match="incomplete cache"):
         open_manifest(str(killed / "cache"))
+    # what a writer killed mid-write leaves (the kill may or may not have caught one)
+    (killed / "cache" / "train-09999.parquet.tmp-4242").write_bytes(b"half a shard")
+    (ledger / "train-09999.json.tmp-4242").write_text("{")
 
     resumed = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(killed)])
     assert resumed.exit_code == 0, resumed.output
+    leftovers = [p.name for p in (killed / "cache").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == [] and "temp file(s) left by an interrupted run" in " ".join(resumed.output.split())
     total = len(open_manifest(str(killed / "cache")).shards)
     assert len(finished) < total
     assert f"{len(finished)} of {total} shards already finished" in " ".join(resumed.output.split())

@@ -154,6 +154,7 @@ def test_images_go_through_the_cache_and_train_two_students(image_run):
     assert m.dataset.task["labels"] == [f"quadrant-{i}" for i in range(CLASSES)]
     assert m.dataset.rows == {"train": 320, "heldout": 80} and m.totals["tokens"] == 400  # one position per image
     assert m.tokenizer.vocab_size == CLASSES and m.targets.kind == "full" and m.targets.temperature == 4.0
+    assert m.totals["mean_ids_per_position"] == CLASSES  # full: the whole distribution at every position
     assert m.columns["train"][:4] == ["seq_id", "pixels", "labels", "teacher_nll"]
     heldout = read_split(cache, m, "heldout")
     arrays = table_arrays(heldout, ("pixels", "labels", "target_logprobs", "teacher_top1"))

@@ -168,7 +168,10 @@ def write_shard(
     table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs, task)
     data = encode_shard(table, compression_level)
     fs.write_bytes(fs.join(cache_uri, name), data)
-    lengths = [len(r["target_ids"]) + len(r.get("tail_ids", ())) for r in rows] if "target_ids" in table.column_names else [0]
+    if "target_ids" in table.column_names:
+        lengths = [len(r["target_ids"]) + len(r.get("tail_ids", ())) for r in rows]
+    else:  # full: every id of the vocabulary at every position
+        lengths = [len(r["target_logprobs"]) for r in rows]
     return ShardRecord(
         path=name,
         split=split,

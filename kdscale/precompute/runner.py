@@ -16,7 +16,7 @@ import ray
 import torch
 
 from kdscale import fs
-from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest
+from kdscale.cache.format import LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
 from kdscale.cache.reader import open_manifest
 from kdscale.cache.writer import (
     build_manifest,
@@ -83,6 +83,10 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> Preco
         computed, compute_seconds = _run_tasks(spec, plan, cache_uri, todo, tokens_todo)
         records.update(computed)
 
+    # every shard is written: temp files still here were left by writers killed in an earlier run
+    stale = fs.remove_temp_files(cache_uri) + fs.remove_temp_files(fs.join(cache_uri, LEDGER_DIR))
+    if stale:
+        say(f"Removed {len(stale)} temp file(s) left by an interrupted run.")
     manifest = build_manifest(
         cache_id=plan.cache_id,
         targets=plan.targets,
