@@ -8,10 +8,14 @@
    70,000 images goes into the Parquet cache (``full`` kind), and two identical small ResNet
    students train from it through Ray Train + DeepSpeed — ``scratch`` on the hard labels only
    (alpha 0), ``distilled`` mostly on the soft targets (alpha 0.9).
+   With ``--sizes small medium`` the same comparison is repeated for a larger student
+   architecture, from the same cache.
 3. Prints one JSON line with the test errors (1 - accuracy on the official 10,000 test images)
-   of teacher, scratch student and distilled student, and writes docs/fashion_mnist.md.
+   of teacher, scratch students and distilled students (``ratio``: distilled / scratch error),
+   and writes docs/fashion_mnist.md and docs/fashion_mnist.png.
 
     .venv/bin/python benchmarks/fashion_mnist.py [--out runs/fashion-mnist] [--teacher-epochs 6]
+        [--sizes small medium]
 """
 
 from __future__ import annotations
@@ -94,40 +98,109 @@ def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
     return record
 
 
-def write_doc(result: dict, summary: dict) -> None:
+# Student sizes: "small" is the job's own students; others retrain both students with another
+# architecture from the same cache (reused, not recomputed). Distillation's benefit depends on
+# the student's capacity (Cho & Hariharan 2019; Mirzadeh et al. 2020), so more than one is measured.
+SIZES = {
+    "small": None,
+    "medium": {"embedding_size": 16, "hidden_sizes": [24, 48], "depths": [1, 1]},
+}
+
+
+def size_job(out: Path, size: str) -> tuple[Path, Path]:
+    """The job file and workdir for one student size."""
+    if SIZES[size] is None:
+        return JOB, out / "work"
+    import yaml
+
+    spec = yaml.safe_load(JOB.read_text())
+    spec["name"] = f"fashion-mnist-{size}"
+    spec["teacher"]["path"] = str((JOB.parent / spec["teacher"]["path"]).resolve())
+    spec.setdefault("cache", {})["uri"] = str(out / "work" / "cache")  # the small run's cache
+    for student in spec["students"]:
+        student["architecture"] = SIZES[size]
+    folder = out / size
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder / "job.yaml", folder / "work"
+
+
+def run_size(out: Path, size: str) -> dict:
+    job, workdir = size_job(out, size)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    cmd = [str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir", str(workdir)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log = workdir.parent / f"log-{size}.txt"
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"kdscale run ({size}) failed (exit {proc.returncode}); see {log}")
+    summary = json.loads((workdir / "summary.json").read_text())
+    from kdscale.config import load_job
+    from kdscale.models.student import count_parameters
+    from kdscale.pipeline import prepare
+
+    spec = load_job(job)
+    prepared = prepare(spec)
+    losses = {s.name: s.loss.alpha for s in spec.students}
+    students = {
+        name: {"test_error": 1 - s["accuracy"], "test_ce": s["heldout_ce"], "alpha": losses[name],
+               "parameters": count_parameters(prepared.student_configs[name], prepared.task),
+               "train_seconds": s["train_seconds"], "evals": s["evals"]}
+        for name, s in summary["students"].items()
+    }
+    return {"students": students, "teacher_test_error": 1 - summary["students"]["distilled"]["teacher_accuracy"],
+            "cache": {"bytes_per_image": summary["cache"]["bytes_per_token"], "cache_id": summary["cache"]["cache_id"]},
+            "job_seconds": time.perf_counter() - started}
+
+
+def gap_closed(scratch: float, distilled: float, teacher: float) -> float:
+    """The share of the scratch student's error gap to the teacher that distillation removes
+    (negative: distillation made the student worse)."""
+    return (scratch - distilled) / (scratch - teacher) if scratch > teacher else 0.0
+
+
+def write_doc(teacher: dict, sizes: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    students = summary["students"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, colour in (("scratch", "C1"), ("distilled", "C0")):
-        evals = students[name]["evals"]
-        ax.plot([e["tokens"] for e in evals], [e["heldout_ce"] for e in evals], marker="o", markersize=3, color=colour,
-                label=f"{name} (alpha {result[name]['alpha']})")
-    ax.set(xlabel="training images seen", ylabel="test cross-entropy (nats)", title="Fashion-MNIST students")
-    ax.legend(frameon=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, (size, r) in zip(axes[0], sizes.items()):
+        for name, colour in (("scratch", "C1"), ("distilled", "C0")):
+            s = r["students"][name]
+            ax.plot([e["tokens"] for e in s["evals"]], [e["heldout_ce"] for e in s["evals"]], marker="o", markersize=3,
+                    color=colour, label=f"{name} (alpha {s['alpha']})")
+        ax.set(xlabel="training images seen", ylabel="test cross-entropy (nats)",
+               title=f"{size} students ({r['students']['scratch']['parameters']:,} parameters)")
+        ax.legend(frameon=False)
     fig.tight_layout()
     DOCS.mkdir(exist_ok=True)
     fig.savefig(DOCS / "fashion_mnist.png", dpi=110)
-    t, sc, di = result["teacher"], result["scratch"], result["distilled"]
     lines = [
         "# Fashion-MNIST: distilling an image classifier", "",
         "Generated by `.venv/bin/python benchmarks/fashion_mnist.py` (see its docstring). The teacher's class "
-        "distribution at T = 4 goes through the same Parquet cache (`full` kind) and the two students through the "
-        "same Ray Train + DeepSpeed path as the language models; the job is [jobs/fashion_mnist.yaml]"
-        "(../jobs/fashion_mnist.yaml). Test = the official 10,000 test images; one seed.", "",
-        "| model | parameters | test error | test errors (of 10,000) | test CE |", "|---|---|---|---|---|",
-        f"| teacher (ResNet {TEACHER_ARCH['hidden_sizes']}) | {t['parameters']:,} | {100 * t['test_error']:.2f}% | "
-        f"{round(t['test_error'] * 10000)} | – |",
+        "distribution at T = 4 goes through the same Parquet cache (`full` kind) and the students through the same "
+        "Ray Train + DeepSpeed path as the language models; the job is [jobs/fashion_mnist.yaml]"
+        "(../jobs/fashion_mnist.yaml). Every student of a size has the same architecture, initialisation, data order "
+        "and steps (4 epochs); *scratch* trains on the hard labels only (alpha 0), *distilled* on 0.9 x soft targets "
+        "+ 0.1 x hard labels. Test = the official 10,000 test images; one seed.", "",
+        "| model | parameters | test error | errors (of 10,000) | test CE | distillation closes |",
+        "|---|---|---|---|---|---|",
+        f"| teacher (ResNet {TEACHER_ARCH['hidden_sizes']}) | {teacher['parameters']:,} | "
+        f"{100 * teacher['test_error']:.2f}% | {round(teacher['test_error'] * 10000)} | – | |",
     ]
-    for name, r in (("student from scratch (alpha 0: hard labels)", sc), ("distilled student (alpha 0.9, T = 4)", di)):
-        lines.append(f"| {name} | {r['parameters']:,} | {100 * r['test_error']:.2f}% | {round(r['test_error'] * 10000)} | "
-                     f"{r['test_ce']:.4f} |")
-    lines += ["", f"Distillation closes {100 * result['gap_closed']:.0f}% of the scratch student's error gap to the "
-              f"teacher. Cache: {result['cache']['bytes_per_image']:.1f} bytes per image (pixels, label and 10 "
-              "log-probs).", "", "![test cross-entropy of both students during training](fashion_mnist.png)", ""]
+    for size, r in sizes.items():
+        sc, di = r["students"]["scratch"], r["students"]["distilled"]
+        closed = gap_closed(sc["test_error"], di["test_error"], teacher["test_error"])
+        for name, st, note in ((f"{size} student from scratch", sc, ""),
+                               (f"{size} student distilled", di, f"{100 * closed:+.0f}% of the gap to the teacher")):
+            lines.append(f"| {name} | {st['parameters']:,} | {100 * st['test_error']:.2f}% | "
+                         f"{round(st['test_error'] * 10000)} | {st['test_ce']:.4f} | {note} |")
+    cache = next(iter(sizes.values()))["cache"]
+    lines += ["", f"Cache: {cache['bytes_per_image']:.1f} bytes per image (raw pixels, label and 10 log-probs).", "",
+              "![test cross-entropy of the students during training](fashion_mnist.png)", ""]
     (DOCS / "fashion_mnist.md").write_text("\n".join(lines))
 
 
@@ -135,40 +208,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "fashion-mnist")
     ap.add_argument("--teacher-epochs", type=int, default=6)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     args = ap.parse_args()
     out = args.out.resolve()
+    if not (DATA / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"no Fashion-MNIST under {DATA}: apt-get install dataset-fashion-mnist")
     teacher = train_teacher(out / "teacher", args.teacher_epochs)
     print(f"teacher: test error {teacher['test_error']:.4f}", file=sys.stderr)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-    cmd = [str(Path(sys.executable).with_name("kdscale")), "run", str(JOB), "--workdir", str(out / "work")]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (out / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"kdscale run failed (exit {proc.returncode}); see {out / 'log.txt'}")
-    summary = json.loads((out / "work" / "summary.json").read_text())
-    students = summary["students"]
-    from kdscale.config import load_job
-
-    spec = {s.name: s for s in load_job(JOB).students}
-    from kdscale.models.student import count_parameters
-    from kdscale.pipeline import prepare
-
-    prepared = prepare(load_job(JOB))
-    result = {
-        "teacher": {"test_error": 1 - students["distilled"]["teacher_accuracy"], "parameters": teacher["parameters"],
-                    "test_error_own_eval": teacher["test_error"], "train_seconds": teacher["seconds"]},
-        **{name: {"test_error": 1 - s["accuracy"], "test_ce": s["heldout_ce"], "alpha": spec[name].loss.alpha,
-                  "parameters": count_parameters(prepared.student_configs[name], prepared.task),
-                  "train_seconds": s["train_seconds"]}
-           for name, s in students.items()},
-        "cache": {"bytes_per_image": summary["cache"]["bytes_per_token"], "cache_id": summary["cache"]["cache_id"]},
-        "job_seconds": time.perf_counter() - started,
-    }
-    gap = result["scratch"]["test_error"] - result["teacher"]["test_error"]
-    result["gap_closed"] = (result["scratch"]["test_error"] - result["distilled"]["test_error"]) / gap if gap > 0 else 0.0
-    result["ratio"] = result["distilled"]["test_error"] / result["scratch"]["test_error"]
-    write_doc(result, summary)
+    sizes = {size: run_size(out, size) for size in ["small", *[s for s in args.sizes if s != "small"]]}
+    # kdscale's teacher argmax from the cache must agree with the teacher's own evaluation
+    kd_teacher_error = sizes["small"]["teacher_test_error"]
+    teacher_row = {"test_error": kd_teacher_error, "test_error_own_eval": teacher["test_error"],
+                   "parameters": teacher["parameters"], "train_seconds": teacher["seconds"]}
+    write_doc(teacher_row, sizes)
+    result = {"teacher": teacher_row}
+    for size, r in sizes.items():
+        sc, di = r["students"]["scratch"], r["students"]["distilled"]
+        result[size] = {
+            **{name: {k: v for k, v in st.items() if k != "evals"} for name, st in r["students"].items()},
+            "ratio": di["test_error"] / sc["test_error"],
+            "gap_closed": gap_closed(sc["test_error"], di["test_error"], kd_teacher_error),
+            "job_seconds": r["job_seconds"],
+        }
     print(json.dumps({"fashion_mnist": result, "goal": "distilled test error below the scratch student's"}))
 
 
