@@ -133,7 +133,8 @@ class TargetsSpec(Strict):
     num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position; stratified: draws from "
                              "the tail (counts fit uint8).")
     k: int = Field(12, ge=1, description="topk: ids kept per position; stratified: ids kept with exact probabilities.")
-    temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax.")
+    temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax (students' loss "
+                               "temperature must equal it, except from a full cache, which is re-tempered exactly).")
     store_logprobs: bool = Field(False, description="sampled: also store the teacher log-prob of each stored id.")
     draws: int = Field(1, ge=1, le=16, description="sampled: independent draws stored per position; epoch e "
                        "trains on draw e mod draws, so re-used data sees fresh noise instead of one fixed draw.")

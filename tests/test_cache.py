@@ -131,6 +131,10 @@ def test_every_kind_reconstructs_the_teacher(tmp_path, targets):
     logp = torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)}) / targets["temperature"], dim=-1)
     if targets["kind"] == "full":
         torch.testing.assert_close(t.logprobs, logp)
+        # a full cache holds the whole distribution: any temperature is exact
+        hot = batch_targets(table, m, load_rank_order(uri, m), temperature=3.0)
+        torch.testing.assert_close(hot.logprobs, torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)})
+                                                                   / 3.0, dim=-1))
     elif targets["kind"] == "topk":
         torch.testing.assert_close(t.probs, logp.exp().gather(-1, t.ids))
         top = logp.exp().topk(targets["k"], dim=-1).values
@@ -244,3 +248,15 @@ def test_padded_teacher_vocab_is_sliced_to_the_tokenizer(tmp_path):
     logits = worker.model(input_ids=batch_input_ids(table)[:1]).logits.detach()
     p512 = torch.softmax(logits[..., :512], -1)
     torch.testing.assert_close(t.probs[:1], p512.gather(-1, t.ids[:1]))
+
+
+def test_loss_temperature_must_match_sparse_caches_only(tiny_cache, tmp_path):
+    from kdscale.student.trainer import cache_problems
+
+    uri, _, _, _ = tiny_cache
+    m = open_manifest(uri)
+    spec = load_job(write_job(tmp_path, **{"students.0.loss.temperature": 2.0}))
+    problems = cache_problems(spec, 0, m)  # sampled at T=1: the draws cannot be re-tempered
+    assert [f for f, _ in problems] == ["students.0.loss.temperature"] and "cannot be re-tempered" in problems[0][1]
+    full = m.model_copy(update={"targets": m.targets.model_copy(update={"kind": "full"})})
+    assert cache_problems(spec, 0, full) == []

@@ -169,11 +169,15 @@ def _merge_segments(a_len: np.ndarray, b_len: np.ndarray) -> tuple[np.ndarray, n
             total)
 
 
-def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch: int = 0) -> SparseTargets | DenseTargets:
+def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch: int = 0,
+                  temperature: float | None = None) -> SparseTargets | DenseTargets:
     """Rebuild the teacher's per-position distribution from a batch of stored rows.
 
     ``order`` is the cache's rank table (:func:`load_rank_order`), needed to decode ids. With
-    several draws per position (``targets.draws``), epoch e reads draw e mod draws."""
+    several draws per position (``targets.draws``), epoch e reads draw e mod draws. A ``full``
+    cache holds the whole distribution, so it can be re-tempered exactly to another
+    ``temperature`` (log p_T' = log_softmax(log p_T * T / T')); the sparse kinds hold draws or
+    ids chosen at the capture temperature and are returned at it."""
     b, seq_len = batch.num_rows, manifest.dataset.seq_len
     kind = manifest.targets.kind
     if kind == "sampled":
@@ -214,5 +218,9 @@ def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch:
         return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(tail))
     if kind == "full":
         v = manifest.tokenizer.vocab_size
-        return DenseTargets(torch.from_numpy(_flat(batch.column("target_logprobs")).reshape(b, seq_len, v)))
+        logprobs = torch.from_numpy(_flat(batch.column("target_logprobs")).reshape(b, seq_len, v))
+        captured = manifest.targets.temperature
+        if temperature is not None and abs(temperature - captured) > 1e-12:
+            logprobs = torch.log_softmax(logprobs.double() * (captured / temperature), dim=-1).float()
+        return DenseTargets(logprobs)
     raise CacheFormatError(f"unknown target kind {kind!r}")

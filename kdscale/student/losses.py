@@ -1,8 +1,8 @@
 """Distillation losses: pure functions of tensors (no Ray, no DeepSpeed, no I/O).
 
-``loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, next token)``
+``loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, label)``
 
-with D one of forward KL, reverse KL, generalized JSD(beta), total variation, or skew KL.
+with the label the next token (causal LM) or the class (image classification), and D one of forward KL, reverse KL, generalized JSD(beta), total variation, or skew KL.
 
 Sparse targets (sampled / top-k) are compared as *bucket* distributions: one bucket per stored id
 plus an "other" bucket holding what the ids do not cover — the teacher's tail mass (top-k; zero

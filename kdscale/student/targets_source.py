@@ -20,14 +20,17 @@ from kdscale.models.teacher import load_teacher
 
 
 class CachedTargets:
-    def __init__(self, manifest: Manifest, cache_uri: str):
+    def __init__(self, manifest: Manifest, cache_uri: str, temperature: float | None = None):
+        """``temperature``: the loss's; a ``full`` cache is re-tempered to it, other kinds must
+        have been captured at it (checked before training)."""
         self.manifest = manifest
+        self.temperature = temperature
         self.order = load_rank_order(cache_uri, manifest)
         # a cache with several draws per position gives each epoch its own draw
         self.varies_by_epoch = manifest.targets.draws > 1
 
     def __call__(self, batch: pa.Table, inputs: dict[str, torch.Tensor], epoch: int = 0) -> SparseTargets | DenseTargets:
-        return batch_targets(batch, self.manifest, self.order, epoch)
+        return batch_targets(batch, self.manifest, self.order, epoch, self.temperature)
 
 
 class OnlineTeacher:
@@ -49,4 +52,4 @@ def make_source(cfg: dict[str, Any], device: torch.device):
     if cfg.get("online"):
         teacher = TeacherSpec.model_validate(cfg["teacher"])
         return OnlineTeacher(teacher, cfg["vocab_size"], cfg["teacher_seed"], cfg["loss"]["temperature"], device)
-    return CachedTargets(Manifest.model_validate(cfg["manifest"]), cfg["cache_uri"])
+    return CachedTargets(Manifest.model_validate(cfg["manifest"]), cfg["cache_uri"], cfg["loss"]["temperature"])

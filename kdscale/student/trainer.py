@@ -59,10 +59,12 @@ def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[
     s = spec.students[index]
     where = f"students.{index}"
     problems = []
-    if abs(s.loss.temperature - manifest.targets.temperature) > 1e-9:
+    # a full cache is re-tempered exactly to any loss temperature; sampled/top-k ids were chosen at one
+    if manifest.targets.kind != "full" and abs(s.loss.temperature - manifest.targets.temperature) > 1e-9:
         problems.append(
             (f"{where}.loss.temperature", f"{s.loss.temperature} differs from the cache's capture temperature "
-             f"{manifest.targets.temperature}; the stored targets are softmax(z/{manifest.targets.temperature})")
+             f"{manifest.targets.temperature}; the stored targets are softmax(z/{manifest.targets.temperature}) "
+             f"({manifest.targets.kind} targets cannot be re-tempered; a full cache can)")
         )
     train_rows = manifest.dataset.rows["train"]
     if steps_per_epoch(train_rows, s.train) < 1:
