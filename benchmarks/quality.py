@@ -5,6 +5,7 @@ teacher, the Python-docs corpus, one fixed student (Llama d=128 x 2 layers, tied
 the same seed, batches and steps — differing only in where the targets come from:
 
 - ``ce_only``: no teacher (alpha = 0; trains from the sampled arm's cache, which it reuses);
+- ``sampled_alpha05``: the sampled arm's cache with half KD, half hard-label CE (alpha = 0.5);
 - ``online_full``: the teacher's full distribution, computed in the training workers;
 - ``topk``: top-5 + tail bucket; ``sampled``: N=50 draws; ``stratified``: top-3 exact + 12 tail
   draws; ``sampled_draws2``: N=24 draws, two per position (epoch e reads draw e mod 2) — cached
@@ -61,6 +62,7 @@ ARMS = {
     "topk": {"cache.targets": {"kind": "topk", "k": 5}},
     "stratified": {"cache.targets": {"kind": "stratified", "k": 3, "num_samples": 12}},
     "sampled_draws2": {"cache.targets": {"kind": "sampled", "num_samples": 24, "draws": 2}},
+    "sampled_alpha05": {"students.0.loss.alpha": 0.5, "reuse": "sampled"},
 }
 
 
@@ -196,18 +198,23 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="student seeds (0 is always run)")
     ap.add_argument("--replicate-arms", nargs="+", default=list(ARMS), choices=list(ARMS),
-                    help="arms retrained for seeds other than 0 (online_full is always among them)")
+                    help="arms retrained for seeds other than 0 (an arm's differences to full KD are paired with "
+                         "online_full runs of the same seeds)")
     args = ap.parse_args()
     out = args.out.resolve()
     seeds = sorted({0, *args.seeds})
-    replicated = {"online_full", *args.replicate_arms}
     results, teacher_ce = {}, {}
     for regime in args.regimes:
         results[regime] = {arm: [run_arm(regime, arm, out)] for arm in ARMS}
         for seed in seeds[1:]:
             for arm in ARMS:
-                if arm in replicated:
+                if arm in args.replicate_arms:
                     results[regime][arm].append(run_arm(regime, arm, out, seed))
+        # seeds run earlier (other --replicate-arms) count too
+        for arm, runs in results[regime].items():
+            done = {r["seed"] for r in runs}
+            runs += [json.loads(f.read_text()) for f in sorted((out / regime).glob(f"{arm}-seed*/result.json"))
+                     if json.loads(f.read_text())["seed"] not in done]
         teacher_ce[regime] = results[regime]["sampled"][0]["teacher_heldout_ce"]
     write_results(results, teacher_ce)
     print(json.dumps({
