@@ -111,6 +111,8 @@ def _image_task(spec: JobSpec):
     if getattr(teacher_config, "num_labels", 0) < 2:
         raise ConfigError(spec.name, [("teacher", "an image classifier teacher needs num_labels >= 2 in its config")])
     files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    if not files:
+        raise ConfigError(spec.name, [("corpus.paths", f"no image file matches {spec.corpus.paths}")])
     try:
         height, width = image_shape(files[0])
     except (IdxError, OSError) as e:

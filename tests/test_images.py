@@ -131,6 +131,18 @@ def test_image_job_problems_are_listed_by_field(tmp_path):
         load_job(text)
 
 
+@pytest.mark.ray
+def test_mismatched_label_file_is_refused_before_anything_is_written(ray_session, tmp_path, mlflow_uri):
+    job = image_job(tmp_path)
+    x, y = synthetic(30, 3)
+    write_idx(tmp_path / "images" / "train-images-idx3-ubyte.gz", x)
+    write_idx(tmp_path / "images" / "train-labels-idx1-ubyte.gz", y[:29])
+    result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2, result.output
+    assert "30 images but" in result.output and "29 labels" in result.output
+    assert not (tmp_path / "w").exists()
+
+
 # End to end ---------------------------------------------------------------------------------
 
 

@@ -175,9 +175,12 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
         raise ConfigError(spec.name, problems)
     if corpus is None:
         if images:
-            from kdscale.data.images import load_images
+            from kdscale.data.images import IdxError, load_images
 
-            corpus = load_images(spec.corpus)
+            try:
+                corpus = load_images(spec.corpus)
+            except IdxError as e:
+                raise PlanError(str(e)) from None
         else:
             corpus = pack_corpus(spec.corpus, tokenizer)
     if not corpus.train:
