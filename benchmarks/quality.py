@@ -186,9 +186,10 @@ def write_results(results: dict, teacher_ce: dict) -> None:
     fig.tight_layout()
     fig.savefig(DOCS / "results.png", dpi=110)
     lines += ["![held-out CE against training tokens](results.png)", "",
-              "Caveats: the student is far from the teacher (pure KD at T = 1, a few dozen optimizer steps), so "
-              "these rank estimators early in training; arms with one seed are not separated from seed-to-seed "
-              "spread by differences smaller than the replicated arms' standard deviations.", ""]
+              "Caveats: the student is far from the teacher (pure KD at T = 1 except sampled_alpha05, a few dozen "
+              "optimizer steps), so these rank estimators early in training; arms with one seed are not separated "
+              "from seed-to-seed spread by differences smaller than the replicated arms' standard deviations. Seconds "
+              "are the wall time of seed 0's run as measured; some runs shared the 2 cores with other benchmarks.", ""]
     (DOCS / "results.md").write_text("\n".join(lines))
 
 
