@@ -165,6 +165,3 @@ def task_from_dict(d: dict[str, Any]) -> Task:
         return ImageClassification(tuple(d["input_shape"]), tuple(d["mean"]), tuple(d["std"]), tuple(d["labels"]))
     raise ValueError(f"unknown task {d['name']!r} (known: {', '.join(TASKS)})")
 
-
-def positions_per_row(task: Task, seq_len: int) -> int:
-    return seq_len if isinstance(task, CausalLM) else 1
