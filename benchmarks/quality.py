@@ -216,6 +216,7 @@ def main() -> None:
             done = {r["seed"] for r in runs}
             runs += [json.loads(f.read_text()) for f in sorted((out / regime).glob(f"{arm}-seed*/result.json"))
                      if json.loads(f.read_text())["seed"] not in done]
+            runs.sort(key=lambda r: r["seed"])
         teacher_ce[regime] = results[regime]["sampled"][0]["teacher_heldout_ce"]
     write_results(results, teacher_ce)
     print(json.dumps({
