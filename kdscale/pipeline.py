@@ -46,14 +46,8 @@ class Prepared:
     cache_uri: str
     tokenizer: Any  # the teacher's tokenizer; for images the image task (labels and input encoding)
     teacher_config: Any
+    task: Any  # the task adapter (kdscale.models.task) every stage uses
     student_configs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def task(self):
-        """The task adapter (:mod:`kdscale.models.task`) every stage uses."""
-        from kdscale.models.task import CausalLM
-
-        return CausalLM() if self.spec.task == "causal_lm" else self.tokenizer
 
     def student_dir(self, name: str) -> str:
         return fs.join(self.workdir, "students", name)
@@ -83,7 +77,7 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     else:
         teacher_config, tokenizer = _image_task(spec)
     vocab = len(tokenizer)
-    task = CausalLM() if spec.task == "causal_lm" else tokenizer
+    task = CausalLM() if spec.task == "causal_lm" else tokenizer  # an image task is its own label space
     problems = check_teacher_fits(spec, teacher_config, vocab)
     configs = {}
     for i, s in enumerate(spec.students):
@@ -98,7 +92,7 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
                              if spec.task == "causal_lm" else f"{size} classes differ from the teacher's {vocab}"))
     if problems:
         raise ConfigError(spec.name, problems)
-    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, configs)
+    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs)
 
 
 def _image_task(spec: JobSpec):

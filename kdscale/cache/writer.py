@@ -160,11 +160,11 @@ def write_shard(
     targets: TargetsInfo,
     rank: np.ndarray,
     compression_level: int = DEFAULT_ZSTD_LEVEL,
+    task: str = "causal_lm",
 ) -> ShardRecord:
     """Code, encode and write one shard whole; return its ledger record (size and sha256 of the
     bytes actually written, computed from memory without re-reading)."""
     kind = targets.kind
-    task = "image_classification" if rows and "pixels" in rows[0] else "causal_lm"
     table = rows_to_table([code_ids(r, kind, rank) for r in rows], kind, split, targets.store_logprobs, task)
     data = encode_shard(table, compression_level)
     fs.write_bytes(fs.join(cache_uri, name), data)

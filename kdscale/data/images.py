@@ -105,35 +105,38 @@ class ImageCorpus:
         return np.asarray([label for _, label in self.train + self.heldout], dtype=np.int64)
 
 
-def _pairs(images: list[str], labels: list[str]) -> list[tuple[np.ndarray, int, str]]:
-    out = []
+def _pairs(images: list[str], labels: list[str]) -> tuple[list[tuple[np.ndarray, int]], tuple[int, int]]:
+    """(flattened pixels, label) of every image in the paired files, and the first file's
+    image height and width ((0, 0) without files)."""
+    out, shape = [], None
     for img_uri, lab_uri in zip(images, labels):
         x, y = read_idx(img_uri), read_idx(lab_uri)
         if x.ndim != 3 or y.ndim != 1:
             raise IdxError(f"{img_uri} / {lab_uri}: expected images [n, h, w] and labels [n], got {x.shape} / {y.shape}")
         if len(x) != len(y):
             raise IdxError(f"{img_uri} has {len(x)} images but {lab_uri} has {len(y)} labels")
-        out += [(x[i].reshape(-1), int(y[i]), img_uri) for i in range(len(x))]
-    return out
+        shape = shape or (x.shape[1], x.shape[2])
+        out += [(x[i].reshape(-1), int(y[i])) for i in range(len(x))]
+    return out, shape or (0, 0)
+
+
+def _expand(patterns: list[str] | None) -> list[str]:
+    return [u for p in patterns or [] for u in fs.expand(p)]
 
 
 def load_images(spec: CorpusSpec) -> ImageCorpus:
     """Read the spec's IDX image/label files. With ``heldout_paths`` those files are the held-out
     split (e.g. an official test set); otherwise rows are split by content hash. ``max_tokens``
     caps the training images (one position each); ``eval.max_heldout_rows`` caps evaluation."""
-    train_images = corpus_files(spec)
-    train = _pairs(train_images, [u for p in spec.labels or [] for u in fs.expand(p)])
-    corpus = ImageCorpus()
-    if spec.heldout_paths:
-        held = _pairs([u for p in spec.heldout_paths for u in fs.expand(p)],
-                      [u for p in spec.heldout_labels or [] for u in fs.expand(p)])
-        corpus.heldout = [(x, y) for x, y, _ in held]
-        corpus.train = [(x, y) for x, y, _ in train]
+    train_images, heldout_images = corpus_files(spec), _expand(spec.heldout_paths)
+    train, (height, width) = _pairs(train_images, _expand(spec.labels))
+    corpus = ImageCorpus(sources=train_images + heldout_images, height=height, width=width)
+    if heldout_images:
+        corpus.heldout, _ = _pairs(heldout_images, _expand(spec.heldout_labels))
+        corpus.train = train
     else:
-        for x, y, _ in train:
+        for x, y in train:
             (corpus.heldout if is_heldout(example_id(x, y), spec.heldout_fraction) else corpus.train).append((x, y))
     if spec.max_tokens:
         corpus.train = corpus.train[: spec.max_tokens]
-    corpus.sources = train_images + [u for p in spec.heldout_paths or [] for u in fs.expand(p)]
-    corpus.height, corpus.width = image_shape(train_images[0]) if train_images else (0, 0)
     return corpus

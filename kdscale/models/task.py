@@ -20,7 +20,6 @@ import pyarrow as pa
 import torch
 
 IGNORE = -100
-TASKS = ("causal_lm", "image_classification")
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -157,11 +156,16 @@ class ImageClassification:
 Task = CausalLM | ImageClassification
 
 
+TASK_CLASSES: dict[str, type[CausalLM] | type[ImageClassification]] = {
+    CausalLM.name: CausalLM, ImageClassification.name: ImageClassification,
+}
+
+
 def task_from_dict(d: dict[str, Any]) -> Task:
     """Rebuild a task from :meth:`describe` (how it travels to training workers)."""
     if d["name"] == CausalLM.name:
         return CausalLM()
     if d["name"] == ImageClassification.name:
         return ImageClassification(tuple(d["input_shape"]), tuple(d["mean"]), tuple(d["std"]), tuple(d["labels"]))
-    raise ValueError(f"unknown task {d['name']!r} (known: {', '.join(TASKS)})")
+    raise ValueError(f"unknown task {d['name']!r} (known: {', '.join(TASK_CLASSES)})")
 

@@ -65,9 +65,9 @@ def load_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str = "
 
 
 def auto_model(task: str):
-    from kdscale.models.task import CausalLM, ImageClassification
+    from kdscale.models.task import TASK_CLASSES
 
-    return (CausalLM if task == "causal_lm" else ImageClassification).auto_model()
+    return TASK_CLASSES[task].auto_model()
 
 
 def load_teacher(spec: TeacherSpec, vocab_size: int | None, seed: int, device: str | torch.device = "cpu",

@@ -130,7 +130,7 @@ class TeacherWorker:
     def run(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> ShardRecord:
         return write_shard(
             self.cache_uri, task.name, task.split, task.index, self.rows(task, inputs), self.targets, self.rank,
-            self.compression_level,
+            self.compression_level, self.task.name,
         )
 
     def ready(self) -> bool:
