@@ -1,36 +1,39 @@
-"""Which cache estimator makes the best student? (issue 8's quality benchmark)
+"""Does a distilled student beat the same student trained without the teacher, and which cache
+recipe makes the best one? (issues 8 and 12)
 
-Every arm is a real `kdscale run` of a job derived from jobs/quality.yaml — the real SmolLM2
-teacher, the Python-docs corpus, one fixed student (Llama d=128 x 2 layers, tied embeddings),
-the same seed, batches and steps — differing only in where the targets come from:
+Every arm is a real `kdscale run` of a job derived from jobs/quality.yaml: the real SmolLM2 teacher,
+Python-docs text, one fixed student (Llama d=128 x 2 layers, tied embeddings), the same batches
+and steps per regime, differing only in where the targets come from and how they are mixed:
 
 - ``ce_only``: no teacher (alpha = 0; trains from the sampled arm's cache, which it reuses);
-- ``sampled_alpha05``: the sampled arm's cache with half KD, half hard-label CE (alpha = 0.5);
-- ``online_full``: the teacher's full distribution, computed in the training workers;
-- ``topk``: top-5 + tail bucket; ``sampled``: N=50 draws; ``stratified``: top-3 exact + 12 tail
-  draws; ``sampled_draws2``: N=24 draws, two per position (epoch e reads draw e mod 2) — cached
-  kinds at roughly equal bytes (the table reports each cache's actual bytes/token).
+- ``online_full``: the teacher's full distribution, computed in the training workers (the reference);
+- ``sampled``: N=50 draws; ``topk``: top-5 + tail bucket; ``stratified``: top-3 exact + 12 tail
+  draws; ``sampled_draws2``: N=24 draws, two per position (epoch e reads draw e mod 2): cached
+  kinds at roughly equal bytes (each result records its cache's bytes/token);
+- ``<arm>_alpha05``: that arm's cache with half KD, half hard-label CE. ``sampled_alpha05`` is the
+  shipped recipe; in the ``long`` regime the two best pure-KD cached arms (by validation CE) get one.
 
-Two regimes: ``multi_epoch`` (a small slice re-used for many epochs: a fixed draw's noise can
-become a bias the student fits) and ``single_pass`` (more tokens, seen once). Each arm's result
-is kept in ``--out`` (``<regime>/<arm>/result.json``), so an interrupted run resumes where it
-stopped.
+Regimes: ``multi_epoch`` (20k tokens x 8 epochs, 56 steps) and ``single_pass`` (82k tokens once,
+30 steps) from issue 8; ``long`` (32k tokens, 10% validation + 20% held out by content hash,
+24 epochs = 264 optimizer steps), where KD has time to pay; and ``teacher_init`` (the long slice, a
+student made of 4 of the teacher's 30 layers as Minitron/DistilBERT compress LLMs, 6 epochs, lr 5e-4).
 
-Seed replicates (``--seeds 0 1 2``, ``--replicate-arms``): seed s > 0 retrains the arm's student
-with ``train.seed = s`` (another initialisation and data order) from the *same* cache as seed 0
-(reused, not recomputed), in ``<regime>/<arm>-seed<s>``. Differences to full KD are paired by
-seed — each seed's arm against the same seed's online_full student — so the table's spread is
-that of the comparison, not of the students.
+Settings are chosen on the validation split only (its CE is in every result); held-out CE is what is
+reported, and the CE on text of another genre (the fortune-cookie files of Debian's ``fortunes``
+package: literature, wisdom, people, ...; not documentation) shows what transfers beyond the
+training text. The ``long`` plan adapts as results land: after the first arms it adds the alpha 0.5
+mixes of the two best pure-KD arms, then seeds 1 and 2 of ce_only, the default recipe and the best
+cached recipe at <= 30 B/token, then the teacher_init arms (ce_only and that best recipe, 3 seeds).
 
-When every arm is done it prints one JSON line
+Results survive interruptions: each finished arm writes ``docs/results/<regime>/<arm>[-seed<s>].json``
+(with ``--commit`` it is committed at once), finished arms are never rerun, and ``--report``
+regenerates docs/results.md and docs/results.png from those files alone, running nothing.
 
-    {"<regime>": {"<arm>": {"heldout_ce", "bytes_per_token", "seconds", ...}}, "teacher_heldout_ce": ...}
+    .venv/bin/python benchmarks/quality.py --regimes long [--seeds 0 1 2] [--commit] [--max-arms N]
+    .venv/bin/python benchmarks/quality.py --report
 
-(heldout_ce: the mean over seeds) and writes docs/results.md (table) and docs/results.png
-(held-out CE vs training tokens per arm, seed 0) for the regimes run.
-
-    .venv/bin/python benchmarks/quality.py [--out runs/quality-benchmark] [--regimes multi_epoch single_pass]
-        [--seeds 0 1 2] [--replicate-arms online_full ce_only sampled topk]
+It prints one JSON line: per regime and arm the held-out / validation / other-genre CE (mean, sd),
+differences to ce_only and to online_full paired by seed, bytes/token, steps, tokens; and the goals.
 """
 
 from __future__ import annotations
@@ -50,52 +53,134 @@ from common import set_dotted
 REPO = Path(__file__).resolve().parent.parent
 BASE_JOB = REPO / "jobs" / "quality.yaml"
 DOCS = REPO / "docs"
+RESULTS = DOCS / "results"
+OTHER_GENRE_DIR = Path("/usr/share/games/fortunes")  # Debian package `fortunes`
+OTHER_GENRE_FILES = ("literature", "wisdom", "people", "humorists", "love", "food", "songs-poems", "art")
+OTHER_GENRE_TOKENS = 16384
+BYTE_BUDGET = 30.0  # bytes/token a default recipe may cost
 
+LONG_SLICE = {"corpus.max_tokens": 32768, "corpus.validation_fraction": 0.1, "students.0.train.preload": True}
 REGIMES = {
     "multi_epoch": {"corpus.max_tokens": 20480, "students.0.train.epochs": 8},
     "single_pass": {"corpus.max_tokens": 81920, "students.0.train.epochs": 1},
+    "long": {**LONG_SLICE, "students.0.train.epochs": 24, "students.0.train.eval_every_steps": 16},
+    "teacher_init": {**LONG_SLICE, "students.0.train.epochs": 6, "students.0.train.eval_every_steps": 11,
+                     "students.0.train.lr": 5e-4, "students.0.init": "teacher_layers",
+                     "students.0.teacher_layers": [0, 10, 20, 29]},
 }
-ARMS = {
-    "sampled": {"cache.targets": {"kind": "sampled", "num_samples": 50}},
-    "ce_only": {"students.0.loss.alpha": 0.0, "reuse": "sampled"},
-    "online_full": {"students.0.targets": "online"},
-    "topk": {"cache.targets": {"kind": "topk", "k": 5}},
-    "stratified": {"cache.targets": {"kind": "stratified", "k": 3, "num_samples": 12}},
-    "sampled_draws2": {"cache.targets": {"kind": "sampled", "num_samples": 24, "draws": 2}},
-    "sampled_alpha05": {"students.0.loss.alpha": 0.5, "reuse": "sampled"},
+KINDS = {
+    "sampled": {"kind": "sampled", "num_samples": 50},
+    "topk": {"kind": "topk", "k": 5},
+    "stratified": {"kind": "stratified", "k": 3, "num_samples": 12},
+    "sampled_draws2": {"kind": "sampled", "num_samples": 24, "draws": 2},
 }
+SHORT_ARMS = ["sampled", "ce_only", "online_full", "topk", "stratified", "sampled_draws2", "sampled_alpha05"]
+LONG_FIRST = ["sampled", "ce_only", "online_full", "sampled_alpha05", "topk", "stratified", "sampled_draws2"]
 
 
-def arm_folder(out: Path, regime: str, arm: str, seed: int = 0) -> Path:
-    return out / regime / (arm if seed == 0 else f"{arm}-seed{seed}")
+# Arms -------------------------------------------------------------------------------------------
+
+
+def cache_arm(arm: str) -> str | None:
+    """The pure-KD cached arm whose cache ``arm`` trains from (None: online, no cache)."""
+    base = arm.removesuffix("_alpha05")
+    if base == "online_full":
+        return None
+    return "sampled" if base == "ce_only" else base
+
+
+def arm_overrides(arm: str) -> dict:
+    base = arm.removesuffix("_alpha05")
+    if base == "online_full":
+        return {"students.0.targets": "online"}
+    out = {"cache.targets": KINDS[cache_arm(arm)]}
+    if base == "ce_only":
+        out["students.0.loss.alpha"] = 0.0
+    elif arm.endswith("_alpha05"):
+        out["students.0.loss.alpha"] = 0.5
+    return out
+
+
+def run_name(arm: str, seed: int) -> str:
+    return arm if seed == 0 else f"{arm}-seed{seed}"
+
+
+def cache_regime(regime: str) -> str:
+    """teacher_init reads the long regime's caches (same slice, same targets: same cache_id)."""
+    return "long" if regime == "teacher_init" else regime
 
 
 def job_spec(regime: str, arm: str, out: Path, seed: int = 0) -> dict:
-    """jobs/quality.yaml with the regime's and the arm's dotted overrides (paths made absolute,
-    since the derived spec is written elsewhere). A seed > 0 changes only the student's seed and
-    trains from seed 0's cache of the arm."""
+    """jobs/quality.yaml with the regime's and the arm's dotted overrides. Every arm of a regime
+    reads its targets' cache from the folder of the pure-KD arm that made it, so alpha mixes,
+    ce_only and seeds > 0 reuse a cache instead of recomputing it."""
     spec = yaml.safe_load(BASE_JOB.read_text())
-    spec["name"] = f"quality-{regime}-{arm}" + (f"-seed{seed}" if seed else "")
-    overrides = {**REGIMES[regime], **{k: v for k, v in ARMS[arm].items() if k != "reuse"}}
-    cache_of = ARMS[arm].get("reuse", arm if seed and "cache.targets" in ARMS[arm] else None)
-    if cache_of:
-        overrides["cache.uri"] = str(arm_folder(out, regime, cache_of) / "work" / "cache")
+    spec["name"] = f"quality-{regime}-{run_name(arm, seed)}"
+    overrides = {**REGIMES[regime], **arm_overrides(arm)}
+    source = cache_arm(arm)
+    if source:
+        overrides["cache.uri"] = str(out / cache_regime(regime) / source / "work" / "cache")
     if seed:
         overrides["students.0.train.seed"] = seed
     for dotted, value in overrides.items():
         set_dotted(spec, dotted, value)
+    if regime == "teacher_init":
+        spec["students"][0].pop("architecture", None)
     return spec
 
 
-def run_arm(regime: str, arm: str, out: Path, seed: int = 0) -> dict:
-    folder = arm_folder(out, regime, arm, seed)
-    done = folder / "result.json"
+# Running ----------------------------------------------------------------------------------------
+
+
+def result_path(results: Path, regime: str, arm: str, seed: int) -> Path:
+    return results / regime / f"{run_name(arm, seed)}.json"
+
+
+def load_results(results: Path) -> dict[str, dict[str, list[dict]]]:
+    """Every committed result: ``{regime: {arm: [runs by seed]}}``."""
+    found: dict[str, dict[str, list[dict]]] = {}
+    for f in sorted(results.glob("*/*.json")):
+        if f.name.startswith("_"):
+            continue
+        r = json.loads(f.read_text())
+        found.setdefault(f.parent.name, {}).setdefault(r["arm"], []).append(r)
+    for arms in found.values():
+        for runs in arms.values():
+            runs.sort(key=lambda r: r["seed"])
+    return found
+
+
+def git_head() -> str:
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def commit_file(path: Path, message: str) -> None:
+    """Commit one result file (only it: other staged work is left alone); retried while another
+    git command holds the index."""
+    top = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"],
+                         capture_output=True, text=True).stdout.strip()
+    for _ in range(20):
+        add = subprocess.run(["git", "-C", top, "add", str(path)], capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "-C", top, "commit", "-q", "-m", message, "--", str(path)], capture_output=True, text=True
+        ).returncode == 0
+        if done:
+            return
+        time.sleep(3)
+    print(f"could not commit {path}", file=sys.stderr)
+
+
+def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, commit: bool = False) -> dict:
+    done = result_path(results, regime, arm, seed)
     if done.exists():
         return json.loads(done.read_text())
+    folder = out / regime / run_name(arm, seed)
     folder.mkdir(parents=True, exist_ok=True)
     job = folder / "job.yaml"
     job.write_text(yaml.safe_dump(job_spec(regime, arm, out, seed), sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    print(f"{regime}/{run_name(arm, seed)}: running", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir",
                            str(folder / "work")], env=env, capture_output=True, text=True)
@@ -106,35 +191,220 @@ def run_arm(regime: str, arm: str, out: Path, seed: int = 0) -> dict:
     summary = json.loads((folder / "work" / "summary.json").read_text())
     student = summary["students"]["student"]
     cache = summary.get("cache", {})
+    spec = yaml.safe_load(job.read_text())
     result = {
-        "heldout_ce": student["heldout_ce"],
+        "regime": regime,
+        "arm": arm,
         "seed": seed,
+        "heldout_ce": student["heldout_ce"],
+        "validation_ce": student.get("validation_ce"),
+        "other_genre_ce": other_genre_ce(student["export"]),
+        "top1_agreement": student["top1_agreement"],
         "bytes_per_token": None if arm in ("ce_only", "online_full") else cache["bytes_per_token"],
+        "alpha": spec["students"][0]["loss"]["alpha"],
+        "targets": "online" if cache_arm(arm) is None else KINDS[cache_arm(arm)],
+        "init": spec["students"][0].get("init", "config"),
         "seconds": seconds,
+        "train_seconds": student["train_seconds"],
+        "tokens_per_second": student["tokens_per_second"],
         "train_tokens": sum(e["tokens"] for e in student["epochs"]),
         "steps": student["steps"],
         "curve": [(e["tokens"], e["heldout_ce"]) for e in student["evals"]],
         "teacher_heldout_ce": student["teacher_heldout_ce"],
+        "teacher_validation_ce": student.get("teacher_validation_ce"),
+        "rows_by_split": cache.get("rows_by_split"),
         "cache_reused": cache.get("reused"),
+        "code": git_head(),
     }
-    done.write_text(json.dumps(result))
-    print(f"{regime}/{folder.name}: held-out CE {result['heldout_ce']:.4f} in {seconds:.0f} s", file=sys.stderr)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{regime}/{run_name(arm, seed)}: held-out CE {result['heldout_ce']:.4f}, validation "
+          f"{result['validation_ce']}, other genre {result['other_genre_ce']:.4f} in {seconds:.0f} s",
+          file=sys.stderr, flush=True)
+    if commit:
+        commit_file(done, f"Quality benchmark: {regime}/{run_name(arm, seed)} result")
     return result
 
 
-def paired(runs: list[dict], full: list[dict]) -> dict:
-    """An arm over its seeds: mean held-out CE, and its relative difference to full KD paired by
-    seed (mean, and sample standard deviation when there are several seeds)."""
-    by_seed = {r["seed"]: r["heldout_ce"] for r in full}
-    ces = [r["heldout_ce"] for r in runs]
-    diffs = [100 * (r["heldout_ce"] / by_seed[r["seed"]] - 1) for r in runs if r["seed"] in by_seed]
-    return {
-        "heldout_ce": statistics.fmean(ces),
-        "heldout_ce_sd": statistics.stdev(ces) if len(ces) > 1 else None,
-        "vs_full_pct": statistics.fmean(diffs) if diffs else None,
-        "vs_full_pct_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
-        "seeds": [r["seed"] for r in runs],
-    }
+# Other-genre held-out text ----------------------------------------------------------------------
+
+
+def other_genre_files() -> list[str]:
+    files = [str(OTHER_GENRE_DIR / name) for name in OTHER_GENRE_FILES]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise SystemExit(f"other-genre text missing ({missing[0]}): apt-get install fortunes")
+    return files
+
+
+def other_genre_rows():
+    """The first OTHER_GENRE_TOKENS tokens of the fortune files, packed as the corpus is (256-token
+    rows joined by end-of-text), with the teacher's tokenizer: a torch tensor [rows, 256]."""
+    import numpy as np
+    import torch
+
+    from kdscale.config import CorpusSpec, load_job
+    from kdscale.data.corpus import pack_corpus
+    from kdscale.models.teacher import load_tokenizer
+
+    tokenizer = load_tokenizer(load_job(BASE_JOB).teacher)
+    spec = CorpusSpec(paths=other_genre_files(), seq_len=256, max_tokens=OTHER_GENRE_TOKENS, heldout_fraction=0.5)
+    packed = pack_corpus(spec, tokenizer)
+    rows = packed.train + packed.heldout
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def causal_ce(model, rows) -> float:
+    import torch
+
+    from kdscale.models.task import next_token_labels
+    from kdscale.student.losses import nll_sum
+
+    nll = count = 0.0
+    with torch.inference_mode():
+        for batch in rows.split(4):
+            n, c = nll_sum(model(input_ids=batch).logits[..., : model.config.vocab_size], next_token_labels(batch))
+            nll, count = nll + n, count + c
+    return nll / count
+
+
+def other_genre_ce(export_uri: str) -> float:
+    sys.path.insert(0, str(REPO))
+    from kdscale.student.evaluate import load_exported
+
+    return causal_ce(load_exported(export_uri), other_genre_rows())
+
+
+def teacher_other_genre_ce(results: Path) -> float:
+    """The teacher's CE on the other-genre text (computed once, kept beside the results)."""
+    path = results / "_teacher_other_genre.json"
+    if path.exists():
+        return json.loads(path.read_text())["ce"]
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from kdscale.config import load_job
+    from kdscale.models.teacher import load_teacher, load_tokenizer
+
+    torch.set_num_threads(2)
+    spec = load_job(BASE_JOB)
+    teacher = load_teacher(spec.teacher, len(load_tokenizer(spec.teacher)), spec.seed)
+    ce = causal_ce(teacher, other_genre_rows())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ce": ce, "files": other_genre_files(), "tokens": OTHER_GENRE_TOKENS}) + "\n")
+    return ce
+
+
+# Choosing on validation -------------------------------------------------------------------------
+
+
+def validation_of(runs: list[dict]) -> float:
+    return statistics.fmean(r["validation_ce"] for r in runs)
+
+
+def best_pure_kd(long: dict[str, list[dict]], n: int) -> list[str]:
+    """The n pure-KD cached arms with the lowest validation CE (seed 0)."""
+    done = [a for a in KINDS if a in long]
+    return sorted(done, key=lambda a: long[a][0]["validation_ce"])[:n]
+
+
+def best_cached(long: dict[str, list[dict]]) -> str | None:
+    """The cached recipe (any kind, alpha 1 or 0.5) with the lowest validation CE within the byte
+    budget: the candidate default."""
+    cached = [a for a, runs in long.items() if cache_arm(a) and a != "ce_only"
+              and runs[0]["bytes_per_token"] is not None and runs[0]["bytes_per_token"] <= BYTE_BUDGET]
+    return min(cached, key=lambda a: long[a][0]["validation_ce"]) if cached else None
+
+
+def long_plan(results: Path, seeds: list[int]) -> list[tuple[str, str, int]]:
+    """The next (regime, arm, seed) runs of the long study given what is done, in priority order."""
+    done = load_results(results).get("long", {})
+    plan = [("long", a, 0) for a in LONG_FIRST]
+    if all(a in done for a in KINDS):
+        plan += [("long", f"{a}_alpha05", 0) for a in best_pure_kd(done, 2)]
+        best = best_cached(done)
+        if best is not None:
+            replicated = list(dict.fromkeys(["ce_only", "sampled_alpha05", best]))
+            plan += [("long", a, s) for s in seeds if s for a in replicated]
+            plan += [("teacher_init", a, s) for s in seeds for a in dict.fromkeys(["ce_only", best])]
+            plan += [("long", "online_full", s) for s in seeds[1:2]]
+    return [(r, a, s) for r, a, s in plan if not result_path(results, r, a, s).exists()]
+
+
+def next_runs(regime: str, results: Path, seeds: list[int]) -> list[tuple[str, str, int]]:
+    if regime == "long":
+        return long_plan(results, seeds)
+    return [(regime, a, s) for s in seeds for a in SHORT_ARMS if not result_path(results, regime, a, s).exists()]
+
+
+# Report -----------------------------------------------------------------------------------------
+
+
+def paired(runs: list[dict], reference: list[dict] | None, key: str = "heldout_ce") -> tuple[float | None, float | None, list]:
+    """Relative difference (%) of ``runs`` to ``reference`` in ``key``, paired by seed: mean, sd, per seed."""
+    if not reference:
+        return None, None, []
+    by_seed = {r["seed"]: r[key] for r in reference if r.get(key) is not None}
+    diffs = [(r["seed"], 100 * (r[key] / by_seed[r["seed"]] - 1)) for r in runs
+             if r.get(key) is not None and r["seed"] in by_seed]
+    values = [d for _, d in diffs]
+    return (statistics.fmean(values) if values else None,
+            statistics.stdev(values) if len(values) > 1 else None, diffs)
+
+
+def mean_sd(runs: list[dict], key: str) -> tuple[float | None, float | None]:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(arms: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for arm, runs in arms.items():
+        ce, ce_sd = mean_sd(runs, "heldout_ce")
+        vs_ce, vs_ce_sd, per_seed = paired(runs, arms.get("ce_only"))
+        vs_full, vs_full_sd, _ = paired(runs, arms.get("online_full"))
+        other_vs_ce, _, other_seeds = paired(runs, arms.get("ce_only"), "other_genre_ce")
+        out[arm] = {
+            "seeds": [r["seed"] for r in runs],
+            "heldout_ce": ce, "heldout_ce_sd": ce_sd,
+            "validation_ce": mean_sd(runs, "validation_ce")[0],
+            "other_genre_ce": mean_sd(runs, "other_genre_ce")[0],
+            "vs_ce_only_pct": vs_ce, "vs_ce_only_pct_sd": vs_ce_sd, "vs_ce_only_by_seed": per_seed,
+            "vs_full_pct": vs_full, "vs_full_pct_sd": vs_full_sd,
+            "other_genre_vs_ce_only_pct": other_vs_ce, "other_genre_vs_ce_only_by_seed": other_seeds,
+            "bytes_per_token": runs[0]["bytes_per_token"], "steps": runs[0]["steps"],
+            "train_tokens": runs[0]["train_tokens"], "seconds": runs[0]["seconds"],
+        }
+    return out
+
+
+def goals(found: dict) -> dict:
+    """The issue's goals, evaluated on what has been measured (None: not measured yet)."""
+    long = found.get("long", {})
+    out: dict = {}
+    best = best_cached(long)
+    if best and "ce_only" in long:
+        _, _, per_seed = paired(long[best], long["ce_only"])
+        out["best_cached"] = best
+        out["best_cached_vs_ce_only_by_seed"] = per_seed
+        out["best_cached_beats_ce_by_5pct_every_seed"] = bool(per_seed) and all(d <= -5 for _, d in per_seed)
+    if "sampled_alpha05" in long and "online_full" in long:
+        vs_full, _, _ = paired(long["sampled_alpha05"], long["online_full"])
+        out["default_vs_full_pct"] = vs_full
+        out["default_within_2pct_of_full"] = vs_full is not None and vs_full <= 2
+    if "ce_only" in long:
+        kd = [a for a in long if a != "ce_only"]
+        out["kd_arms_beat_ce_on_other_genre"] = {
+            a: paired(long[a], long["ce_only"], "other_genre_ce")[0] for a in kd}
+    ti = found.get("teacher_init", {})
+    if "ce_only" in ti and len(ti) > 1:
+        arm = next(a for a in ti if a != "ce_only")
+        _, _, per_seed = paired(ti[arm], ti["ce_only"])
+        out["teacher_init"] = {"arm": arm, "vs_ce_only_by_seed": per_seed,
+                               "beats_ce_every_seed": bool(per_seed) and all(d < 0 for _, d in per_seed)}
+    return out
 
 
 def _pm(mean: float | None, sd: float | None, fmt: str) -> str:
@@ -143,89 +413,114 @@ def _pm(mean: float | None, sd: float | None, fmt: str) -> str:
     return format(mean, fmt) + ("" if sd is None else " ± " + format(sd, fmt.lstrip("+")))
 
 
-def write_results(results: dict, teacher_ce: dict) -> None:
-    """``results[regime][arm]``: that arm's runs, one per seed (seed 0 first)."""
+REGIME_TITLES = {
+    "long": "long: a 32,768-token slice (10% validation, 20% held out), 24 epochs",
+    "teacher_init": "teacher_init: the long slice, a student of 4 teacher layers [0, 10, 20, 29], 6 epochs, lr 5e-4",
+    "multi_epoch": "multi_epoch: a 20,480-token slice (20% held out), 8 epochs",
+    "single_pass": "single_pass: an 81,920-token slice (20% held out), 1 epoch",
+}
+
+
+def regime_table(regime: str, arms: dict[str, list[dict]]) -> list[str]:
+    summary = summarize(arms)
+    r0 = next(iter(arms.values()))[0]
+    lines = [f"## {REGIME_TITLES[regime]}", "",
+             f"{r0['steps']} optimizer steps of 8 x 256 tokens ({r0['train_tokens']:,} training tokens) per arm.", "",
+             "| arm | seeds | validation CE | held-out CE | vs CE only (paired) | vs full KD | other genre CE "
+             "| other genre vs CE only | bytes/token | seconds (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, sm in sorted(summary.items(), key=lambda kv: kv[1]["heldout_ce"]):
+        bpt = "–" if sm["bytes_per_token"] is None else f"{sm['bytes_per_token']:.1f}"
+        vs_ce = "reference" if arm == "ce_only" else _pm(sm["vs_ce_only_pct"], sm["vs_ce_only_pct_sd"], "+.2f") + "%"
+        vs_full = "reference" if arm == "online_full" else _pm(sm["vs_full_pct"], sm["vs_full_pct_sd"], "+.2f") + "%"
+        other_vs = "reference" if arm == "ce_only" else _pm(sm["other_genre_vs_ce_only_pct"], None, "+.2f") + "%"
+        lines.append(
+            f"| {arm} | {len(sm['seeds'])} | {_pm(sm['validation_ce'], None, '.4f')} | "
+            f"{_pm(sm['heldout_ce'], sm['heldout_ce_sd'], '.4f')} | {vs_ce.replace('–%', '–')} | "
+            f"{vs_full.replace('–%', '–')} | {_pm(sm['other_genre_ce'], None, '.4f')} | {other_vs.replace('–%', '–')} | "
+            f"{bpt} | {sm['seconds']:.0f} |")
+    per_seed = [f"{arm}: " + ", ".join(f"seed {s} {d:+.2f}%" for s, d in sm["vs_ce_only_by_seed"])
+                for arm, sm in summary.items() if arm != "ce_only" and len(sm["vs_ce_only_by_seed"]) > 1]
+    if per_seed:
+        lines += ["", "Held-out CE vs CE only, per seed: " + "; ".join(per_seed) + "."]
+    teacher = f"Teacher held-out CE: {r0['teacher_heldout_ce']:.4f}"
+    if r0.get("teacher_validation_ce") is not None:
+        teacher += f", validation CE {r0['teacher_validation_ce']:.4f}"
+    return lines + ["", teacher + ".", ""]
+
+
+def write_report(results: Path, docs: Path) -> dict:
+    """docs/results.md and results.png from the result files alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    DOCS.mkdir(exist_ok=True)
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    lines = ["# Student quality by cache estimator", "",
-             "Generated by `.venv/bin/python benchmarks/quality.py` (see its docstring for the arms); "
-             "held-out cross-entropy in nats/token of the same student trained from each kind of targets. "
-             "Where an arm has several seeds, the CE is their mean ± standard deviation and *vs full KD* is "
-             "the difference to the online full-KD student of the same seed, averaged over seeds (± its "
-             "standard deviation).", ""]
-    missing = [r for r in REGIMES if r not in results]
-    if missing:
-        lines += [f"**Not measured yet: {', '.join(missing)}** (run the command above without `--regimes`).", ""]
-    for ax, (regime, arms) in zip(axes[0], results.items()):
-        summary = {arm: paired(runs, arms["online_full"]) for arm, runs in arms.items()}
-        settings = REGIMES[regime]
-        lines += [f"## {regime}: a {settings['corpus.max_tokens']:,}-token slice (20% held out), "
-                  f"{settings['students.0.train.epochs']} epoch(s)", "",
-                  "| arm | seeds | held-out CE | vs full KD | bytes/token | training tokens | seconds (seed 0) |",
-                  "|---|---|---|---|---|---|---|"]
-        for arm, sm in sorted(summary.items(), key=lambda kv: kv[1]["heldout_ce"]):
-            r = arms[arm][0]
-            bpt = "–" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
-            vs = "0 (reference)" if arm == "online_full" else _pm(sm["vs_full_pct"], sm["vs_full_pct_sd"], "+.2f") + "%"
-            lines.append(f"| {arm} | {len(sm['seeds'])} | {_pm(sm['heldout_ce'], sm['heldout_ce_sd'], '.4f')} | {vs} | "
-                         f"{bpt} | {r['train_tokens']:,} | {r['seconds']:.0f} |")
-            tokens, ce = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(tokens, ce, marker="o", markersize=3, label=arm, color=f"C{list(ARMS).index(arm)}")  # same colour per arm
-        lines += ["", f"Teacher held-out CE: {teacher_ce[regime]:.4f}.", ""]
-        best = min(r["heldout_ce"] for runs in arms.values() for r in runs)
-        worst = max(r["heldout_ce"] for runs in arms.values() for r in runs)
-        # the arms separate late in training: frame the end (early points run off the top)
-        ax.set_ylim(best - 0.05, worst + max(0.3, worst - best))
-        ax.set(title=f"{regime} (seed 0)", xlabel="training tokens", ylabel="held-out cross-entropy (nats/token)")
-        ax.legend(frameon=False)
+    found = load_results(results)
+    order = [r for r in REGIMES if r in found]
+    teacher_file = results / "_teacher_other_genre.json"
+    teacher_other = json.loads(teacher_file.read_text())["ce"] if teacher_file.exists() else None
+    lines = ["# Does the teacher help? Student quality by cache recipe", "",
+             "Generated by `.venv/bin/python benchmarks/quality.py --report` from the result files in "
+             "`docs/results/` (one per arm and seed; see the benchmark's docstring for the arms). Cross-entropy in "
+             "nats/token of the same student trained from each recipe. *Validation CE* is what settings are chosen "
+             "on; *held-out CE* (a disjoint content-hash split) is what is reported; *other genre* is the first "
+             f"{OTHER_GENRE_TOKENS:,} tokens of the fortune-cookie files of Debian's `fortunes` package "
+             f"({', '.join(OTHER_GENRE_FILES)}), text that is not documentation. Differences are relative, paired "
+             "by seed (mean ± sd over seeds where there are several).", ""]
+    if teacher_other is not None:
+        lines += [f"Teacher CE on the other-genre text: {teacher_other:.4f}.", ""]
+    g = goals(found)
+    if g:
+        lines += ["Goals as measured: `" + json.dumps(g, default=str) + "`", ""]
+    fig, axes = plt.subplots(1, len(order), figsize=(6 * len(order), 4.2), squeeze=False)
+    for ax, regime in zip(axes[0], order):
+        arms = found[regime]
+        lines += regime_table(regime, arms)
+        for i, (arm, runs) in enumerate(sorted(arms.items())):
+            if runs[0]["curve"]:
+                tokens, ce = zip(*runs[0]["curve"])
+                ax.plot(tokens, ce, marker="o", markersize=2, label=arm, color=f"C{i % 10}")
+        ends = [r["heldout_ce"] for runs in arms.values() for r in runs]
+        ax.set_ylim(min(ends) - 0.1, max(ends) + max(0.5, max(ends) - min(ends)))
+        ax.set(title=f"{regime} (seed 0)", xlabel="training tokens", ylabel="held-out CE (nats/token)")
+        ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    fig.savefig(DOCS / "results.png", dpi=110)
+    fig.savefig(docs / "results.png", dpi=110)
+    plt.close(fig)
     lines += ["![held-out CE against training tokens](results.png)", "",
-              "Caveats: the student is far from the teacher (pure KD at T = 1 except sampled_alpha05, a few dozen "
-              "optimizer steps), so these rank estimators early in training; arms with one seed are not separated "
-              "from seed-to-seed spread by differences smaller than the replicated arms' standard deviations. Seconds "
-              "are the wall time of seed 0's run as measured; some runs shared the 2 cores with other benchmarks.", ""]
-    (DOCS / "results.md").write_text("\n".join(lines))
+              "Issue 8's short regimes (30 and 56 steps), measured before result files were kept, are in "
+              "[results-short.md](results-short.md).", ""]
+    (docs / "results.md").write_text("\n".join(lines))
+    return {"regimes": {regime: summarize(found[regime]) for regime in order}, "goals": g,
+            "teacher_other_genre_ce": teacher_other}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "quality-benchmark")
-    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="student seeds (0 is always run)")
-    ap.add_argument("--replicate-arms", nargs="+", default=list(ARMS), choices=list(ARMS),
-                    help="arms retrained for seeds other than 0 (an arm's differences to full KD are paired with "
-                         "online_full runs of the same seeds)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "quality-benchmark", help="work folders of the runs")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where result files are kept (committed)")
+    ap.add_argument("--regimes", nargs="+", default=["long"], choices=["long", "multi_epoch", "single_pass"],
+                    help="long includes its teacher_init arms")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds (0 is always run)")
+    ap.add_argument("--commit", action="store_true", help="git-commit each result file as it lands")
+    ap.add_argument("--max-arms", type=int, default=0, help="stop after this many runs (0: run the whole plan)")
+    ap.add_argument("--report", action="store_true", help="only regenerate docs/results.md and .png from the files")
     args = ap.parse_args()
-    out = args.out.resolve()
-    seeds = sorted({0, *args.seeds})
-    results, teacher_ce = {}, {}
-    for regime in args.regimes:
-        results[regime] = {arm: [run_arm(regime, arm, out)] for arm in ARMS}
-        for seed in seeds[1:]:
-            for arm in ARMS:
-                if arm in args.replicate_arms:
-                    results[regime][arm].append(run_arm(regime, arm, out, seed))
-        # seeds run earlier (other --replicate-arms) count too
-        for arm, runs in results[regime].items():
-            done = {r["seed"] for r in runs}
-            runs += [json.loads(f.read_text()) for f in sorted((out / regime).glob(f"{arm}-seed*/result.json"))
-                     if json.loads(f.read_text())["seed"] not in done]
-            runs.sort(key=lambda r: r["seed"])
-        teacher_ce[regime] = results[regime]["sampled"][0]["teacher_heldout_ce"]
-    write_results(results, teacher_ce)
-    print(json.dumps({
-        **{regime: {arm: {**paired(runs, arms["online_full"]),
-                          **{k: runs[0][k] for k in ("bytes_per_token", "seconds", "train_tokens")}}
-                    for arm, runs in arms.items()} for regime, arms in results.items()},
-        "teacher_heldout_ce": teacher_ce,
-        "goal": "default kind within 2% of online_full in both regimes; KD clearly better than ce_only",
-    }))
+    results, docs = args.results.resolve(), args.results.resolve().parent
+    if not args.report:
+        out = args.out.resolve()
+        seeds = sorted({0, *args.seeds})
+        teacher_other_genre_ce(results)
+        ran = 0
+        for regime in args.regimes:
+            while not (args.max_arms and ran >= args.max_arms):
+                todo = next_runs(regime, results, seeds)
+                if not todo:
+                    break
+                run_arm(todo[0][0], todo[0][1], out, results, todo[0][2], args.commit)
+                ran += 1
+    print(json.dumps(write_report(results, docs), default=str))
 
 
 if __name__ == "__main__":

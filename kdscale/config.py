@@ -122,7 +122,17 @@ class CorpusSpec(Strict):
     max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice); for images, "
                                    "training images (one position each).")
     seq_len: int = Field(256, ge=8)
-    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Rows held out by content hash: the split "
+                                    "results are reported on.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Rows kept for choosing settings (alpha, "
+                                       "temperature, lr, target kind) by content hash, disjoint from train and "
+                                       "held-out; 0: no validation split.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> "CorpusSpec":
+        if self.heldout_fraction + self.validation_fraction >= 1:
+            raise ValueError("heldout_fraction + validation_fraction must leave rows to train on (sum < 1)")
+        return self
 
 
 class TargetsSpec(Strict):

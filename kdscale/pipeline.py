@@ -128,7 +128,8 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
                     "vocab_size": len(p.tokenizer), "logit_width": logit_width(spec, p.teacher_config)},
         "corpus": {"files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
                    "seq_len": spec.corpus.seq_len, "max_tokens": spec.corpus.max_tokens,
-                   "heldout_fraction": spec.corpus.heldout_fraction},
+                   "heldout_fraction": spec.corpus.heldout_fraction,
+                   "validation_fraction": spec.corpus.validation_fraction},
         "targets": spec.cache.targets.model_dump(),
         "students": {
             s.name: {
@@ -177,6 +178,8 @@ def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> di
         "bytes_per_token": t["bytes_per_token"],
         "target_bytes_per_token": t["target_bytes_per_token"],
         "teacher_heldout_ce": t["teacher_heldout_ce"],
+        "teacher_validation_ce": t.get("teacher_validation_ce"),
+        "rows_by_split": m.dataset.rows,
         **({} if reused is None else {"reused": reused}),
     }
 
@@ -267,6 +270,11 @@ def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
     return m
 
 
+def metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    """MLflow names of evaluation metrics: ``validation/…`` for the validation split's, ``heldout/…`` else."""
+    return {(f"validation/{k}" if "validation" in k else f"heldout/{k}"): v for k, v in metrics.items()}
+
+
 def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
     from kdscale.student.evaluate import evaluate
 
@@ -276,21 +284,36 @@ def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
 @dataclass
 class Sources:
     """The data students train and are evaluated on: the committed cache (``manifest``) for
-    cache students, the packed corpus with a teacher pass over its held-out rows for online ones."""
+    cache students, the packed corpus with a teacher pass over its scored rows for online ones."""
 
     manifest: Manifest | None = None
     corpus: Any = None  # PackedCorpus, only when some student trains online
-    _heldout: dict[str, Any] = field(default_factory=dict)
+    _scored: dict[tuple[str, bool], Any] = field(default_factory=dict)
 
-    def heldout(self, p: Prepared, online: bool):
-        key = "online" if online else "cache"
-        if key not in self._heldout:
+    def heldout(self, p: Prepared, online: bool, split: str = "heldout"):
+        """The rows of a scored split (``heldout``, or ``validation``) with the teacher's NLL and argmax."""
+        key = (split, online)
+        if key not in self._scored:
             rows = p.spec.eval.max_heldout_rows
-            self._heldout[key] = (
-                teacher_heldout(p, self.corpus.heldout[:rows] if rows else self.corpus.heldout)
-                if online else read_split(p.cache_uri, self.manifest, "heldout", rows)
+            corpus_rows = self.corpus.splits[split] if online else None
+            self._scored[key] = (
+                teacher_heldout(p, corpus_rows[:rows] if rows else corpus_rows)
+                if online else read_split(p.cache_uri, self.manifest, split, rows)
             )
-        return self._heldout[key]
+        return self._scored[key]
+
+    def has_validation(self, online: bool) -> bool:
+        return bool(self.corpus.validation) if online else bool(self.manifest.shards_of("validation"))
+
+    def evaluate(self, p: Prepared, model, online: bool) -> dict[str, float]:
+        """Held-out metrics, and beside them ``validation_ce`` / ``teacher_validation_ce`` /
+        ``validation_top1_agreement`` when the data has a validation split (the one to choose settings on)."""
+        metrics = _evaluate(p, model, self.heldout(p, online))
+        if self.has_validation(online):
+            v = _evaluate(p, model, self.heldout(p, online, "validation"))
+            metrics.update(validation_ce=v["heldout_ce"], teacher_validation_ce=v["teacher_heldout_ce"],
+                           validation_top1_agreement=v["top1_agreement"])
+        return metrics
 
     def training_data(self, p: Prepared, online: bool):
         from kdscale.student.trainer import cache_data, online_data
@@ -369,9 +392,9 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
                                    run_id, p.init_uri(s), table_arrays(heldout, p.task.input_columns), p.task.describe())
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
-            metrics = _evaluate(p, load_exported(export_uri, p.task), heldout)
+            metrics = sources.evaluate(p, load_exported(export_uri, p.task), online)
             tracker.log_metrics(run_id, {
-                **{f"heldout/{k}": v for k, v in metrics.items()},
+                **metric_names(metrics),
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
                 "train/tokens_per_second": _tokens_per_second(result.epochs),
             }, step=result.steps)
@@ -403,8 +426,9 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         }
         if registered is not None:
             say(f"Student {s.name}: registered as MLflow model {registered.name} version {registered.version}")
+        validation = f", validation CE {metrics['validation_ce']:.3f}" if "validation_ce" in metrics else ""
         say(
-            f"[green]Student {s.name}: held-out CE {metrics['heldout_ce']:.3f} (untrained "
+            f"[green]Student {s.name}: held-out CE {metrics['heldout_ce']:.3f}{validation} (untrained "
             f"{untrained['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}) -> {export_uri}"
         )
     write_summary(p.workdir, {"students": results})
@@ -471,10 +495,10 @@ def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any
             raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
         online = s.targets == "online"
         run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
-        metrics = _evaluate(p, load_exported(uri, p.task), sources.heldout(p, online))
+        metrics = sources.evaluate(p, load_exported(uri, p.task), online)
         if not online:
             tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="evaluation")
-        tracker.log_metrics(run_id, {f"heldout/{k}": v for k, v in metrics.items()})
+        tracker.log_metrics(run_id, metric_names(metrics))
         tracker.end(run_id)
         results[s.name] = {**metrics, "export": uri, "eval_run_id": run_id}
         say(f"Student {s.name}: held-out CE {metrics['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}")

@@ -30,7 +30,7 @@ from kdscale.cache.writer import (
     write_rank_file,
 )
 from kdscale.config import load_job
-from kdscale.data.corpus import is_heldout, pack_corpus, seq_id
+from kdscale.data.corpus import split_of, pack_corpus, seq_id
 from kdscale.models.teacher import load_tokenizer
 from kdscale.precompute.plan import build_plan
 from kdscale.precompute.worker import TeacherWorker
@@ -84,8 +84,8 @@ def test_corpus_packing_and_heldout_split(tmp_path):
     packed = pack_corpus(spec.corpus, tok)
     assert packed.tokens == spec.corpus.max_tokens
     assert all(len(r) == spec.corpus.seq_len for r in packed.train + packed.heldout)
-    assert all(is_heldout(seq_id(r), spec.corpus.heldout_fraction) for r in packed.heldout)
-    assert not any(is_heldout(seq_id(r), spec.corpus.heldout_fraction) for r in packed.train)
+    assert all(split_of(seq_id(r), spec.corpus.heldout_fraction) == "heldout" for r in packed.heldout)
+    assert not any(split_of(seq_id(r), spec.corpus.heldout_fraction) == "heldout" for r in packed.train)
     assert packed.content_hash() == pack_corpus(spec.corpus, tok).content_hash()
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdscale.config import CorpusSpec, load_job
-from kdscale.data.corpus import is_heldout, pack_corpus, seq_id
+from kdscale.data.corpus import split_of, pack_corpus, seq_id
 from kdscale.models.teacher import load_tokenizer
 from tests.conftest import JOBS, write_job
 
@@ -45,8 +45,8 @@ def test_max_tokens_and_split(tok):
     packed = pack_corpus(_spec(DOCS, max_tokens=4096), tok)
     assert packed.tokens == 4096
     assert all(len(r) == 64 and r.dtype == np.int32 for r in packed.train + packed.heldout)
-    assert all(is_heldout(seq_id(r), 0.15) for r in packed.heldout)
-    assert not any(is_heldout(seq_id(r), 0.15) for r in packed.train)
+    assert all(split_of(seq_id(r), 0.15) == "heldout" for r in packed.heldout)
+    assert not any(split_of(seq_id(r), 0.15) == "heldout" for r in packed.train)
 
 
 def test_bad_jsonl_names_file_and_line(tmp_path, tok):

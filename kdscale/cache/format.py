@@ -31,7 +31,8 @@ tail_ids            list<int32>            ``stratified``: id-coded unique ids o
                                            the k ids
 tail_counts         list<uint8>            ``stratified``: draw count of each tail id
 tail_lengths        list<uint8>            ``stratified``: unique tail ids per position
-teacher_top1        list<int32>            heldout split only: teacher argmax per position
+teacher_top1        list<int32>            heldout and validation splits only: teacher
+                                           argmax per position
 ==================  =====================  ===============================================
 
 Targets at position i describe the teacher's distribution of the token *after* input_ids[i].
@@ -57,7 +58,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LEDGER_DIR = "_ledger"
 PLAN = "plan.json"
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "validation")  # the order shards are listed in
+EVAL_SPLITS = ("heldout", "validation")  # scored, never trained on; validation is optional
 
 ID_CODING_SCHEME = "rank-delta"
 
@@ -140,6 +142,7 @@ class DatasetInfo(_Model):
     content_hash: str
     seq_len: int
     heldout_fraction: float
+    validation_fraction: float = 0.0
     rows: dict[str, int]
     tokens: int
 
@@ -154,7 +157,7 @@ class DatasetInfo(_Model):
 
 class ShardRecord(_Model):
     path: str = Field(..., description="File name relative to the cache folder.")
-    split: Literal["train", "heldout"]
+    split: Literal["train", "heldout", "validation"]
     index: int
     rows: int
     tokens: int

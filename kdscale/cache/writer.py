@@ -18,7 +18,9 @@ from kdscale.cache import idcodec
 from kdscale.cache.format import (
     FORMAT_VERSION,
     ID_CODING_SCHEME,
+    EVAL_SPLITS,
     HELDOUT_EXTRA_COLUMNS,
+    SPLITS,
     LEDGER_DIR,
     MANIFEST,
     PLAN,
@@ -61,7 +63,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 
 
 def shard_columns(kind: str, split: str, store_logprobs: bool = False, task: str = "causal_lm") -> list[str]:
-    extra = HELDOUT_EXTRA_COLUMNS if split == "heldout" else ()
+    extra = HELDOUT_EXTRA_COLUMNS if split in EVAL_SPLITS else ()
     return [*base_columns(task), *target_columns(kind, store_logprobs), *extra]
 
 
@@ -250,12 +252,17 @@ def build_manifest(
     id_coding: dict[str, Any],
     shards: list[ShardRecord],
 ) -> Manifest:
-    shards = sorted(shards, key=lambda s: (s.split != "train", s.index))
+    shards = sorted(shards, key=lambda s: (SPLITS.index(s.split), s.index))
     tokens = sum(s.tokens for s in shards)
     total_bytes = sum(s.bytes for s in shards)
     tgt_bytes = sum(s.target_bytes for s in shards)
-    heldout = [s for s in shards if s.split == "heldout"]
-    heldout_positions = sum(s.rows * dataset.labelled_per_row() for s in heldout)
+    splits = [split for split in SPLITS if split != "validation" or any(s.split == split for s in shards)]
+
+    def teacher_ce(split: str) -> float | None:
+        scored = [s for s in shards if s.split == split]
+        positions = sum(s.rows * dataset.labelled_per_row() for s in scored)
+        return sum(s.teacher_nll_sum for s in scored) / positions if positions else None
+
     totals = {
         "rows": sum(s.rows for s in shards),
         "tokens": tokens,
@@ -265,7 +272,8 @@ def build_manifest(
         "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
         "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
         "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind in ("topk", "stratified") and tokens else None,
-        "teacher_heldout_ce": sum(s.teacher_nll_sum for s in heldout) / heldout_positions if heldout_positions else None,
+        "teacher_heldout_ce": teacher_ce("heldout"),
+        **({"teacher_validation_ce": teacher_ce("validation")} if "validation" in splits else {}),
     }
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -277,7 +285,7 @@ def build_manifest(
         tokenizer=tokenizer,
         dataset=dataset,
         columns={split: shard_columns(targets.kind, split, targets.store_logprobs, dataset.task_name)
-                 for split in ("train", "heldout")},
+                 for split in splits},
         id_coding=id_coding,
         shards=shards,
         totals=totals,

@@ -4,6 +4,11 @@ Documents are tokenized, joined with the tokenizer's end-of-text token and cut i
 windows (the tail that does not fill a window is dropped). Each sequence is keyed by a hash of its
 token ids (``seq_id``), so the held-out split, the sampling seed and resume all depend on
 content, not on file order or worker count.
+
+Three splits by content hash: ``heldout`` (the reported one), ``validation`` (the one settings
+are chosen on, so a sweep never peeks at the reported split) and ``train``. The hash bits below
+``heldout_fraction`` are held out, the next ``validation_fraction`` validate: adding a validation
+split takes its rows from train and leaves the held-out rows exactly as they were.
 """
 
 from __future__ import annotations
@@ -26,9 +31,28 @@ def seq_id(ids: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(), digest_size=8).hexdigest()
 
 
-def is_heldout(sid: str, fraction: float) -> bool:
-    """Deterministic split by content hash: stable across reruns, workers and corpus order."""
-    return int(sid[8:16], 16) < fraction * HELDOUT_HASH_SPACE
+def split_of(sid: str, heldout_fraction: float, validation_fraction: float = 0.0) -> str:
+    """``heldout``, ``validation`` or ``train`` for a row id (see the module docstring): stable
+    across reruns, workers and corpus order."""
+    point = int(sid[8:16], 16)
+    if point < heldout_fraction * HELDOUT_HASH_SPACE:
+        return "heldout"
+    if point < (heldout_fraction + validation_fraction) * HELDOUT_HASH_SPACE:
+        return "validation"
+    return "train"
+
+
+def split_hash(header: str, splits: dict[str, list], row_id) -> str:
+    """Hash of every row id in order, per split; an empty validation split is left out so caches
+    made before it existed keep their content hash (and cache_id)."""
+    h = hashlib.sha256(header.encode())
+    for name, rows in splits.items():
+        if name == "validation" and not rows:
+            continue
+        h.update(name.encode())
+        for row in rows:
+            h.update(row_id(row).encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -36,21 +60,21 @@ class PackedCorpus:
     seq_len: int
     train: list[np.ndarray] = field(default_factory=list)
     heldout: list[np.ndarray] = field(default_factory=list)
+    validation: list[np.ndarray] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     documents: int = 0
 
     @property
+    def splits(self) -> dict[str, list[np.ndarray]]:
+        return {"train": self.train, "heldout": self.heldout, "validation": self.validation}
+
+    @property
     def tokens(self) -> int:
-        return (len(self.train) + len(self.heldout)) * self.seq_len
+        return sum(len(rows) for rows in self.splits.values()) * self.seq_len
 
     def content_hash(self) -> str:
         """Hash of every packed sequence in order, per split: what the cache was computed over."""
-        h = hashlib.sha256(f"seq_len={self.seq_len}".encode())
-        for name, rows in (("train", self.train), ("heldout", self.heldout)):
-            h.update(name.encode())
-            for row in rows:
-                h.update(seq_id(row).encode())
-        return h.hexdigest()
+        return split_hash(f"seq_len={self.seq_len}", self.splits, seq_id)
 
 
 def corpus_files(spec: CorpusSpec) -> list[str]:
@@ -149,7 +173,7 @@ def pack_corpus(
         full = len(stream) // spec.seq_len * spec.seq_len
         for row in stream[:full].reshape(-1, spec.seq_len):
             row = row.copy()
-            (packed.heldout if is_heldout(seq_id(row), spec.heldout_fraction) else packed.train).append(row)
+            packed.splits[split_of(seq_id(row), spec.heldout_fraction, spec.validation_fraction)].append(row)
             if limit and packed.tokens >= limit:
                 return packed
         pending, pending_len = [stream[full:]], len(stream) - full

@@ -18,7 +18,7 @@ import numpy as np
 
 from kdscale import fs
 from kdscale.config import CorpusSpec
-from kdscale.data.corpus import corpus_files, is_heldout
+from kdscale.data.corpus import corpus_files, split_hash, split_of
 
 UINT8 = 0x08
 
@@ -80,29 +80,29 @@ class ImageCorpus:
 
     train: list[tuple[np.ndarray, int]] = field(default_factory=list)
     heldout: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    validation: list[tuple[np.ndarray, int]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     height: int = 0
     width: int = 0
     seq_len: int = 1
 
     @property
+    def splits(self) -> dict[str, list[tuple[np.ndarray, int]]]:
+        return {"train": self.train, "heldout": self.heldout, "validation": self.validation}
+
+    @property
     def documents(self) -> int:
-        return len(self.train) + len(self.heldout)
+        return sum(len(rows) for rows in self.splits.values())
 
     @property
     def tokens(self) -> int:
         return self.documents  # one predicted position per image
 
     def content_hash(self) -> str:
-        h = hashlib.sha256(f"images={self.height}x{self.width}".encode())
-        for name, rows in (("train", self.train), ("heldout", self.heldout)):
-            h.update(name.encode())
-            for pixels, label in rows:
-                h.update(example_id(pixels, label).encode())
-        return h.hexdigest()
+        return split_hash(f"images={self.height}x{self.width}", self.splits, lambda row: example_id(*row))
 
     def all_labels(self) -> np.ndarray:
-        return np.asarray([label for _, label in self.train + self.heldout], dtype=np.int64)
+        return np.asarray([label for rows in self.splits.values() for _, label in rows], dtype=np.int64)
 
 
 def _pairs(images: list[str], labels: list[str]) -> tuple[list[tuple[np.ndarray, int]], tuple[int, int]]:
@@ -126,17 +126,18 @@ def _expand(patterns: list[str] | None) -> list[str]:
 
 def load_images(spec: CorpusSpec) -> ImageCorpus:
     """Read the spec's IDX image/label files. With ``heldout_paths`` those files are the held-out
-    split (e.g. an official test set); otherwise rows are split by content hash. ``max_tokens``
+    split (e.g. an official test set); otherwise rows are split by content hash, as is the
+validation split (``validation_fraction`` of ``paths``) in both cases. ``max_tokens``
     caps the training images (one position each); ``eval.max_heldout_rows`` caps evaluation."""
     train_images, heldout_images = corpus_files(spec), _expand(spec.heldout_paths)
     train, (height, width) = _pairs(train_images, _expand(spec.labels))
     corpus = ImageCorpus(sources=train_images + heldout_images, height=height, width=width)
+    # with an official test set nothing of `paths` is held out; validation is cut from it either way
+    heldout_fraction = 0.0 if heldout_images else spec.heldout_fraction
     if heldout_images:
         corpus.heldout, _ = _pairs(heldout_images, _expand(spec.heldout_labels))
-        corpus.train = train
-    else:
-        for x, y in train:
-            (corpus.heldout if is_heldout(example_id(x, y), spec.heldout_fraction) else corpus.train).append((x, y))
+    for x, y in train:
+        corpus.splits[split_of(example_id(x, y), heldout_fraction, spec.validation_fraction)].append((x, y))
     if spec.max_tokens:
         corpus.train = corpus.train[: spec.max_tokens]
     return corpus

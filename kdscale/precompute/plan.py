@@ -194,6 +194,11 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
             f"the corpus yields no held-out sequences ({len(corpus.train)} sequences, heldout_fraction "
             f"{spec.corpus.heldout_fraction}); use more text or a larger heldout_fraction"
         )
+    if spec.corpus.validation_fraction and not corpus.validation:
+        raise PlanError(
+            f"the corpus yields no validation sequences ({len(corpus.train)} sequences, validation_fraction "
+            f"{spec.corpus.validation_fraction}); use more text or a larger validation_fraction"
+        )
     identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed, spec.task)
     ranges = layer_ranges(teacher_config, spec.teacher.shards)
     teacher = TeacherInfo(
@@ -212,15 +217,16 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
         content_hash=corpus.content_hash(),
         seq_len=corpus.seq_len,
         heldout_fraction=spec.corpus.heldout_fraction,
-        rows={"train": len(corpus.train), "heldout": len(corpus.heldout)},
+        validation_fraction=spec.corpus.validation_fraction,
+        rows={split: len(rows) for split, rows in corpus.splits.items() if split != "validation" or rows},
         tokens=corpus.tokens,
     )
     targets = targets_info(spec)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
     cut = image_shard_tasks if images else shard_tasks
-    tasks = cut("train", corpus.train, per_shard) + cut("heldout", corpus.heldout, per_shard)
+    tasks = [task for split, rows in corpus.splits.items() for task in cut(split, rows, per_shard)]
     # id coding ranks the output ids by frequency: tokens in the corpus, or the images' labels
-    order = idcodec.rank_table(corpus.all_labels() if images else np.concatenate(corpus.train + corpus.heldout),
-                               tok.vocab_size)
+    everything = corpus.all_labels() if images else np.concatenate([r for rows in corpus.splits.values() for r in rows])
+    order = idcodec.rank_table(everything, tok.vocab_size)
     return PrecomputePlan(cid, targets, teacher, tok, dataset, order, ranges, tasks)

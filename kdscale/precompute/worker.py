@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kdscale.cache import targets as extract
-from kdscale.cache.format import ShardRecord, TargetsInfo
+from kdscale.cache.format import EVAL_SPLITS, ShardRecord, TargetsInfo
 from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
 from kdscale.models.sharding import split
@@ -119,7 +119,7 @@ class TeacherWorker:
                         seed=t.seed,
                         sid=sid,
                         store_logprobs=t.store_logprobs,
-                        with_top1=task.split == "heldout",
+                        with_top1=task.split in EVAL_SPLITS,
                         draws=t.draws,
                     )
                 )

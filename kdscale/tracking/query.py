@@ -57,7 +57,7 @@ def _run_summary(client, run) -> dict[str, Any]:
         "status": run.info.status,
         "started": run.info.start_time,
         "parent_run_id": tags.get("mlflow.parentRunId"),
-        "metrics": {k: v for k, v in data.metrics.items() if k.startswith("heldout/") or k in
+        "metrics": {k: v for k, v in data.metrics.items() if k.startswith(("heldout/", "validation/")) or k in
                     ("tokens", "bytes_per_token", "tokens_per_second", "reused", "train/tokens_per_second")},
     }
 
