@@ -67,6 +67,10 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
     except CacheFormatError as e:
         _fail(str(e), 1)
     mlflow = summary.get("mlflow", {})
+    if fs_exists_report(summary["workdir"]):
+        from kdscale import fs
+
+        _print_report(fs.read_json(fs.join(summary["workdir"], pipeline.REPORT_FILES[0])))
     out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
     out.print(f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
               f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})", highlight=False, soft_wrap=True)
@@ -94,6 +98,63 @@ def train(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool
 def evaluate(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt) -> None:
     """Evaluate the job's exported students on the cache's held-out split."""
     _run(job, ("eval",), workdir, False)
+
+
+def fs_exists_report(workdir: str) -> bool:
+    from kdscale import fs, pipeline
+
+    return fs.exists(fs.join(workdir, pipeline.REPORT_FILES[0]))
+
+
+def _print_report(report: dict) -> None:
+    from kdscale.report import table_rows
+
+    headers, cells = table_rows(report)
+    table = Table(title=f"students of job {report['job']}" + (f" vs baseline {report['baseline']}"
+                                                               if report["baseline"] else ""))
+    for h in headers:
+        table.add_column(h, overflow="fold")
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+    teacher = report.get("teacher_heldout_ce")
+    note = f"teacher held-out CE {teacher:.4f}. " if teacher is not None else ""
+    out.print(f"{note}Δ ± two paired standard errors; a verdict other than 'within noise' needs "
+              f"{escape(report['noise_rule'])}.", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(workdir: str = typer.Argument(..., help="A job's workdir (holding summary.json), path or fsspec URI"),
+           baseline: Optional[str] = typer.Option(None, "--baseline", help="The student the others are compared "
+                                                  "with (default: the only one trained with alpha 0)."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every student a job trained beside its baseline: CE, Δ, noise verdict, bytes/token, cost.
+
+    Writes report.json / report.md / report.png into the workdir and logs them to the job's MLflow
+    parent run (MLFLOW_TRACKING_URI, else the URI the job recorded)."""
+    from kdscale import fs, pipeline
+    from kdscale.report import ReportError
+
+    folder = fs.normalize(workdir)
+    summary = pipeline.read_summary(folder)
+    if not summary:
+        _fail(f"no {pipeline.SUMMARY} in {workdir}: not a job's workdir, or nothing ran there yet", 2)
+    summary["workdir"] = folder
+    mlflow = summary.get("mlflow", {})
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get("tracking_uri")
+    try:
+        rep = pipeline.write_report(summary, baseline)
+    except ReportError as e:
+        _fail(str(e), 2)
+    try:
+        if uri and mlflow.get("parent_run_id"):
+            pipeline.log_report(folder, uri, mlflow["parent_run_id"])
+    except Exception as e:  # the report stands without MLflow; say why it was not logged
+        err.print(f"[yellow]warning:[/] report not logged to MLflow ({escape(type(e).__name__)}: {escape(str(e))[:200]})")
+    if as_json:
+        print(json.dumps(rep))
+        return
+    _print_report(rep)
 
 
 def _open(uri: str):

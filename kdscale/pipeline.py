@@ -34,6 +34,7 @@ from kdscale.tracking.lineage import (
 from kdscale.tracking.redact import redact_text
 
 SUMMARY = "summary.json"
+REPORT_FILES = ("report.json", "report.md", "report.png")  # in the workdir and the parent run's report/
 STAGES = ("precompute", "train", "eval")
 
 
@@ -166,6 +167,41 @@ def write_summary(workdir: str, update: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def write_report(summary: dict[str, Any], baseline: str | None = None) -> dict[str, Any]:
+    """Every student beside its baseline (:mod:`kdscale.report`): report.json / .md / .png in the workdir."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from kdscale.report import build_report, curves, markdown
+    from kdscale.tracking import plots
+
+    report = build_report(summary, baseline)
+    figure = plots.student_curves(curves(summary), f"job {report['job']}: held-out CE by student",
+                                  report["baseline"], report["teacher_heldout_ce"])
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    plt.close(figure)
+    json_name, md_name, png_name = REPORT_FILES
+    fs.write_json(fs.join(summary["workdir"], json_name), report)
+    fs.write_bytes(fs.join(summary["workdir"], md_name), markdown(report).encode())
+    fs.write_bytes(fs.join(summary["workdir"], png_name), png.getvalue())
+    return report
+
+
+def log_report(workdir: str, tracking: str, run_id: str) -> None:
+    """The workdir's report files under ``report/`` of an MLflow run (the job's parent run)."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in REPORT_FILES:
+            (Path(tmp) / name).write_bytes(fs.read_bytes(fs.join(workdir, name)))
+        MlflowClient(tracking).log_artifacts(run_id, tmp, "report")
+
+
 def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> dict[str, Any]:
     t = m.totals
     return {
@@ -275,10 +311,10 @@ def metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return {(f"validation/{k}" if "validation" in k else f"heldout/{k}"): v for k, v in metrics.items()}
 
 
-def _evaluate(p: Prepared, model, heldout) -> dict[str, float]:
+def _evaluate(p: Prepared, model, heldout):
     from kdscale.student.evaluate import evaluate
 
-    return evaluate(model, heldout, p.spec.eval.batch_size, p.task).as_dict()
+    return evaluate(model, heldout, p.spec.eval.batch_size, p.task)
 
 
 @dataclass
@@ -305,15 +341,17 @@ class Sources:
     def has_validation(self, online: bool) -> bool:
         return bool(self.corpus.validation) if online else bool(self.manifest.shards_of("validation"))
 
-    def evaluate(self, p: Prepared, model, online: bool) -> dict[str, float]:
+    def evaluate(self, p: Prepared, model, online: bool) -> tuple[dict[str, float], list[float]]:
         """Held-out metrics, and beside them ``validation_ce`` / ``teacher_validation_ce`` /
-        ``validation_top1_agreement`` when the data has a validation split (the one to choose settings on)."""
-        metrics = _evaluate(p, model, self.heldout(p, online))
+        ``validation_top1_agreement`` when the data has a validation split (the one to choose
+        settings on); and each held-out row's CE (for paired comparisons between students)."""
+        heldout = _evaluate(p, model, self.heldout(p, online))
+        metrics = heldout.as_dict()
         if self.has_validation(online):
             v = _evaluate(p, model, self.heldout(p, online, "validation"))
-            metrics.update(validation_ce=v["heldout_ce"], teacher_validation_ce=v["teacher_heldout_ce"],
-                           validation_top1_agreement=v["top1_agreement"])
-        return metrics
+            metrics.update(validation_ce=v.heldout_ce, teacher_validation_ce=v.teacher_heldout_ce,
+                           validation_top1_agreement=v.top1_agreement)
+        return metrics, heldout.row_ce
 
     def training_data(self, p: Prepared, online: bool):
         from kdscale.student.trainer import cache_data, online_data
@@ -388,11 +426,11 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                                       "tokenizer_fingerprint": m.tokenizer.fingerprint, "cache_uri": p.cache_uri}),
             })
             seed = s.train.seed if s.train.seed is not None else spec.seed
-            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout)
+            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout).as_dict()
             result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
                                    run_id, p.init_uri(s), table_arrays(heldout, p.task.input_columns), p.task.describe())
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
-            metrics = sources.evaluate(p, load_exported(export_uri, p.task), online)
+            metrics, row_ce = sources.evaluate(p, load_exported(export_uri, p.task), online)
             tracker.log_metrics(run_id, {
                 **metric_names(metrics),
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
@@ -408,7 +446,11 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         results[s.name] = {
             **metrics,
             "heldout_ce_untrained": untrained["heldout_ce"],
+            "heldout_row_ce": row_ce,
             "targets": s.targets,
+            "init": s.init,
+            "loss": s.loss.model_dump(),
+            "train_tokens": sum(e["tokens"] for e in result.epochs),
             "export": export_uri,
             "steps": result.steps,
             "train_seconds": result.seconds,
@@ -495,12 +537,12 @@ def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any
             raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
         online = s.targets == "online"
         run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
-        metrics = sources.evaluate(p, load_exported(uri, p.task), online)
+        metrics, row_ce = sources.evaluate(p, load_exported(uri, p.task), online)
         if not online:
             tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="evaluation")
         tracker.log_metrics(run_id, metric_names(metrics))
         tracker.end(run_id)
-        results[s.name] = {**metrics, "export": uri, "eval_run_id": run_id}
+        results[s.name] = {**metrics, "heldout_row_ce": row_ce, "export": uri, "eval_run_id": run_id}
         say(f"Student {s.name}: held-out CE {metrics['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}")
     write_summary(p.workdir, {"students": results})
     return results
@@ -549,6 +591,9 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
             stage_train(p, tracker, sources)
         elif "eval" in stages:
             stage_eval(p, tracker, sources)
+        if students_need:
+            write_report(read_summary(p.workdir))
+            log_report(p.workdir, tracker.uri, parent)
         tracker.end(parent)
     except BaseException:
         tracker.end(parent, "FAILED")

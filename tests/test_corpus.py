@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdscale.config import CorpusSpec, load_job
-from kdscale.data.corpus import split_of, pack_corpus, seq_id
+from kdscale.data.corpus import pack_corpus, seq_id, split_of
 from kdscale.models.teacher import load_tokenizer
 from tests.conftest import JOBS, write_job
 
@@ -47,6 +47,28 @@ def test_max_tokens_and_split(tok):
     assert all(len(r) == 64 and r.dtype == np.int32 for r in packed.train + packed.heldout)
     assert all(split_of(seq_id(r), 0.15) == "heldout" for r in packed.heldout)
     assert not any(split_of(seq_id(r), 0.15) == "heldout" for r in packed.train)
+
+
+def test_validation_split_is_disjoint_stable_and_leaves_heldout_alone(tok):
+    """Validation rows come out of train only: the held-out rows are exactly those of a corpus
+    without a validation split, and two packings agree row for row."""
+    spec = _spec(DOCS, validation_fraction=0.2)
+    first, again, plain = pack_corpus(spec, tok), pack_corpus(spec, tok), pack_corpus(_spec(DOCS), tok)
+    ids = {name: [seq_id(r) for r in rows] for name, rows in first.splits.items()}
+    assert all(ids.values())
+    assert len(set(ids["train"]) | set(ids["heldout"]) | set(ids["validation"])) == sum(map(len, ids.values()))
+    assert ids == {name: [seq_id(r) for r in rows] for name, rows in again.splits.items()}
+    assert ids["heldout"] == [seq_id(r) for r in plain.heldout]
+    assert sorted(ids["train"] + ids["validation"]) == sorted(seq_id(r) for r in plain.train)
+    assert all(split_of(i, 0.15, 0.2) == "validation" for i in ids["validation"])
+    assert 0.1 < len(ids["validation"]) / sum(map(len, ids.values())) < 0.3
+    assert first.content_hash() != plain.content_hash()
+    assert pack_corpus(_spec(DOCS, validation_fraction=0.0), tok).content_hash() == plain.content_hash()
+
+
+def test_fractions_must_leave_training_rows():
+    with pytest.raises(ValueError, match="must leave rows to train on"):
+        _spec(DOCS, validation_fraction=0.85)
 
 
 def test_bad_jsonl_names_file_and_line(tmp_path, tok):

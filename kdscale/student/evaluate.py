@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ import torch
 
 from kdscale import fs
 from kdscale.models.task import IGNORE, CausalLM, Task, table_arrays
-from kdscale.student.losses import nll_sum
+from kdscale.student.losses import row_nll
 
 
 @dataclass
@@ -32,22 +32,27 @@ class HeldoutMetrics:
     teacher_heldout_ce: float
     rows: int
     tokens: int
+    # each row's mean CE: what a paired comparison of two students on the same rows needs
+    row_ce: list[float] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The scalar metrics (``row_ce`` is kept apart)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "row_ce"}
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, heldout: pa.Table, batch_size: int = 4, task: Task = CausalLM()) -> HeldoutMetrics:
     model.eval()
     nll_total, labelled, agree, positions, correct, teacher_correct = 0.0, 0, 0, 0, 0, 0
+    row_ce: list[float] = []
     for start in range(0, heldout.num_rows, batch_size):
         batch = heldout.slice(start, batch_size)
         arrays = table_arrays(batch, task.input_columns)
         logits = task.logits(model, task.model_inputs(arrays)).float()
         labels = task.labels(arrays)
-        nll, count = nll_sum(logits, labels)
-        nll_total, labelled = nll_total + nll, labelled + count
+        nll, count = row_nll(logits, labels)
+        nll_total, labelled = nll_total + float(nll.sum()), labelled + int(count.sum())
+        row_ce += (nll / count.clamp(min=1)).tolist()
         predicted = logits.argmax(-1)
         teacher_top1 = torch.from_numpy(table_arrays(batch, ("teacher_top1",))["teacher_top1"].astype(np.int64))
         agree += int((predicted == teacher_top1).sum())
@@ -66,6 +71,7 @@ def evaluate(model: torch.nn.Module, heldout: pa.Table, batch_size: int = 4, tas
         teacher_heldout_ce=teacher_nll / labelled,
         rows=heldout.num_rows,
         tokens=positions,
+        row_ce=row_ce,
     )
 
 

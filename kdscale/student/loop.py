@@ -1,9 +1,11 @@
 """The per-worker training loop run by Ray Train: stream cache rows, KD + CE loss, DeepSpeed step.
 
 Every worker builds the same seeded student, streams its equal share of the cache's train split
-(Ray Data ``streaming_split``), and checkpoints at each epoch end: DeepSpeed's (ZeRO-partitioned)
-state from every rank plus, from rank 0, the full model in Hugging Face format and the loss
-history. A restarted worker group resumes from the latest checkpoint.
+(Ray Data ``streaming_split``), and checkpoints at epoch ends (every ``checkpoint_every_epochs``
+and after the last): DeepSpeed's (ZeRO-partitioned) state from every rank plus, from rank 0, the
+full model in Hugging Face format and the loss history. A restarted worker group resumes from the
+latest checkpoint. A background thread reads and decodes ``prefetch_batches`` micro-batches ahead,
+across epoch boundaries, so each epoch's stream start-up overlaps the previous epoch's last steps.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -93,9 +97,46 @@ class _DataClock:
             yield item
 
 
+class _Prefetcher:
+    """Items of consecutive epochs, produced ``depth`` ahead by a background thread.
+
+    ``make_epoch(e)`` yields epoch e's items; the thread runs epochs in order into a bounded
+    queue, so epoch e+1's first reads happen while epoch e's last items are being trained on.
+    ``depth`` 0 produces in the caller's thread. An error in the thread is raised in the caller's."""
+
+    _END = object()
+
+    def __init__(self, make_epoch: Callable[[int], Iterable], epochs: range, depth: int):
+        self.make_epoch, self.depth = make_epoch, depth
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        if depth:
+            threading.Thread(target=self._produce, args=(epochs,), daemon=True, name="kdscale-prefetch").start()
+
+    def _produce(self, epochs: range) -> None:
+        try:
+            for epoch in epochs:
+                for item in self.make_epoch(epoch):
+                    self.queue.put(item)
+                self.queue.put(self._END)
+        except BaseException as e:  # handed to the training thread, which raises it
+            self.queue.put(e)
+
+    def epoch(self, epoch: int) -> Iterator:
+        if not self.depth:
+            yield from self.make_epoch(epoch)
+            return
+        while (item := self.queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config, task: Task) -> str:
+    """A checkpoint folder (Ray Train deletes it once uploaded); the state records how long the
+    save took, so its cost shows beside the epochs' (``checkpoint_seconds``)."""
     from kdscale.student.engine import full_state_dict
 
+    started = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="kdscale-ckpt-")
     engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
     weights = full_state_dict(engine, cfg["train"]["zero_stage"])  # collective under ZeRO-3
@@ -103,6 +144,7 @@ def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: i
         model = task.auto_model().from_config(student_config)
         model.load_state_dict(weights)
         model.save_pretrained(os.path.join(folder, HF_DIR), safe_serialization=True)
+        state["epochs"][-1]["checkpoint_seconds"] = time.perf_counter() - started
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump(state, f)
     return folder
@@ -168,22 +210,28 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             inputs, labels = task.model_inputs(arrays, device), task.labels(arrays, device)
             yield inputs, labels, (targets_for(batch, inputs, epoch) if decode else batch)
 
-    preloaded = None
+    preloaded: list = []
+
+    def epoch_batches(epoch: int):
+        """One epoch's batches: streamed, or (``preload``) from the worker's share read once and
+        kept, in a seeded order per epoch (decoded again per epoch when each epoch has its own draw)."""
+        if not train.preload:
+            yield from batches(epoch)
+            return
+        per_epoch = targets_for.varies_by_epoch
+        if not preloaded:
+            preloaded.extend(batches(epoch, decode=not per_epoch))
+        order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
+        for i in order.tolist():
+            inputs, labels, stored = preloaded[i]
+            yield inputs, labels, targets_for(stored, inputs, epoch) if per_epoch else stored
+
+    prefetcher = _Prefetcher(epoch_batches, range(state["epoch"], train.epochs), train.prefetch_batches)
     for epoch in range(state["epoch"], train.epochs):
         started = time.perf_counter()
         window: list[list[float]] = []
         micro = 0
-        if train.preload:
-            # keep decoded targets, unless each epoch decodes its own draw from the stored rows
-            per_epoch = targets_for.varies_by_epoch
-            if preloaded is None:
-                preloaded = list(batches(epoch, decode=not per_epoch))
-            order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
-            epoch_batches = ((preloaded[i][0], preloaded[i][1], targets_for(preloaded[i][2], preloaded[i][0], epoch))
-                             if per_epoch else preloaded[i] for i in order.tolist())
-        else:
-            epoch_batches = batches(epoch)
-        clock = _DataClock(epoch_batches)
+        clock = _DataClock(prefetcher.epoch(epoch))
         for inputs, labels, targets in clock:
             logits = task.logits(engine, inputs)
             parts = distillation_loss(
@@ -225,7 +273,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         tokens = micro * tokens_per_micro * world
         state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
                                                 "data_seconds": clock.waited, "first_batch_seconds": clock.first})
-        folder = _save_checkpoint(engine, cfg, state, rank, student_config, task)
         metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
                    "precision": precision}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        if (epoch + 1) % train.checkpoint_every_epochs and epoch + 1 < train.epochs:
+            ray.train.report(metrics)  # the same decision on every rank: no collective save is left waiting
+            continue
+        folder = _save_checkpoint(engine, cfg, state, rank, student_config, task)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         delete_local_checkpoint_after_upload=True)

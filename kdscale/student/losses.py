@@ -178,9 +178,16 @@ def cross_entropy(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torc
     )
 
 
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (first dimension): summed cross-entropy over its labelled positions, and their count."""
+    flat = labels.reshape(-1)
+    nll = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=IGNORE, reduction="none")
+    rows = labels.shape[0]
+    return nll.reshape(rows, -1).sum(-1), (labels != IGNORE).reshape(rows, -1).sum(-1)
+
+
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed cross-entropy over the labelled positions and their count: the held-out score,
     shared by the collective evaluation during training and the evaluation after it."""
-    flat = labels.reshape(-1)
-    nll = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=IGNORE, reduction="sum")
-    return float(nll), int((flat != IGNORE).sum())
+    nll, count = row_nll(logits, labels)
+    return float(nll.sum()), int(count.sum())

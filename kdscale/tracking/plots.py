@@ -81,3 +81,24 @@ def cache_profile(ids_per_position: np.ndarray, tail_mass: np.ndarray | None, te
                     title=f"mean {tail_mass.mean():.3f}")
     fig.tight_layout()
     return fig
+
+
+def student_curves(curves: dict[str, Sequence[tuple[int, float]]], title: str, baseline: str | None = None,
+                   teacher_ce: float | None = None):
+    """Held-out CE against training tokens, one line per student (the baseline dashed), and the
+    teacher's CE as a floor."""
+    fig, (ax,) = _figure(width=7.0)
+    for name, points in curves.items():
+        tokens, ce = zip(*points)
+        ax.plot(tokens, ce, "--" if name == baseline else "-", marker="o", markersize=3, linewidth=1.4,
+                label=f"{name} (baseline)" if name == baseline else name)
+    if teacher_ce is not None:
+        ax.axhline(teacher_ce, color="tab:green", linewidth=0.8, linestyle=":", label="teacher")
+    ends = [points[-1][1] for points in curves.values()]
+    if ends:
+        low = min(ends + ([teacher_ce] if teacher_ce is not None else []))
+        ax.set_ylim(low - 0.2, max(ends) + max(1.0, max(ends) - low))
+    ax.set(xlabel="training tokens", ylabel="held-out CE (nats/token)", title=title)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
