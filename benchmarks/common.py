@@ -62,7 +62,10 @@ def start_ray(cpus: int) -> None:
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='kdscale-bench-')}/mlflow.db")
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    from kdscale.ray_runtime import worker_env
+
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning", log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})
 
 
 def run(spec: JobSpec, workdir: str, stages=("precompute", "train", "eval")) -> dict:

@@ -342,15 +342,16 @@ class Sources:
         return bool(self.corpus.validation) if online else bool(self.manifest.shards_of("validation"))
 
     def evaluate(self, p: Prepared, model, online: bool) -> tuple[dict[str, float], list[float]]:
-        """Held-out metrics, and beside them ``validation_ce`` / ``teacher_validation_ce`` /
-        ``validation_top1_agreement`` when the data has a validation split (the one to choose
-        settings on); and each held-out row's CE (for paired comparisons between students)."""
+        """Held-out metrics, and beside them ``validation_*`` (CE, accuracy, top-1 agreement, the
+        teacher's CE and accuracy) when the data has a validation split (the one to choose settings
+        on); and each held-out row's CE (for paired comparisons between students)."""
         heldout = _evaluate(p, model, self.heldout(p, online))
         metrics = heldout.as_dict()
         if self.has_validation(online):
             v = _evaluate(p, model, self.heldout(p, online, "validation"))
             metrics.update(validation_ce=v.heldout_ce, teacher_validation_ce=v.teacher_heldout_ce,
-                           validation_top1_agreement=v.top1_agreement)
+                           validation_top1_agreement=v.top1_agreement, validation_accuracy=v.accuracy,
+                           teacher_validation_accuracy=v.teacher_accuracy)
         return metrics, heldout.row_ce
 
     def training_data(self, p: Prepared, online: bool):

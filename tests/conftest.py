@@ -102,7 +102,10 @@ def ray_session(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+        from kdscale.ray_runtime import worker_env
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
+                 runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()
 
