@@ -45,11 +45,15 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def training_args(doc: str, epochs: int, tokens: int = 16384) -> argparse.Namespace:
-    """``--tokens`` (quickstart corpus slice) and ``--epochs`` for the training benchmarks."""
+def training_args(doc: str, epochs: int, tokens: int = 16384, workers: bool = False) -> argparse.Namespace:
+    """``--tokens`` (quickstart corpus slice) and ``--epochs`` for the training benchmarks (and
+    ``--workers`` / ``--threads``: training workers and torch threads per worker)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=tokens)
     ap.add_argument("--epochs", type=int, default=epochs)
+    if workers:
+        ap.add_argument("--workers", type=int, default=2)
+        ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: its CPUs)")
     return ap.parse_args()
 
 

@@ -8,14 +8,15 @@ cached sparse targets + CE), AdamW and the same threads (2):
   the cache streamed by Ray Data with batches prefetched across epochs, checkpoints as the
   student's spec says (default: every epoch);
 - ``bare``: one process, 2 threads, the same batches decoded once into memory beforehand, a plain
-  ``loss.backward(); optimizer.step()`` loop: the ceiling on this machine.
+  ``loss.backward(); optimizer.step()`` loop: the ceiling on this machine. It runs with the same
+  malloc setting as kdscale's workers (huge pages; the script re-executes itself with it).
 
 Rate = training tokens / wall seconds over epochs 2..E (epoch 1 carries start-up and warm-up), and for
 kdscale it includes each epoch's data waits and checkpoint saves. Prints one JSON line; ``ratio`` =
 kdscale / bare (goal >= 0.95). Also ``ratio_whole_run``: including Ray Train's and DeepSpeed's
 one-time start-up (not a goal: it is fixed per job, not per token). Run it alone on the machine.
 
-    .venv/bin/python benchmarks/train_vs_bare.py [--tokens 40960] [--epochs 4]
+    .venv/bin/python benchmarks/train_vs_bare.py [--tokens 40960] [--epochs 4] [--workers 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -73,10 +74,27 @@ def bare_loop(spec, summary: dict, epochs: int) -> dict:
     return {"epoch_seconds": seconds, "tokens_per_epoch": steps * batch * manifest.dataset.seq_len}
 
 
+def same_allocator_here() -> None:
+    """Re-run this script with the malloc setting kdscale's workers start with, so the bare loop (in
+    this process) is not slowed by page faults the workers avoid (kdscale.ray_runtime.worker_env)."""
+    import os
+    import sys
+
+    from kdscale.ray_runtime import worker_env
+
+    env = worker_env()
+    if os.environ.get("GLIBC_TUNABLES") != env["GLIBC_TUNABLES"]:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
 def main() -> None:
-    args = training_args(__doc__, epochs=4, tokens=40960)
+    same_allocator_here()
+    args = training_args(__doc__, epochs=4, tokens=40960, workers=True)
     start_ray(2)
-    spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": {"epochs": args.epochs, "eval_every_steps": 0}}]})
+    batch = 8  # the quickstart's global batch: 2 workers x 4 rows
+    train = {"epochs": args.epochs, "eval_every_steps": 0, "num_workers": args.workers,
+             "micro_batch_size": batch // args.workers, "threads_per_worker": args.threads}
+    spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]})
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)
         st = summary["students"]["student"]
@@ -93,6 +111,7 @@ def main() -> None:
         "benchmark": "train_vs_bare",
         "tokens_per_epoch": bare["tokens_per_epoch"],
         "epochs": args.epochs,
+        "workers": args.workers, "threads_per_worker": args.threads,
         "tokens_per_second": {"kdscale": kd_rate, "bare": bare_rate},
         "kdscale_epochs": [{k: round(e.get(k, 0.0), 2) for k in ("seconds", "data_seconds", "first_batch_seconds",
                                                                   "checkpoint_seconds")} for e in st["epochs"]],

@@ -178,6 +178,10 @@ class LossSpec(Strict):
 class TrainSpec(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch threads in each worker; default: its whole CPUs (at least 1). More than its "
+        "CPUs may pay where the CPUs Ray reserves for reading the cache are idle between its bursts."
+    )
     use_gpu: bool = False
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -159,7 +159,7 @@ def train_student(
         "init_path": init_path,
         "seed": t.seed if t.seed is not None else spec.seed,
         "steps_per_epoch": per_epoch,
-        "threads": max(1, int(t.cpus_per_worker)),
+        "threads": t.threads_per_worker or max(1, int(t.cpus_per_worker)),
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "counter": counter,
