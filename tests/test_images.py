@@ -230,8 +230,10 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 def test_fashion_mnist_files_read_as_the_job_names_them():
     spec = load_job(Path(__file__).parent.parent / "jobs" / "fashion_mnist.yaml", check_resources=False)
     corpus = load_images(spec.corpus)
-    assert (len(corpus.train), len(corpus.heldout), corpus.height, corpus.width) == (60000, 10000, 28, 28)
-    counts = np.bincount([label for _, label in corpus.train], minlength=10)
+    assert (len(corpus.train) + len(corpus.validation), len(corpus.heldout), corpus.height, corpus.width) == (
+        60000, 10000, 28, 28)
+    assert 0.09 < len(corpus.validation) / 60000 < 0.11  # validation_fraction 0.1 of the training images
+    counts = np.bincount([label for _, label in corpus.train + corpus.validation], minlength=10)
     assert counts.tolist() == [6000] * 10  # Fashion-MNIST is balanced
     assert spec.corpus.paths[0].startswith(str(FASHION))
 
@@ -247,6 +249,8 @@ def test_fashion_mnist_precompute_with_a_stand_in_teacher(ray_session, tmp_path,
     result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 0, result.output
     m = open_manifest(str(tmp_path / "w" / "cache"))
-    assert m.dataset.rows == {"train": 2000, "heldout": 10000} and m.dataset.task["input_shape"] == [1, 28, 28]
+    validation = m.dataset.rows["validation"]
+    assert m.dataset.rows == {"train": 2000, "heldout": 10000, "validation": validation} and validation > 5000
+    assert m.dataset.task["input_shape"] == [1, 28, 28]
     assert m.dataset.sources[0].endswith("train-images-idx3-ubyte.gz")
     assert verify(str(tmp_path / "w" / "cache"), m) == []
