@@ -326,7 +326,7 @@ class Sources:
     corpus: Any = None  # PackedCorpus, only when some student trains online
     _scored: dict[tuple[str, bool], Any] = field(default_factory=dict)
 
-    def heldout(self, p: Prepared, online: bool, split: str = "heldout"):
+    def scored(self, p: Prepared, online: bool, split: str = "heldout"):
         """The rows of a scored split (``heldout``, or ``validation``) with the teacher's NLL and argmax."""
         key = (split, online)
         if key not in self._scored:
@@ -345,10 +345,10 @@ class Sources:
         """Held-out metrics, and beside them ``validation_*`` (CE, accuracy, top-1 agreement, the
         teacher's CE and accuracy) when the data has a validation split (the one to choose settings
         on); and each held-out row's CE (for paired comparisons between students)."""
-        heldout = _evaluate(p, model, self.heldout(p, online))
+        heldout = _evaluate(p, model, self.scored(p, online))
         metrics = heldout.as_dict()
         if self.has_validation(online):
-            v = _evaluate(p, model, self.heldout(p, online, "validation"))
+            v = _evaluate(p, model, self.scored(p, online, "validation"))
             metrics.update(validation_ce=v.heldout_ce, teacher_validation_ce=v.teacher_heldout_ce,
                            validation_top1_agreement=v.top1_agreement, validation_accuracy=v.accuracy,
                            teacher_validation_accuracy=v.teacher_accuracy)
@@ -411,7 +411,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
     results = {}
     for s in spec.students:
         online = s.targets == "online"
-        heldout = sources.heldout(p, online)
+        heldout = sources.scored(p, online)
         cfg = p.student_configs[s.name]
         run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name})
         try:
