@@ -1,4 +1,5 @@
-"""The training loop's pieces that need no Ray: the prefetcher that reads ahead across epochs."""
+"""The training loop's supports: the prefetcher that reads ahead across epochs, and the malloc setting
+every Ray worker starts with."""
 
 from __future__ import annotations
 
@@ -47,3 +48,59 @@ def test_prefetcher_raises_the_readers_error_in_the_training_thread():
     p = _Prefetcher(broken, range(1), 2)
     with pytest.raises(OSError, match="shard unreadable"):
         list(p.epoch(0))
+
+
+def test_workers_start_with_huge_page_malloc_and_keep_the_users_tunables(monkeypatch):
+    from kdscale.ray_runtime import MALLOC_TUNABLE, worker_env
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert worker_env() == {"GLIBC_TUNABLES": MALLOC_TUNABLE}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert worker_env() == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{MALLOC_TUNABLE}"}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert worker_env() == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's choice wins
+
+
+PROBE = """
+import json, sys
+from kdscale.config import RaySpec
+from kdscale.ray_runtime import ensure_ray
+import ray
+
+ensure_ray(RaySpec(num_cpus=1))
+
+@ray.remote
+def probe():
+    import os, resource, torch
+    torch.set_num_threads(1)
+    w, x = torch.randn(128, 49152), torch.randn(1024, 128)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        (x @ w).log_softmax(-1)  # 200 MB results: above glibc's mmap threshold
+    return os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(json.dumps(ray.get(probe.remote())))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
+    """A Ray started by kdscale (its own process: the test session's Ray is already up) runs
+    workers with the tunable set at exec, so glibc applies it: five 200 MB results fault in a few
+    thousand pages instead of ~250k (4 KB each)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tunables, faults = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "glibc.malloc.hugetlb=1" in tunables
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert faults < 100_000, faults
