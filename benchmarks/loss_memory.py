@@ -29,6 +29,7 @@ def arm(name: str, positions: int, vocab: int, chunk: int) -> dict:
 
     sys.path.insert(0, str(REPO))
     from kdscale.cache.reader import SparseTargets
+    from kdscale.models.task import next_token_labels
     from kdscale.student.losses import cross_entropy, distillation_loss
 
     torch.set_num_threads(2)
