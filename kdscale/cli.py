@@ -67,10 +67,11 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
     except CacheFormatError as e:
         _fail(str(e), 1)
     mlflow = summary.get("mlflow", {})
-    if fs_exists_report(summary["workdir"]):
-        from kdscale import fs
+    from kdscale import fs
 
-        _print_report(fs.read_json(fs.join(summary["workdir"], pipeline.REPORT_FILES[0])))
+    report_file = fs.join(summary["workdir"], pipeline.REPORT_FILES[0])
+    if "students" in summary and fs.exists(report_file):
+        _print_report(fs.read_json(report_file))
     out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
     out.print(f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
               f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})", highlight=False, soft_wrap=True)
@@ -98,12 +99,6 @@ def train(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool
 def evaluate(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt) -> None:
     """Evaluate the job's exported students on the cache's held-out split."""
     _run(job, ("eval",), workdir, False)
-
-
-def fs_exists_report(workdir: str) -> bool:
-    from kdscale import fs, pipeline
-
-    return fs.exists(fs.join(workdir, pipeline.REPORT_FILES[0]))
 
 
 def _print_report(report: dict) -> None:
