@@ -18,6 +18,7 @@ from rich.table import Table
 
 from kdscale.cache.format import CacheFormatError
 from kdscale.config import ConfigError, JobSpec, load_job
+from kdscale.errors import find_in_chain
 
 app = typer.Typer(help="Knowledge distillation at scale: teacher once -> Parquet logit cache -> many students.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -25,6 +26,10 @@ cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help
 app.add_typer(cache_app, name="cache")
 out = Console()
 err = Console(stderr=True)
+
+# Failures with a message that says everything (raised in the driver, a teacher actor or a training
+# worker): printed as one line, exit 1, no traceback.
+RUN_FAILURES = ("NonFiniteLoss", "NonFiniteStudent", "TeacherStartTimeout", "CacheFormatError")
 
 JobArg = typer.Argument(..., exists=False, help="Job spec (YAML), e.g. jobs/quickstart.yaml")
 WorkdirOpt = typer.Option(None, "--workdir", help="Where outputs go (default: the spec's workdir or runs/<name>).")
@@ -51,21 +56,25 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
     from kdscale import pipeline
 
     hf_logging.disable_progress_bar()
+    from kdscale.data.corpus import CorpusError
     from kdscale.precompute.plan import PlanError
     from kdscale.tracking.lineage import TrackingUnavailable
 
     spec = _load(job)
     try:
         if dry_run:
-            plan = pipeline.describe_plan(pipeline.prepare(spec, workdir))
-            plan["stages"] = list(stages)
-            out.print_json(json.dumps(plan))
+            out.print_json(json.dumps(pipeline.dry_run(spec, stages, workdir)))
             return
         summary = pipeline.run(spec, stages, workdir)
-    except (ConfigError, PlanError, TrackingUnavailable) as e:
+    except (ConfigError, PlanError, TrackingUnavailable, CorpusError) as e:
         _fail(str(e), 2)
     except CacheFormatError as e:
         _fail(str(e), 1)
+    except Exception as e:
+        failure = find_in_chain(e, RUN_FAILURES)
+        if failure is None:
+            raise
+        _fail(str(failure), 1)
     mlflow = summary.get("mlflow", {})
     from kdscale import fs
 
@@ -152,14 +161,17 @@ def report(workdir: str = typer.Argument(..., help="A job's workdir (holding sum
     _print_report(rep)
 
 
-def _open(uri: str):
+def _open(uri: str, checksums: bool = False):
+    """A cache through the one verification every reader uses; exit 1 listing every problem."""
     from kdscale import fs
-    from kdscale.cache.reader import open_manifest
+    from kdscale.cache.verify import open_cache
 
     try:
-        return open_manifest(fs.normalize(uri))
+        return open_cache(fs.normalize(uri), checksums=checksums)
     except CacheFormatError as e:
         _fail(str(e), 1)
+    except Exception as e:  # an unreachable endpoint, a permission error: say which, no traceback
+        _fail(f"cannot read the cache at {uri}: {type(e).__name__}: {str(e)[:300]}", 1)
 
 
 @cache_app.command("inspect")
@@ -184,14 +196,8 @@ def cache_inspect(uri: str = typer.Argument(..., help="Cache folder (path or fss
 
 @cache_app.command("verify")
 def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)")) -> None:
-    """Recompute every shard's sha256 against the manifest; exit 1 naming any bad shard."""
-    from kdscale import fs
-    from kdscale.cache.reader import verify
-
-    m = _open(uri)
-    bad = verify(fs.normalize(uri), m)
-    if bad:
-        _fail(f"{len(bad)} of {len(m.shards)} shards do not match the manifest: {', '.join(bad)}", 1)
+    """Check a cache as every reader does, plus every file's sha256; exit 1 listing each problem."""
+    m = _open(uri, checksums=True)
     out.print(f"[green]ok[/] {len(m.shards)} shards match the manifest (cache {m.cache_id})")
 
 

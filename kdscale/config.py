@@ -13,12 +13,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdscale import fs
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# MLflow experiment names may hold spaces, but never a path separator: a local tracking store turns
+# the name into a folder, and ``../../evil`` wrote artifacts outside it.
+EXPERIMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
+MAX_SEED = 2**63 - 1  # seeds reach numpy, torch and Ray as signed 64-bit integers
 
 
 def repeated_names(names: list[Any]) -> str | None:
@@ -38,9 +41,10 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are validated on assignment."""
+    """Base for every spec section: unknown keys are errors, values are validated on assignment,
+    and no float may be inf or nan (``lr: .inf`` trained a NaN student that was then registered)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RaySpec(Strict):
@@ -53,7 +57,8 @@ class RaySpec(Strict):
 
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
-    experiment: str | None = Field(None, description="MLflow experiment name; defaults to the job name.")
+    experiment: str | None = Field(None, pattern=EXPERIMENT_PATTERN, max_length=200,
+                                   description="MLflow experiment name; defaults to the job name.")
     register_models: bool = Field(True, description="Register every exported student in the MLflow Model Registry.")
     model_name: str = Field(
         "{job}-{student}", description="Registered model name; {job} and {student} are replaced by the job's and "
@@ -94,6 +99,10 @@ class TeacherSpec(Strict):
     batch_size: int = Field(4, ge=1, description="Rows per forward (the micro-batch when sharded).")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    start_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds the teacher actors may take to be placed and load their weights before "
+        "the precompute fails naming the resources they asked for (resources no node has are refused before any work)."
+    )
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -192,7 +201,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
-    seed: int | None = Field(None, description="Student init/data-order seed; defaults to the job seed.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Student init/data-order seed; defaults to the job seed.")
     log_every: int = Field(1, ge=1, description="Optimizer steps between loss records/MLflow metrics.")
     eval_every_steps: int = Field(
         0, ge=0, description="Score the held-out split every this many optimizer steps during training (and at the "
@@ -255,7 +264,7 @@ class JobSpec(Strict):
         "causal_lm", description="causal_lm: next-token distributions at every position of packed token sequences; "
         "image_classification: one class distribution per image (AutoModelForImageClassification teacher/students)."
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     workdir: str | None = Field(None, description="Where outputs go; defaults to runs/<name>.")
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -438,19 +447,13 @@ def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 
 def load_job(path: str | Path, check_resources: bool = True) -> JobSpec:
+    from kdscale.spec_yaml import SpecYamlError, load_spec_yaml
+
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(str(path), [("<file>", "no such job spec file")])
+    if not path.is_file():
+        raise ConfigError(str(path), [("<file>", "no such job spec file" if not path.exists() else "not a file")])
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
+        raw = load_spec_yaml(path.read_bytes())
+    except SpecYamlError as e:
+        raise ConfigError(str(path), [("<file>", str(e))]) from None
     return parse_job(raw, str(path), path.parent.resolve(), check_resources)
-
-
-def dump_job(spec: JobSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def is_valid_name(name: str) -> bool:
-    return re.match(NAME_PATTERN, name) is not None

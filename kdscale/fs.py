@@ -47,6 +47,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isfile(path)
+
+
 def _with_protocol(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
     if not is_remote(like):
         return path

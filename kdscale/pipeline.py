@@ -13,12 +13,12 @@ from typing import Any
 
 from kdscale import fs
 from kdscale.cache.format import CacheFormatError, Manifest
-from kdscale.cache.reader import check_shards_present, check_tokenizer, open_manifest, read_split, verify
+from kdscale.cache.reader import read_split
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, student_config
 from kdscale.models.task import CausalLM, table_arrays
-from kdscale.models.teacher import load_teacher_config, load_tokenizer, weight_problems
+from kdscale.models.teacher import load_teacher_config, load_tokenizer, shape_problems, weight_problems
 from kdscale.precompute.plan import check_teacher_fits, logit_width
 from kdscale.progress import say
 from kdscale.tracking.lineage import (
@@ -69,17 +69,17 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     """Load the tokenizer and the teacher's config (not its weights), derive every student's
     config, and raise one ConfigError for all problems found. Writes nothing."""
     wd = spec.resolved_workdir(workdir)
-    broken = weight_problems(spec.teacher)
-    if broken:
-        raise ConfigError(spec.name, [("teacher.path", b) for b in broken])
-    if spec.task == "causal_lm":
-        tokenizer = load_tokenizer(spec.teacher)
-        teacher_config = load_teacher_config(spec.teacher, len(tokenizer))
-    else:
-        teacher_config, tokenizer = _image_task(spec)
+    problems = location_problems(spec, wd) + [("teacher.path", b) for b in weight_problems(spec.teacher)]
+    problems += [(f"students.{i}.path", b) for i, s in enumerate(spec.students) if s.init == "pretrained"
+                 for b in student_file_problems(s.path)]
+    if problems:
+        raise ConfigError(spec.name, problems)
+    teacher_config, tokenizer = _teacher(spec)
     vocab = len(tokenizer)
     task = CausalLM() if spec.task == "causal_lm" else tokenizer  # an image task is its own label space
     problems = check_teacher_fits(spec, teacher_config, vocab)
+    problems += [("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
+                 for pr in shape_problems(teacher_config)]
     configs = {}
     for i, s in enumerate(spec.students):
         try:
@@ -94,6 +94,48 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     if problems:
         raise ConfigError(spec.name, problems)
     return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs)
+
+
+def _teacher(spec: JobSpec):
+    """The teacher's config and tokenizer (an image task for classifiers), or a ConfigError saying
+    which field names what could not be read (a bad ``architecture``, an unreadable tokenizer)."""
+    if spec.task != "causal_lm":
+        return _image_task(spec)
+    try:
+        tokenizer = load_tokenizer(spec.teacher)
+    except (OSError, ValueError) as e:
+        field = "teacher.tokenizer" if spec.teacher.tokenizer else "teacher.path"
+        raise ConfigError(spec.name, [(field, f"cannot load the tokenizer: {str(e)[:300]}")]) from None
+    try:
+        return load_teacher_config(spec.teacher, len(tokenizer)), tokenizer
+    except (OSError, ValueError) as e:
+        field = "teacher.architecture" if spec.teacher.init == "random" else "teacher.path"
+        raise ConfigError(spec.name, [(field, str(e)[:400])]) from None
+
+
+def location_problems(spec: JobSpec, workdir: str) -> list[tuple[str, str]]:
+    """A workdir or cache that is a file, or one folder used as both, fails before any work."""
+    cache = spec.resolved_cache_uri(workdir)
+    problems = [(f, f"{uri} is a file, not a folder") for f, uri in (("workdir", workdir), ("cache.uri", cache))
+                if fs.is_file(uri)]
+    if fs.normalize(cache).rstrip("/") == workdir.rstrip("/"):
+        problems.append(("cache.uri", f"{cache} is also the workdir; the cache needs its own folder (default "
+                                      "<workdir>/cache)"))
+    return problems
+
+
+def student_file_problems(path: str | None) -> list[str]:
+    """A pretrained student's folder: no custom code, no pickle-only weights (as for teachers)."""
+    from kdscale.models.teacher import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, code_problems
+
+    if path is None:
+        return []
+    problems = code_problems(path, trust_remote_code=False)
+    files = [f for f in fs.expand(path) if f.endswith(WEIGHT_SUFFIXES)]
+    if files and all(f.endswith(PICKLE_SUFFIXES) for f in files):
+        problems.append(f"{path} holds only pickle weights; kdscale never unpickles model files: convert them "
+                        "to safetensors")
+    return problems
 
 
 def _image_task(spec: JobSpec):
@@ -113,6 +155,23 @@ def _image_task(spec: JobSpec):
     except (IdxError, OSError) as e:
         raise ConfigError(spec.name, [("corpus.paths", str(e))]) from None
     return teacher_config, load_image_task(spec.teacher, teacher_config, height, width)
+
+
+def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) -> dict[str, Any]:
+    """Every check a real run makes before work that needs no teacher pass (the spec, files,
+    resources, and for train/eval the committed cache), and the plan; writes nothing."""
+    p = prepare(spec, workdir)
+    check_workdir(p)
+    check_cluster(spec, stages)
+    plan = describe_plan(p)
+    plan["stages"] = list(stages)
+    if "precompute" not in stages and _uses_cache(spec):
+        m = open_cache_for_students(p, verify_checksums=False)
+        problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if "train" in stages else []
+        if problems:
+            raise ConfigError(spec.name, problems)
+        plan["cache"] = cache_summary(p.cache_uri, m)
+    return plan
 
 
 def describe_plan(p: Prepared) -> dict[str, Any]:
@@ -220,15 +279,38 @@ def cache_summary(cache_uri: str, m: Manifest, reused: bool | None = None) -> di
     }
 
 
-def check_cluster(spec: JobSpec) -> None:
-    """Refuse, before any work, students whose workers the Ray cluster cannot hold."""
-    from kdscale.ray_runtime import ensure_ray
-    from kdscale.student.trainer import cluster_problems
+def check_cluster(spec: JobSpec, stages: tuple[str, ...]) -> None:
+    """Refuse, before any work, teacher actors and student workers the Ray cluster cannot hold."""
+    from kdscale.ray_runtime import capacity
+    from kdscale.resources import student_problems, teacher_problems
 
-    ensure_ray(spec.ray)
-    problems = [pr for i in range(len(spec.students)) for pr in cluster_problems(spec, i)]
+    cap = capacity(spec.ray)
+    problems = teacher_problems(spec, cap) if "precompute" in stages and _uses_cache(spec) else []
+    if "train" in stages:
+        problems += [pr for i in range(len(spec.students)) for pr in student_problems(spec, i, cap)]
     if problems:
         raise ConfigError(spec.name, problems)
+
+
+def _uses_cache(spec: JobSpec) -> bool:
+    return any(s.targets == "cache" for s in spec.students)
+
+
+def check_workdir(p: Prepared) -> None:
+    """A workdir whose summary.json belongs to another job is refused before anything in it is touched."""
+    owner = read_summary(p.workdir).get("job")
+    if owner not in (None, p.spec.name):
+        raise ConfigError(p.spec.name, [("workdir", f"{p.workdir} holds the outputs of job {owner!r}; use another "
+                                                    "workdir (or --workdir)")])
+
+
+def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple[str, str]]:
+    """Cache students against the targets and training rows they will get (from a plan, before
+    any teacher work, or from a committed manifest)."""
+    from kdscale.student.trainer import cache_problems
+
+    return [pr for i, s in enumerate(spec.students) if s.targets == "cache"
+            for pr in cache_problems(spec, i, targets, train_rows)]
 
 
 def plan_precompute(p: Prepared):
@@ -246,7 +328,29 @@ def plan_precompute(p: Prepared):
     return build_plan(p.spec, p.tokenizer, corpus)
 
 
-def stage_precompute(p: Prepared, tracker: Tracker, plan) -> Manifest:
+def check_cache_slot(p: Prepared, cache_id: str) -> Manifest | None:
+    """Before anything is written: the verified cache to reuse if this job's cache is already
+    committed at the URI (every check, checksums too unless ``cache.verify_before_training`` is
+    off), None if it is absent or unfinished; refuses another job's cache, finished or not."""
+    from kdscale.cache.writer import check_claim
+    from kdscale.precompute.runner import existing_cache
+
+    manifest = existing_cache(p.cache_uri, cache_id, p.spec.cache.verify_before_training)
+    if manifest is None:
+        check_claim(p.cache_uri, cache_id)
+    return manifest
+
+
+def check_exports(p: Prepared) -> None:
+    from kdscale.student.evaluate import exported
+
+    missing = [(f"students.{i}", f"student {s.name} has no export at {p.export_uri(s.name)}; run `kdscale train` "
+                                 "first") for i, s in enumerate(p.spec.students) if not exported(p.export_uri(s.name))]
+    if missing:
+        raise ConfigError(p.spec.name, missing)
+
+
+def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None = None) -> Manifest:
     from kdscale.precompute.runner import run_precompute
     from kdscale.ray_runtime import ensure_ray
 
@@ -261,7 +365,7 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan) -> Manifest:
             "replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "cache_uri": p.cache_uri,
         })
         ensure_ray(spec.ray)
-        result = run_precompute(spec, plan, p.cache_uri)
+        result = run_precompute(spec, plan, p.cache_uri, reuse)
         m = result.manifest
         tracker.log_metrics(run_id, {
             "tokens": m.totals["tokens"], "bytes_per_token": m.totals["bytes_per_token"],
@@ -291,19 +395,41 @@ def log_cache_profile(tracker: Tracker, run_id: str, cache_uri: str, m: Manifest
 
 
 def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
-    """The committed cache, checked against the students' tokenizer, for missing or resized
-    shards and (``verify_checksums``) for any byte that differs from the manifest's sha256."""
-    m = open_manifest(p.cache_uri)
-    check_tokenizer(m, tokenizer_fingerprint(p.tokenizer), len(p.tokenizer))
-    check_shards_present(p.cache_uri, m)
-    if verify_checksums:
-        bad = verify(p.cache_uri, m)
-        if bad:
+    """The committed cache, through the one verification every reader uses (:mod:`kdscale.cache.verify`;
+    ``verify_checksums`` adds every file's sha256), for the students' tokenizer, and, unless the
+    spec names the cache (``cache.uri``), made by this job's spec."""
+    from kdscale.cache.verify import open_cache
+
+    m = open_cache(p.cache_uri, checksums=verify_checksums,
+                   tokenizer=(tokenizer_fingerprint(p.tokenizer), len(p.tokenizer)))
+    if not p.spec.cache.uri:
+        mismatch = spec_mismatch(p.spec, m)
+        if mismatch:
             raise CacheFormatError(
-                f"corrupted cache {p.cache_uri}: {', '.join(bad)} do(es) not match the manifest's sha256; "
-                "refusing to train (recompute with `kdscale precompute` after deleting the cache)"
-            )
+                f"the cache at {p.cache_uri} (cache_id {m.cache_id}) was not made by this job's spec: "
+                f"{'; '.join(mismatch)}. Run `kdscale precompute` (or `kdscale run`) for this spec, or name the "
+                "cache explicitly with cache.uri to train from it anyway")
     return m
+
+
+def spec_mismatch(spec: JobSpec, m: Manifest) -> list[str]:
+    """Where a manifest differs from what the spec would make, among what is known without a pass
+    over the corpus or the teacher's weights: the targets (kind, N, k, temperature, draws, the job
+    seed that seeds the draws) and the packing (seq_len, split fractions). File patterns are not
+    compared: a project moved to another folder still names the same files (the content hash,
+    checked by ``kdscale run``, is the data's identity)."""
+    from kdscale.precompute.plan import targets_info
+
+    want, have = targets_info(spec).params(), m.targets.params()
+    found = [f"targets.{k}: the cache has {have.get(k)!r}, the spec gives {want.get(k)!r}"
+             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    d, c = m.dataset, spec.corpus
+    for name, cached, wanted in (("corpus.seq_len", d.seq_len, c.seq_len),
+                                 ("corpus.heldout_fraction", d.heldout_fraction, c.heldout_fraction),
+                                 ("corpus.validation_fraction", d.validation_fraction, c.validation_fraction)):
+        if cached != wanted and spec.task == "causal_lm":
+            found.append(f"{name}: the cache has {cached!r}, the spec gives {wanted!r}")
+    return found
 
 
 def metric_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -395,12 +521,12 @@ def teacher_heldout(p: Prepared, rows: list) -> Any:
 def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
     from kdscale.ray_runtime import ensure_ray
     from kdscale.student.evaluate import export, load_exported
-    from kdscale.student.trainer import cache_problems, hf_folder, steps_per_epoch, train_student
+    from kdscale.student.trainer import hf_folder, steps_per_epoch, train_student
 
     spec = p.spec
     ensure_ray(spec.ray)
-    problems = [pr for i, s in enumerate(spec.students) if s.targets == "cache"
-                for pr in cache_problems(spec, i, sources.manifest)]
+    m = sources.manifest
+    problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if m is not None else []
     problems += [(f"students.{i}.train", f"{len(sources.corpus.train)} training rows are too few for its batch")
                  for i, s in enumerate(spec.students)
                  if s.targets == "online" and steps_per_epoch(len(sources.corpus.train), s.train) < 1]
@@ -430,8 +556,9 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout).as_dict()
             result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
                                    run_id, p.init_uri(s), table_arrays(heldout, p.task.input_columns), p.task.describe())
+            metrics, row_ce = sources.evaluate(p, load_exported(hf_folder(result), p.task), online)
+            check_finite(s.name, metrics)
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
-            metrics, row_ce = sources.evaluate(p, load_exported(export_uri, p.task), online)
             tracker.log_metrics(run_id, {
                 **metric_names(metrics),
                 "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
@@ -476,6 +603,19 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         )
     write_summary(p.workdir, {"students": results})
     return results
+
+
+def check_finite(student: str, metrics: dict[str, float]) -> None:
+    """A student whose held-out CE is not finite is never exported or registered."""
+    import math
+
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v) and "teacher" not in k}
+    if bad:
+        raise NonFiniteStudent(f"student {student}: non-finite evaluation {bad}; not exported or registered")
+
+
+class NonFiniteStudent(RuntimeError):
+    pass
 
 
 def log_student_plots(tracker: Tracker, run_id: str, name: str, result, metrics: dict, untrained: float) -> None:
@@ -561,14 +701,23 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     from kdscale.ray_runtime import ensure_ray
 
     p = prepare(spec, workdir)
+    check_workdir(p)
     check_reachable(tracking_uri(spec))
     started = time.perf_counter()
     students_need = "train" in stages or "eval" in stages
-    uses_cache = any(s.targets == "cache" for s in spec.students)
-    if "train" in stages:
-        check_cluster(spec)
+    uses_cache = _uses_cache(spec)
+    check_cluster(spec, stages)
+    if "eval" in stages and "train" not in stages:
+        check_exports(p)
     plan = plan_precompute(p) if "precompute" in stages and uses_cache else None
     sources = Sources()
+    reuse = None
+    if plan is not None:
+        if "train" in stages:
+            problems = student_plan_problems(spec, plan.targets, plan.dataset.rows["train"])
+            if problems:
+                raise ConfigError(spec.name, problems)
+        reuse = check_cache_slot(p, plan.cache_id)
     if students_need and uses_cache and plan is None:
         sources.manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
     if students_need and not all(s.targets == "cache" for s in spec.students):
@@ -583,7 +732,7 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
                                          "parent_run_id": parent}})
     try:
         if plan is not None:
-            sources.manifest = stage_precompute(p, tracker, plan)
+            sources.manifest = stage_precompute(p, tracker, plan, reuse)
         elif sources.manifest is not None:
             write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, sources.manifest)})
         elif "precompute" in stages:

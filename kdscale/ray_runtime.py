@@ -8,6 +8,7 @@ import os
 import ray
 
 from kdscale.config import RaySpec
+from kdscale.resources import Capacity
 
 # glibc's malloc hands allocations above 32 MB to fresh mmap'd pages, so every step's logits and
 # gradients ([batch, seq, vocab] floats: ~200 MB each at vocab 49k) are page-faulted in again, 4 KB
@@ -39,6 +40,25 @@ def ensure_ray(spec: RaySpec) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # the same seed reads rows in the same order
+
+
+def capacity(spec: RaySpec) -> Capacity:
+    """The connected cluster's resources; without one (and no address to connect to), what a
+    local Ray started by kdscale would have, measured without starting it (so ``--dry-run``
+    can check resources for free)."""
+    if not ray.is_initialized() and not (os.environ.get("RAY_ADDRESS") or spec.address):
+        import torch
+
+        cpus = float(spec.num_cpus or os.cpu_count() or 1)
+        gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+        return Capacity(cpus, gpus, cpus, gpus, "this machine (local Ray)")
+    ensure_ray(spec)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    return Capacity(float(total.get("CPU", 0)), float(total.get("GPU", 0)),
+                    max((float(n.get("CPU", 0)) for n in nodes), default=0.0),
+                    max((float(n.get("GPU", 0)) for n in nodes), default=0.0), "the Ray cluster")
 
 
 def cluster_cpus() -> float:

@@ -19,8 +19,8 @@ from kdscale.cache.reader import (
     load_rank_order,
     open_manifest,
     read_split,
-    verify,
 )
+from kdscale.cache.verify import problems
 from kdscale.cache.writer import (
     build_manifest,
     commit,
@@ -125,7 +125,7 @@ def tiny_cache(tmp_path_factory):
 def test_every_kind_reconstructs_the_teacher(tmp_path, targets):
     uri, plan, _, worker = build_cache(tmp_path, **{"cache.targets": targets, "corpus.max_tokens": 2048})
     m = open_manifest(uri)
-    assert m.targets.kind == targets["kind"] and verify(uri, m) == []
+    assert m.targets.kind == targets["kind"] and problems(uri)[1] == []
     table = read_split(uri, m, "train", max_rows=2)
     t = batch_targets(table, m, load_rank_order(uri, m))
     logp = torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)}) / targets["temperature"], dim=-1)
@@ -156,7 +156,7 @@ def test_manifest_consistent_with_shards(tiny_cache):
         assert fs.sha256(fs.join(uri, s.path)) == s.sha256
     assert sum(s.rows for s in m.shards) == m.totals["rows"] == sum(m.dataset.rows.values())
     assert m.totals["tokens"] == m.totals["rows"] * m.dataset.seq_len
-    assert verify(uri, m) == []
+    assert problems(uri)[1] == []
     assert set(finished_shards(uri)) == {s.path for s in m.shards}
 
 
@@ -219,7 +219,8 @@ def test_verify_names_a_flipped_byte(tiny_cache, tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    assert verify(str(copy), m) == [m.shards[1].path]
+    found = problems(str(copy))[1]
+    assert len(found) == 1 and m.shards[1].path in found[0] and "sha256" in found[0]
     with pytest.raises(OSError):  # Parquet page CRCs catch it while reading, too
         read_split(str(copy), m, "train")
 
@@ -256,7 +257,7 @@ def test_loss_temperature_must_match_sparse_caches_only(tiny_cache, tmp_path):
     uri, _, _, _ = tiny_cache
     m = open_manifest(uri)
     spec = load_job(write_job(tmp_path, **{"students.0.loss.temperature": 2.0}))
-    problems = cache_problems(spec, 0, m)  # sampled at T=1: the draws cannot be re-tempered
-    assert [f for f, _ in problems] == ["students.0.loss.temperature"] and "cannot be re-tempered" in problems[0][1]
+    found = cache_problems(spec, 0, m.targets, m.dataset.rows["train"])  # sampled at T=1: the draws cannot be re-tempered
+    assert [f for f, _ in found] == ["students.0.loss.temperature"] and "cannot be re-tempered" in found[0][1]
     full = m.model_copy(update={"targets": m.targets.model_copy(update={"kind": "full"})})
-    assert cache_problems(spec, 0, full) == []
+    assert cache_problems(spec, 0, full.targets, full.dataset.rows["train"]) == []

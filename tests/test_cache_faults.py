@@ -102,11 +102,11 @@ def test_flipped_byte_named_by_verify_and_training_refuses(committed, tmp_path, 
 
     verify = CliRunner().invoke(app, ["cache", "verify", str(work / "cache")])
     assert verify.exit_code == 1
-    assert m.shards[2].path in verify.output and "1 of" in verify.output
+    assert m.shards[2].path in verify.output and "1 problem" in verify.output and "sha256" in verify.output
 
     train = CliRunner().invoke(app, ["train", str(job), "--workdir", str(work)])
     assert train.exit_code == 1
-    assert "corrupted cache" in train.output and m.shards[2].path in "".join(train.output.split())
+    assert "refusing the cache" in train.output and m.shards[2].path in "".join(train.output.split())
     assert not (work / "students").exists()
 
 

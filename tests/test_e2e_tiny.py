@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kdscale import fs
-from kdscale.cache.reader import open_manifest, verify
+from kdscale.cache.reader import open_manifest
+from kdscale.cache.verify import problems
 from kdscale.cli import app
 from tests.conftest import write_job
 
@@ -52,7 +53,7 @@ def test_manifest_matches_shards(tiny_run):
     cache = str(tiny_run["workdir"] / "cache")
     m = open_manifest(cache)
     assert m.cache_id == tiny_run["summary"]["cache"]["cache_id"]
-    assert verify(cache, m) == []
+    assert problems(cache)[1] == []
     on_disk = sorted(p for p in fs.listdir(cache) if p.endswith(".parquet"))
     assert on_disk == sorted([s.path for s in m.shards] + [m.id_coding["rank_file"]])
     assert m.totals["tokens"] == tiny_run["summary"]["cache"]["tokens"] == 8192

@@ -14,7 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdscale.cache.reader import open_manifest, read_split, verify
+from kdscale.cache.reader import open_manifest, read_split
+from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.config import CorpusSpec, ConfigError, load_job
 from kdscale.data.images import IdxError, load_images, read_idx
@@ -162,7 +163,7 @@ def test_images_go_through_the_cache_and_train_two_students(image_run):
     assert image_run["result"].exit_code == 0, image_run["result"].output
     cache = str(image_run["work"] / "cache")
     m = open_manifest(cache)
-    assert verify(cache, m) == []
+    assert problems(cache)[1] == []
     assert m.dataset.task["name"] == "image_classification" and m.dataset.task["input_shape"] == [1, SIDE, SIDE]
     assert m.dataset.task["labels"] == [f"quadrant-{i}" for i in range(CLASSES)]
     assert m.dataset.rows == {"train": 320, "heldout": 80} and m.totals["tokens"] == 400  # one position per image
@@ -254,4 +255,4 @@ def test_fashion_mnist_precompute_with_a_stand_in_teacher(ray_session, tmp_path,
     assert m.dataset.rows == {"train": 2000, "heldout": 10000, "validation": validation} and validation > 5000
     assert m.dataset.task["input_shape"] == [1, 28, 28]
     assert m.dataset.sources[0].endswith("train-images-idx3-ubyte.gz")
-    assert verify(str(tmp_path / "w" / "cache"), m) == []
+    assert problems(str(tmp_path / "w" / "cache"))[1] == []

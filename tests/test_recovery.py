@@ -45,10 +45,16 @@ def _wait_for_checkpoint(workdir, alive, timeout=240) -> None:
 
 
 def _train_workers() -> list[psutil.Process]:
+    """Training workers of *this* test session's Ray cluster (never another Ray's on the machine)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
+    for actor in actors:
+        try:
+            found.append(psutil.Process(actor.pid))
+        except (psutil.NoSuchProcess, TypeError):
+            continue
     return found
 
 

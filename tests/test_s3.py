@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kdscale import fs
-from kdscale.cache.reader import open_manifest, verify
+from kdscale.cache.reader import open_manifest
+from kdscale.cache.verify import problems
 from kdscale.cli import app
 from tests.conftest import write_job
 
@@ -28,7 +29,7 @@ def test_tiny_job_end_to_end_on_s3(ray_session, s3_bucket, tmp_path, mlflow_uri)
     assert cache == f"{workdir}/cache"
     m = open_manifest(cache)
     assert m.cache_id == summary["cache"]["cache_id"]
-    assert verify(cache, m) == []
+    assert problems(cache)[1] == []
 
     inspect = CliRunner().invoke(app, ["cache", "inspect", cache, "--json"])
     assert inspect.exit_code == 0, inspect.output

@@ -24,7 +24,14 @@ def open_manifest(cache_uri: str) -> Manifest:
         started = fs.exists(fs.join(cache_uri, LEDGER_DIR))
         hint = "precompute did not finish; rerun `kdscale precompute` to resume it" if started else "no cache here"
         raise CacheFormatError(f"incomplete cache: {cache_uri} has no {MANIFEST} ({hint})")
-    raw = fs.read_json(uri)
+    if not fs.is_file(uri):
+        raise CacheFormatError(f"{cache_uri}: {MANIFEST} is not a file")
+    try:
+        raw = fs.read_json(uri)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheFormatError(f"{cache_uri}: {MANIFEST} is not valid JSON ({e}); the cache is unusable") from None
+    if not isinstance(raw, dict):
+        raise CacheFormatError(f"{cache_uri}: {MANIFEST} is not a JSON object")
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
         raise CacheFormatError(
@@ -61,30 +68,6 @@ def load_rank_order(cache_uri: str, manifest: Manifest) -> np.ndarray:
 
 def shard_uris(cache_uri: str, manifest: Manifest, split: str) -> list[str]:
     return [fs.join(cache_uri, s.path) for s in manifest.shards_of(split)]
-
-
-def check_shards_present(cache_uri: str, manifest: Manifest) -> None:
-    """Cheap pre-training check: every shard exists with its recorded size. Byte-level corruption
-    is caught by Parquet page checksums while streaming and by ``kdscale cache verify``."""
-    for s in manifest.shards:
-        uri = fs.join(cache_uri, s.path)
-        if not fs.exists(uri):
-            raise CacheFormatError(f"corrupted cache: shard {s.path} is missing from {cache_uri}")
-        if fs.size(uri) != s.bytes:
-            raise CacheFormatError(f"corrupted cache: shard {s.path} has {fs.size(uri)} bytes, manifest says {s.bytes}")
-
-
-def verify(cache_uri: str, manifest: Manifest) -> list[str]:
-    """Names of files (shards and the rank table) whose bytes do not match the manifest's
-    sha256, or are missing."""
-    expected = [(s.path, s.bytes, s.sha256) for s in manifest.shards]
-    expected.append((manifest.id_coding["rank_file"], None, manifest.id_coding["sha256"]))
-    bad = []
-    for path, size, digest in expected:
-        uri = fs.join(cache_uri, path)
-        if not fs.exists(uri) or (size is not None and fs.size(uri) != size) or fs.sha256(uri) != digest:
-            bad.append(path)
-    return bad
 
 
 def read_split(cache_uri: str, manifest: Manifest, split: str, max_rows: int | None = None) -> pa.Table:

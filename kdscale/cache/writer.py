@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -198,20 +201,76 @@ def ledger_uri(cache_uri: str, name: str) -> str:
 
 def write_ledger_entry(cache_uri: str, record: ShardRecord) -> None:
     fs.write_json(ledger_uri(cache_uri, record.path), record.model_dump())
+    renew_lease(cache_uri)
+
+
+def check_claim(cache_uri: str, cache_id: str) -> bool:
+    """Whether an unfinished cache folder is already claimed for ``cache_id``; refuses one begun
+    for another job (reads only)."""
+    plan_uri = fs.join(cache_uri, LEDGER_DIR, PLAN)
+    if not fs.exists(plan_uri):
+        return False
+    try:
+        existing = fs.read_json(plan_uri).get("cache_id")
+    except (ValueError, AttributeError):
+        existing = "<unreadable>"
+    if existing != cache_id:
+        raise CacheFormatError(
+            f"{cache_uri} holds an unfinished cache for another job (cache_id {existing}, this job "
+            f"{cache_id}); delete it or choose another cache URI"
+        )
+    return True
 
 
 def start_or_check_plan(cache_uri: str, cache_id: str) -> None:
     """Claim an unfinished cache folder for ``cache_id``, or refuse one begun for another job."""
-    plan_uri = fs.join(cache_uri, LEDGER_DIR, PLAN)
-    if fs.exists(plan_uri):
-        existing = fs.read_json(plan_uri).get("cache_id")
-        if existing != cache_id:
+    if not check_claim(cache_uri, cache_id):
+        fs.write_json(fs.join(cache_uri, LEDGER_DIR, PLAN), {"cache_id": cache_id, "format_version": FORMAT_VERSION})
+
+
+LEASE = "lease.json"
+LEASE_SECONDS = 900.0  # another host's lease older than this is taken over (its precompute is presumed dead)
+
+
+def acquire_lease(cache_uri: str) -> None:
+    """Claim the right to compute an unfinished cache, so two precomputes started on one cache do
+    not both do all the teacher work; refuses while another live precompute holds it. A lease of
+    a dead process on this host, or one not renewed for LEASE_SECONDS, is taken over. (Two
+    starting in the same instant can both win: object stores have no atomic create.)"""
+    uri = fs.join(cache_uri, LEDGER_DIR, LEASE)
+    if fs.exists(uri):
+        try:
+            held = fs.read_json(uri)
+        except ValueError:
+            held = {}
+        if _lease_live(held):
             raise CacheFormatError(
-                f"{cache_uri} holds an unfinished cache for another job (cache_id {existing}, this job "
-                f"{cache_id}); delete it or choose another cache URI"
-            )
-        return
-    fs.write_json(plan_uri, {"cache_id": cache_id, "format_version": FORMAT_VERSION})
+                f"another precompute (pid {held.get('pid')} on {held.get('host')}) is computing the cache at "
+                f"{cache_uri}; wait for it to commit (a rerun then reuses the cache), or stop it")
+    renew_lease(cache_uri)
+
+
+def renew_lease(cache_uri: str) -> None:
+    fs.write_json(fs.join(cache_uri, LEDGER_DIR, LEASE),
+                  {"host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()})
+
+
+def release_lease(cache_uri: str) -> None:
+    fs.remove(fs.join(cache_uri, LEDGER_DIR, LEASE))
+
+
+def _lease_live(held: dict[str, Any]) -> bool:
+    if held.get("host") == socket.gethostname():
+        if held.get("pid") == os.getpid():
+            return False
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError, OverflowError):
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(held.get("renewed", 0)) < LEASE_SECONDS
 
 
 def write_rank_file(cache_uri: str, order: np.ndarray) -> dict[str, Any]:
@@ -227,7 +286,7 @@ def finished_shards(cache_uri: str, verify: bool = True) -> dict[str, ShardRecor
     """Ledger entries whose shard is present with the recorded size and checksum."""
     done: dict[str, ShardRecord] = {}
     for entry in fs.listdir(fs.join(cache_uri, LEDGER_DIR)):
-        if entry == PLAN or not entry.endswith(".json"):
+        if entry in (PLAN, LEASE) or not entry.endswith(".json"):
             continue
         record = ShardRecord.model_validate(fs.read_json(fs.join(cache_uri, LEDGER_DIR, entry)))
         shard = fs.join(cache_uri, record.path)
@@ -253,28 +312,7 @@ def build_manifest(
     shards: list[ShardRecord],
 ) -> Manifest:
     shards = sorted(shards, key=lambda s: (SPLITS.index(s.split), s.index))
-    tokens = sum(s.tokens for s in shards)
-    total_bytes = sum(s.bytes for s in shards)
-    tgt_bytes = sum(s.target_bytes for s in shards)
-    splits = [split for split in SPLITS if split != "validation" or any(s.split == split for s in shards)]
-
-    def teacher_ce(split: str) -> float | None:
-        scored = [s for s in shards if s.split == split]
-        positions = sum(s.rows * dataset.labelled_per_row() for s in scored)
-        return sum(s.teacher_nll_sum for s in scored) / positions if positions else None
-
-    totals = {
-        "rows": sum(s.rows for s in shards),
-        "tokens": tokens,
-        "bytes": total_bytes,
-        "target_bytes": tgt_bytes,
-        "bytes_per_token": total_bytes / tokens if tokens else 0.0,
-        "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
-        "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
-        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind in ("topk", "stratified") and tokens else None,
-        "teacher_heldout_ce": teacher_ce("heldout"),
-        **({"teacher_validation_ce": teacher_ce("validation")} if "validation" in splits else {}),
-    }
+    splits = present_splits(shards)
     return Manifest(
         format_version=FORMAT_VERSION,
         cache_id=cache_id,
@@ -288,8 +326,38 @@ def build_manifest(
                  for split in splits},
         id_coding=id_coding,
         shards=shards,
-        totals=totals,
+        totals=manifest_totals(targets, dataset, shards),
     )
+
+
+def present_splits(shards: list[ShardRecord]) -> list[str]:
+    """The splits a manifest lists columns for: train and heldout always, validation when it has shards."""
+    return [split for split in SPLITS if split != "validation" or any(s.split == split for s in shards)]
+
+
+def manifest_totals(targets: TargetsInfo, dataset: DatasetInfo, shards: list[ShardRecord]) -> dict[str, Any]:
+    """The manifest's ``totals``: sums over its shard records (readers recompute and compare them)."""
+    tokens = sum(s.tokens for s in shards)
+    total_bytes = sum(s.bytes for s in shards)
+    tgt_bytes = sum(s.target_bytes for s in shards)
+
+    def teacher_ce(split: str) -> float | None:
+        scored = [s for s in shards if s.split == split]
+        positions = sum(s.rows * dataset.labelled_per_row() for s in scored)
+        return sum(s.teacher_nll_sum for s in scored) / positions if positions else None
+
+    return {
+        "rows": sum(s.rows for s in shards),
+        "tokens": tokens,
+        "bytes": total_bytes,
+        "target_bytes": tgt_bytes,
+        "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+        "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
+        "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
+        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind in ("topk", "stratified") and tokens else None,
+        "teacher_heldout_ce": teacher_ce("heldout"),
+        **({"teacher_validation_ce": teacher_ce("validation")} if "validation" in present_splits(shards) else {}),
+    }
 
 
 def commit(cache_uri: str, manifest: Manifest) -> None:

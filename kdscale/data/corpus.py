@@ -89,25 +89,44 @@ def corpus_files(spec: CorpusSpec) -> list[str]:
     return files[: spec.max_files] if spec.max_files else files
 
 
+class CorpusError(ValueError):
+    """A corpus file kdscale will not train on; the message names the file (and line)."""
+
+
+# A few undecodable bytes in a text corpus are noise worth keeping; more than this share of
+# replacement characters means a binary or wrongly-encoded file, whose "text" is garbage tokens.
+MAX_REPLACEMENT_SHARE = 0.01
+
+
+def decode_text(uri: str, data: bytes) -> str:
+    """UTF-8 text, undecodable bytes replaced; refuses a file that is mostly not UTF-8."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad and bad > MAX_REPLACEMENT_SHARE * len(text):
+        raise CorpusError(f"{uri}: {bad:,} of {len(text):,} characters ({bad / len(text):.0%}) are not UTF-8; "
+                          "a binary or wrongly encoded file (convert it to UTF-8 or drop it from corpus.paths)")
+    return text
+
+
 def file_documents(uri: str, fmt: str, field: str) -> Iterator[str]:
     """The documents of one file: the whole file (text), one JSON field per line (jsonl), or one
     column value per row (parquet). Empty documents are skipped."""
     if fmt == "text":
-        text = fs.read_bytes(uri).decode("utf-8", errors="replace")
+        text = decode_text(uri, fs.read_bytes(uri))
         if text.strip():
             yield text
         return
     if fmt == "jsonl":
-        for n, line in enumerate(fs.read_text(uri).splitlines(), 1):
+        for n, line in enumerate(decode_text(uri, fs.read_bytes(uri)).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{uri}:{n}: not JSON ({e.msg})") from None
+                raise CorpusError(f"{uri}:{n}: not JSON ({e.msg})") from None
             value = record.get(field) if isinstance(record, dict) else None
             if not isinstance(value, str):
-                raise ValueError(f"{uri}:{n}: no string field {field!r}")
+                raise CorpusError(f"{uri}:{n}: no string field {field!r}")
             if value.strip():
                 yield value
         return
@@ -118,7 +137,7 @@ def file_documents(uri: str, fmt: str, field: str) -> Iterator[str]:
         with fsys.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             if field not in pf.schema_arrow.names:
-                raise ValueError(f"{uri}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+                raise CorpusError(f"{uri}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
             for batch in pf.iter_batches(columns=[field], batch_size=1024):
                 for value in batch.column(0).to_pylist():
                     if isinstance(value, str) and value.strip():

@@ -15,7 +15,8 @@ import numpy as np
 import ray
 
 from kdscale.config import CorpusSpec
-from kdscale.data.corpus import corpus_files, tokenize_file
+from kdscale.data.corpus import CorpusError, corpus_files, tokenize_file
+from kdscale.errors import find_in_chain
 
 FILES_PER_TASK = 4
 
@@ -42,6 +43,12 @@ def ray_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndar
         batch_format="numpy",
         fn_kwargs={"fmt": spec.format, "field": spec.field, "tokenizer": tokenizer},
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for uri, ids in zip(batch["uri"], batch["ids"]):
-            yield str(uri), np.asarray(ids, dtype=np.int32)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for uri, ids in zip(batch["uri"], batch["ids"]):
+                yield str(uri), np.asarray(ids, dtype=np.int32)
+    except Exception as e:  # a bad file's CorpusError arrives wrapped in Ray's task errors
+        cause = find_in_chain(e, ("CorpusError",))
+        if cause is None:
+            raise
+        raise CorpusError(str(cause)) from None

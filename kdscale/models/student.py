@@ -11,7 +11,7 @@ import torch
 from kdscale import fs
 from kdscale.config import StudentSpec
 from kdscale.models.task import CausalLM, Task
-from kdscale.models.teacher import architecture_dict
+from kdscale.models.teacher import architecture_dict, shape_problems, unknown_fields
 
 # Derived from other fields unless the user sets them explicitly: head_dim from hidden_size /
 # num_attention_heads; a vision backbone's stage names and outputs from its depths.
@@ -34,7 +34,7 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int, task: Tas
     from transformers import AutoConfig
 
     if spec.init == "pretrained":
-        return AutoConfig.from_pretrained(spec.path)
+        return _checked(AutoConfig.from_pretrained(spec.path))
     base = architecture_dict(teacher_config)
     if spec.init == "teacher_layers":
         model_type = base.pop("model_type")
@@ -43,8 +43,7 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int, task: Tas
     overrides = dict(spec.architecture)
     model_type = overrides.pop("model_type", base.pop("model_type"))
     base.pop("model_type", None)
-    known = set(AutoConfig.for_model(model_type).to_dict())
-    unknown = sorted(k for k in overrides if k not in known)
+    unknown = unknown_fields(model_type, overrides)
     if unknown:
         raise ValueError(f"unknown {model_type} config field(s): {', '.join(unknown)}")
     for key in DERIVED_FIELDS:
@@ -52,7 +51,14 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int, task: Tas
             base.pop(key, None)
     base.update(overrides)
     task.set_output_size(base, vocab_size)
-    return AutoConfig.for_model(model_type, **base)
+    return _checked(AutoConfig.for_model(model_type, **base))
+
+
+def _checked(config):
+    problems = shape_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
 
 
 def build_student(config, seed: int, path: str | None = None, task: Task = CausalLM()) -> torch.nn.Module:

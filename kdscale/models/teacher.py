@@ -50,9 +50,46 @@ def random_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str =
 
     arch = dict(spec.architecture or {})
     model_type = arch.pop("model_type", "llama" if task == "causal_lm" else "resnet")
+    unknown = unknown_fields(model_type, arch)
+    if unknown:
+        raise ValueError(f"unknown {model_type} config field(s): {', '.join(unknown)}")
     if task == "causal_lm":
         arch.setdefault("vocab_size", vocab_size)
-    return AutoConfig.for_model(model_type, **arch)
+    config = AutoConfig.for_model(model_type, **arch)
+    problems = shape_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
+
+
+def unknown_fields(model_type: str, fields: dict[str, Any]) -> list[str]:
+    """Fields a transformers config of ``model_type`` does not have (it would accept and ignore
+    them, hiding a typo like ``hiden_size``)."""
+    from transformers import AutoConfig
+
+    try:
+        known = set(AutoConfig.for_model(model_type).to_dict()) | {"num_labels"}  # num_labels: sets id2label
+    except ValueError as e:  # transformers names the model types it knows
+        raise ValueError(f"unknown model_type {model_type!r} ({str(e)[:120]})") from None
+    return sorted(k for k in fields if k not in known)
+
+
+def shape_problems(config) -> list[str]:
+    """Attention shapes that would only fail (with a reshape error) once a model is built: heads
+    must divide the hidden size, and key/value heads the heads."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        return []
+    problems = []
+    if heads < 1 or hidden < 1:
+        return [f"hidden_size ({hidden}) and num_attention_heads ({heads}) must be positive"]
+    if getattr(config, "head_dim", None) in (None, hidden // heads) and hidden % heads:
+        problems.append(f"num_attention_heads ({heads}) does not divide hidden_size ({hidden})")
+    if isinstance(kv, int) and (kv < 1 or heads % kv):
+        problems.append(f"num_key_value_heads ({kv}) does not divide num_attention_heads ({heads})")
+    return problems
 
 
 def load_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str = "causal_lm"):
@@ -119,14 +156,19 @@ def weight_problems(spec: TeacherSpec) -> list[str]:
     files = weight_files(spec)
     if not files:
         return [f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {teacher_folder(spec)}"]
-    problems = []
+    problems = code_problems(teacher_folder(spec), spec.trust_remote_code)
+    if all(f.endswith(PICKLE_SUFFIXES) for f in files):
+        names = ", ".join(sorted(f.rsplit("/", 1)[-1] for f in files))
+        problems.append(f"{teacher_folder(spec)} holds only pickle weights ({names}); "
+                        "kdscale never unpickles model files (they can run code): convert them to safetensors "
+                        "(model.save_pretrained(folder, safe_serialization=True) in a process you trust)")
     for uri in files:
         try:
             if uri.endswith(".safetensors"):
                 _check_safetensors(uri)
             elif uri.endswith(".gguf"):
                 _check_gguf(uri)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError) as e:  # GGUFError is a ValueError
             problems.append(f"corrupt weights file {uri}: {e}")
     return problems
 
@@ -154,10 +196,30 @@ def _check_safetensors(uri: str) -> None:
 
 
 def _check_gguf(uri: str) -> None:
+    from kdscale.models.gguf_check import check_gguf
+
+    size = fs.size(uri)
     fsys, path = fs.filesystem(uri)
-    with fsys.open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
+    with fsys.open(path, "rb", block_size=1 << 20) as f:
+        check_gguf(f, size)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt")
+
+
+def code_problems(folder: str | None, trust_remote_code: bool) -> list[str]:
+    """A model folder whose config asks for custom Python code (``auto_map``) would fail inside
+    transformers with a prompt-like error, or, trusted, run that code: say so before any work."""
+    if folder is None or trust_remote_code or not fs.exists(fs.join(folder, "config.json")):
+        return []
+    try:
+        config = fs.read_json(fs.join(folder, "config.json"))
+    except ValueError as e:
+        return [f"unreadable config.json in {folder}: {e}"]
+    if isinstance(config, dict) and config.get("auto_map"):
+        return [f"{folder} needs custom model code (config.json auto_map: {sorted(config['auto_map'])}); kdscale "
+                "does not run code from model folders unless trust_remote_code: true"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.sharding import layer_ranges
 from kdscale.models.teacher import load_teacher_config, teacher_identity
+from kdscale.tracking.redact import redact
 
 MAX_FULL_VOCAB = 4096
 
@@ -211,8 +212,8 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     tok = tokenizer_info(tokenizer, logit_width(spec, teacher_config))
     dataset = DatasetInfo(
         task=tokenizer.describe() if images else {"name": "causal_lm"},
-        sources=corpus.sources,
-        patterns=list(spec.corpus.paths),
+        sources=redact(corpus.sources),  # a password in a corpus URL never reaches the manifest
+        patterns=redact(list(spec.corpus.paths)),
         documents=corpus.documents,
         content_hash=corpus.content_hash(),
         seq_len=corpus.seq_len,

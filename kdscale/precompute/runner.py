@@ -19,9 +19,11 @@ from kdscale import fs
 from kdscale.cache.format import LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
 from kdscale.cache.reader import open_manifest
 from kdscale.cache.writer import (
+    acquire_lease,
     build_manifest,
     commit,
     finished_shards,
+    release_lease,
     start_or_check_plan,
     write_ledger_entry,
     write_rank_file,
@@ -49,8 +51,11 @@ class PrecomputeResult:
         return self.tokens_computed / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
 
-def existing_cache(cache_uri: str, cache_id: str) -> Manifest | None:
-    """A committed cache with this cache_id, None if none; refuses a different committed cache."""
+def existing_cache(cache_uri: str, cache_id: str, checksums: bool) -> Manifest | None:
+    """A committed cache with this cache_id that passes every check (:func:`kdscale.cache.verify.open_cache`),
+    None if none is committed; refuses a different committed cache."""
+    from kdscale.cache.verify import open_cache
+
     if not fs.exists(fs.join(cache_uri, MANIFEST)):
         return None
     manifest = open_manifest(cache_uri)
@@ -59,18 +64,21 @@ def existing_cache(cache_uri: str, cache_id: str) -> Manifest | None:
             f"{cache_uri} already holds another cache (cache_id {manifest.cache_id}; this job's is {cache_id}); "
             "point cache.uri elsewhere or delete it"
         )
-    return manifest
+    return open_cache(cache_uri, checksums=checksums)
 
 
-def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> PrecomputeResult:
+def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, reuse: Manifest | None = None) -> PrecomputeResult:
+    """Compute the plan's shards and commit the cache; ``reuse``: this job's cache, already
+    committed and verified (:func:`existing_cache`), which is returned untouched."""
     started = time.perf_counter()
-    manifest = existing_cache(cache_uri, plan.cache_id)
+    manifest = reuse if reuse is not None else existing_cache(cache_uri, plan.cache_id, spec.cache.verify_before_training)
     if manifest is not None:
-        say(f"[green]Cache {plan.cache_id} already complete at {cache_uri}: reusing it, no teacher work.")
+        say(f"[green]Cache {plan.cache_id} already complete at {cache_uri} and verified: reusing it, no teacher work.")
         return PrecomputeResult(cache_uri, manifest, True, 0.0, 0, len(manifest.shards))
 
     fs.makedirs(cache_uri)
     start_or_check_plan(cache_uri, plan.cache_id)
+    acquire_lease(cache_uri)
     id_coding = write_rank_file(cache_uri, plan.rank_order)
     done = finished_shards(cache_uri)
     todo = [t for t in plan.tasks if t.name not in done]
@@ -97,6 +105,7 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str) -> Preco
         shards=[records[t.name] for t in plan.tasks],
     )
     commit(cache_uri, manifest)
+    release_lease(cache_uri)
     say(
         f"[green]Cache {plan.cache_id} committed: {manifest.totals['tokens']:,} tokens, "
         f"{manifest.totals['bytes_per_token']:.1f} B/token, at {cache_uri}"
@@ -157,6 +166,25 @@ def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replic
     return pipelines
 
 
+class TeacherStartTimeout(RuntimeError):
+    pass
+
+
+def _wait_ready(spec: JobSpec, actors: list) -> None:
+    """Wait for every teacher actor to be placed and loaded, at most ``teacher.start_timeout_s``."""
+    t = spec.teacher
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=t.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        raise TeacherStartTimeout(
+            f"{len(actors)} teacher actors ({t.num_cpus:g} CPU, {t.num_gpus:g} GPU each) were not all placed and "
+            f"loaded within teacher.start_timeout_s = {t.start_timeout_s:g} s; the cluster has "
+            f"{ray.available_resources().get('CPU', 0):g} CPUs and {ray.available_resources().get('GPU', 0):g} GPUs "
+            "free. Lower teacher.replicas / num_cpus / num_gpus, or add nodes") from None
+
+
 def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
     """Run shard tasks on a pool of teacher replicas (each one actor, or a pipeline of stage
     actors when the teacher is sharded), keeping each replica busy with a short queue."""
@@ -170,7 +198,7 @@ def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens
     shape = f"{replicas} x {len(plan.layer_ranges)} stages" if len(plan.layer_ranges) > 1 else f"x{replicas}"
     with bar("tok") as progress:
         task_id = progress.add_task(f"teacher {shape} ({t.name})", total=tokens_todo, rate=0.0)
-        ray.get([a.ready.remote() for a in actors])  # loading counts as setup, not throughput
+        _wait_ready(spec, actors)  # loading counts as setup, not throughput
         first = time.perf_counter()
         done_tokens = 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import queue
 import tempfile
@@ -28,6 +29,11 @@ from kdscale.student.losses import Divergence, distillation_loss, nll_sum
 STATE_FILE = "kdscale_state.json"
 HF_DIR = "hf"
 DS_DIR = "deepspeed"
+
+
+class NonFiniteLoss(RuntimeError):
+    """A student whose loss went inf or nan: its weights are garbage from here on, so the run
+    fails instead of finishing, exporting and registering them (``lr: .inf`` once did)."""
 
 
 def steps_per_epoch(train_rows: int, train: TrainSpec) -> int:
@@ -247,6 +253,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             engine.step()
             micro += 1
             window.append([parts.total.item(), parts.kd.item(), parts.ce.item()])
+            if not math.isfinite(window[-1][0]):
+                raise NonFiniteLoss(f"the loss is {window[-1][0]} at step {state['step'] + 1} (epoch {epoch}, kd "
+                                    f"{window[-1][1]}, ce {window[-1][2]}); training stopped, nothing is exported")
             if counter is not None:
                 counter.add.remote("tokens", tokens_per_micro)
             if micro % train.grad_accum == 0:

@@ -14,17 +14,13 @@ from typing import Any
 import ray
 
 from kdscale import fs
-from kdscale.cache.format import Manifest
+from kdscale.cache.format import Manifest, TargetsInfo
 from kdscale.cache.reader import shard_uris
 from kdscale.config import JobSpec, StudentSpec
 from kdscale.fingerprint import digest
 from kdscale.progress import bar, say
-from kdscale.ray_runtime import Counter, cluster_cpus, cluster_gpus
+from kdscale.ray_runtime import Counter
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
-
-# Ray Data's file-listing task needs one whole CPU that training workers do not hold.
-DATA_CPUS = 1.0
-
 
 @dataclass
 class TrainResult:
@@ -37,36 +33,19 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)  # held-out CE during training
 
 
-def cluster_problems(spec: JobSpec, index: int) -> list[tuple[str, str]]:
-    """Can the connected Ray cluster hold this student's workers (and Ray Data's reader)?"""
-    s = spec.students[index]
-    where = f"students.{index}.train"
-    problems = []
-    need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
-    have = cluster_cpus()
-    if need > have:
-        problems.append(
-            (f"{where}.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker} CPU + "
-             f"{DATA_CPUS} CPU for reading the cache = {need} CPUs, but the Ray cluster has {have}")
-        )
-    if s.train.use_gpu and s.train.num_workers > cluster_gpus():
-        problems.append((f"{where}.use_gpu", f"{s.train.num_workers} GPU workers, the Ray cluster has {cluster_gpus()} GPUs"))
-    return problems
-
-
-def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[str, str]]:
-    """Problems between a student's settings and the cache it would train from."""
+def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int) -> list[tuple[str, str]]:
+    """Problems between a student's settings and the cache it would train from (its targets and
+    training rows: a committed manifest's, or a precompute plan's before any teacher work)."""
     s = spec.students[index]
     where = f"students.{index}"
     problems = []
     # a full cache is re-tempered exactly to any loss temperature; sampled/top-k ids were chosen at one
-    if manifest.targets.kind != "full" and abs(s.loss.temperature - manifest.targets.temperature) > 1e-9:
+    if targets.kind != "full" and abs(s.loss.temperature - targets.temperature) > 1e-9:
         problems.append(
             (f"{where}.loss.temperature", f"{s.loss.temperature} differs from the cache's capture temperature "
-             f"{manifest.targets.temperature}; the stored targets are softmax(z/{manifest.targets.temperature}) "
-             f"({manifest.targets.kind} targets cannot be re-tempered; a full cache can)")
+             f"{targets.temperature}; the stored targets are softmax(z/{targets.temperature}) "
+             f"({targets.kind} targets cannot be re-tempered; a full cache can)")
         )
-    train_rows = manifest.dataset.rows["train"]
     if steps_per_epoch(train_rows, s.train) < 1:
         problems.append(
             (f"{where}.train", f"{train_rows} training rows are too few for {s.train.num_workers} workers x "
@@ -75,11 +54,14 @@ def cache_problems(spec: JobSpec, index: int, manifest: Manifest) -> list[tuple[
     return problems
 
 
-def training_run_name(student: StudentSpec, data_key: str) -> str:
+def training_run_name(student: StudentSpec, data_key: str, seed: int, init_path: str | None,
+                      student_config: dict[str, Any]) -> str:
     """Checkpoints live under a name keyed by everything that shapes the training, so rerunning
     the same student resumes (or reuses) its checkpoints, while a changed spec or cache starts
-    afresh instead of silently continuing another run."""
-    return "ray-" + digest({"student": student.model_dump(mode="json"), "data": data_key}, 16)
+    afresh instead of silently continuing another run. ``seed`` is the effective one (the job's
+    when the student sets none: a seed-1 job once reused a seed-0 job's checkpoint)."""
+    return "ray-" + digest({"student": student.model_dump(mode="json"), "data": data_key, "seed": seed,
+                            "init": init_path, "config": student_config}, 16)
 
 
 def _arrow_filesystem(uri: str):
@@ -171,7 +153,7 @@ def train_student(
     if t.use_gpu:
         resources["GPU"] = 1
     storage = fs.join(student_dir, "checkpoints")
-    run_name = training_run_name(student, data.key)
+    run_name = training_run_name(student, data.key, cfg["seed"], init_path, cfg["student_config"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import warnings
 from typing import Any
@@ -27,6 +28,8 @@ STAGE_TAG = "kdscale.stage"
 JOB_TAG = "kdscale.job"
 PARENT_TAG = "mlflow.parentRunId"
 DATASET_CONTEXT = "mlflow.data.context"
+HOST_TAG = "kdscale.host"
+PID_TAG = "kdscale.pid"
 
 
 def tracking_uri(spec: JobSpec | None = None) -> str:
@@ -134,6 +137,9 @@ class Tracker:
     def __init__(self, spec: JobSpec, uri: str | None = None):
         from mlflow import MlflowClient
 
+        # MLflow prints "View run ... at: <tracking URI>" itself, password included; kdscale's own
+        # lines say where runs are, masked.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri or tracking_uri(spec)
         self.client = MlflowClient(self.uri)
         self.spec = spec
@@ -145,15 +151,17 @@ class Tracker:
         self.parent_id: str | None = None
 
     def start_job(self, command: str) -> str:
+        self.fail_abandoned_runs()
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{self.spec.name}-{command}", tags={JOB_TAG: self.spec.name, STAGE_TAG: "job"}
+            self.experiment_id, run_name=f"{self.spec.name}-{command}",
+            tags={JOB_TAG: self.spec.name, STAGE_TAG: "job", **owner_tags()},
         )
         self.parent_id = run.info.run_id
         self.client.log_dict(self.parent_id, redact(self.spec.model_dump(mode="json")), "job_spec.json")
         return self.parent_id
 
     def start_child(self, name: str, stage: str, tags: dict[str, str] | None = None) -> str:
-        all_tags = {JOB_TAG: self.spec.name, STAGE_TAG: stage, **redact(tags or {})}
+        all_tags = {JOB_TAG: self.spec.name, STAGE_TAG: stage, **owner_tags(), **redact(tags or {})}
         if self.parent_id:
             all_tags[PARENT_TAG] = self.parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
@@ -200,6 +208,36 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def fail_abandoned_runs(self) -> list[str]:
+        """Mark FAILED this job's runs left RUNNING by a process of this host that no longer
+        exists (a SIGKILLed job cannot end its own runs); runs of live or other hosts' processes
+        are left alone."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{self.spec.name}' and "
+                                       "attributes.status = 'RUNNING'", max_results=1000)
+        failed = []
+        for run in runs:
+            tags = run.data.tags
+            if tags.get(HOST_TAG) == socket.gethostname() and not _alive(tags.get(PID_TAG)):
+                self.client.set_tag(run.info.run_id, "kdscale.ended_by", "a later invocation: its process had died")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                failed.append(run.info.run_id)
+        return failed
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run, so a later invocation can tell an abandoned run from a live one."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: str | None) -> bool:
+    try:
+        os.kill(int(pid or ""), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: int, client=None) -> None:

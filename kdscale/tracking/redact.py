@@ -16,7 +16,10 @@ from typing import Any
 MASK = "***"
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY|SESSION_KEY)", re.I)
 MIN_SECRET_LENGTH = 8  # shorter values ("true", "us-east-1") would mask unrelated text
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+# The password runs to the *last* "@" of the URI (as SQLAlchemy and urllib read an unescaped one), so a
+# password holding "/" or "@" (``postgresql://u:p@ss/w@host/db``) is masked whole.
+_URI_PASSWORD = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<password>[^\s'\"]+)@(?=[^@\s'\"]*(?:[\s'\"]|$))")
 
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:

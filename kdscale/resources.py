@@ -1,0 +1,63 @@
+"""Can the cluster hold a job's actors and workers? Checked before any work, so an impossible
+request fails with a message naming the resource instead of waiting forever.
+
+Ray queues an actor whose resources no node has and never says so: ``teacher.num_cpus: 64`` on
+this 2-CPU machine, or ``num_gpus: 1`` without a GPU, left ``kdscale run`` waiting with its MLflow
+runs RUNNING. Pure functions of the spec and a :class:`Capacity` (measured in kdscale.ray_runtime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdscale.config import JobSpec
+
+# Ray Data's file-listing task needs one whole CPU that training workers do not hold.
+DATA_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a job can be placed on: totals, and the largest single node (an actor or worker
+    needing more than any one node has can never start, however large the cluster)."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float
+    node_gpus: float
+    where: str  # "the Ray cluster" / "this machine (local Ray)"
+
+
+def teacher_problems(spec: JobSpec, cap: Capacity) -> list[tuple[str, str]]:
+    """The precompute's replicas x shards teacher actors, each with the spec's CPUs and GPUs."""
+    t = spec.teacher
+    actors = t.replicas * t.shards
+    problems = []
+    for name, each, node, total in (("num_cpus", t.num_cpus, cap.node_cpus, cap.cpus),
+                                    ("num_gpus", t.num_gpus, cap.node_gpus, cap.gpus)):
+        if each > node:
+            problems.append((f"teacher.{name}", f"each teacher actor asks for {each:g} "
+                             f"{name.removeprefix('num_').upper()}, but no node of {cap.where} has more than {node:g}"))
+        elif each * actors > total:
+            problems.append((f"teacher.{name}", f"{t.replicas} replicas x {t.shards} shards = {actors} actors x "
+                             f"{each:g} = {each * actors:g} {name.removeprefix('num_').upper()}, but {cap.where} "
+                             f"has {total:g}; lower teacher.replicas or teacher.{name}"))
+    return problems
+
+
+def student_problems(spec: JobSpec, index: int, cap: Capacity) -> list[tuple[str, str]]:
+    """A student's training workers (and Ray Data's reader, which needs a CPU of its own)."""
+    s = spec.students[index]
+    where_ = f"students.{index}.train"
+    problems = []
+    need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
+    if s.train.cpus_per_worker > cap.node_cpus:
+        problems.append((f"{where_}.cpus_per_worker", f"{s.train.cpus_per_worker:g} CPUs per worker, but no node of "
+                         f"{cap.where} has more than {cap.node_cpus:g}"))
+    elif need > cap.cpus:
+        problems.append((f"{where_}.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker:g} CPU + "
+                         f"{DATA_CPUS:g} CPU for reading the cache = {need:g} CPUs, but {cap.where} has {cap.cpus:g}"))
+    if s.train.use_gpu and s.train.num_workers > cap.gpus:
+        problems.append((f"{where_}.use_gpu", f"{s.train.num_workers} GPU workers, but {cap.where} has "
+                         f"{cap.gpus:g} GPUs"))
+    return problems
