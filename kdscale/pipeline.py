@@ -702,13 +702,13 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
 
     p = prepare(spec, workdir)
     check_workdir(p)
+    if "eval" in stages and "train" not in stages:
+        check_exports(p)
     check_reachable(tracking_uri(spec))
     started = time.perf_counter()
     students_need = "train" in stages or "eval" in stages
     uses_cache = _uses_cache(spec)
     check_cluster(spec, stages)
-    if "eval" in stages and "train" not in stages:
-        check_exports(p)
     plan = plan_precompute(p) if "precompute" in stages and uses_cache else None
     sources = Sources()
     reuse = None

@@ -225,8 +225,8 @@ def test_corpus_url_password_never_reaches_the_manifest(tmp_path):
     tok = AutoTokenizer.from_pretrained(spec.teacher.tokenizer)
     rng = np.random.default_rng(0)
     corpus = PackedCorpus(seq_len=64, sources=raw["corpus"]["paths"], documents=1)
-    corpus.splits["train"] = [rng.integers(0, 500, 64).astype(np.int32) for _ in range(4)]
-    corpus.splits["heldout"] = [rng.integers(0, 500, 64).astype(np.int32)]
+    corpus.train = [rng.integers(0, 500, 64).astype(np.int32) for _ in range(4)]
+    corpus.heldout = [rng.integers(0, 500, 64).astype(np.int32)]
     plan = build_plan(spec, tok, corpus)
     text = plan.dataset.model_dump_json()
     assert "hunter2" not in text and "***" in text

@@ -9,6 +9,7 @@ packed; Ray Data then stops reading.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -49,6 +50,14 @@ def ray_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndar
                 yield str(uri), np.asarray(ids, dtype=np.int32)
     except Exception as e:  # a bad file's CorpusError arrives wrapped in Ray's task errors
         cause = find_in_chain(e, ("CorpusError",))
-        if cause is None:
+        message = str(cause) if cause is not None else _corpus_error_text(e)
+        if message is None:
             raise
-        raise CorpusError(str(cause)) from None
+        raise CorpusError(message) from None
+
+
+def _corpus_error_text(error: BaseException) -> str | None:
+    """Ray Data keeps only the *text* of a UDF's exception (a UserCodeException with the remote
+    traceback); the CorpusError's message is its last ``CorpusError:`` line."""
+    found = re.findall(r"CorpusError: (.+)", str(error))
+    return found[-1].strip() if found else None

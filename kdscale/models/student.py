@@ -51,7 +51,17 @@ def student_config(spec: StudentSpec, teacher_config, vocab_size: int, task: Tas
             base.pop(key, None)
     base.update(overrides)
     task.set_output_size(base, vocab_size)
-    return _checked(AutoConfig.for_model(model_type, **base))
+    return _checked(build_config(model_type, base))
+
+
+def build_config(model_type: str, fields: dict[str, Any]):
+    """A transformers config, its own validation errors (any exception type) as a ValueError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # e.g. StrictDataclassClassValidationError, not a ValueError
+        raise ValueError(str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")) from None
 
 
 def _checked(config):

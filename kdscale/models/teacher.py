@@ -55,7 +55,10 @@ def random_teacher_config(spec: TeacherSpec, vocab_size: int | None, task: str =
         raise ValueError(f"unknown {model_type} config field(s): {', '.join(unknown)}")
     if task == "causal_lm":
         arch.setdefault("vocab_size", vocab_size)
-    config = AutoConfig.for_model(model_type, **arch)
+    try:
+        config = AutoConfig.for_model(model_type, **arch)
+    except Exception as e:  # transformers' own validation (not always a ValueError)
+        raise ValueError(str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")) from None
     problems = shape_problems(config)
     if problems:
         raise ValueError("; ".join(problems))
