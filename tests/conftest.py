@@ -164,3 +164,19 @@ def write_job(tmp_path: Path, base: str = "tiny.yaml", dest: str | None = None, 
 @pytest.fixture
 def tiny_job(tmp_path) -> Path:
     return write_job(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def committed(ray_session, tmp_path_factory):
+    """(job spec, workdir) of the tiny job after its precompute: a committed cache to damage in copies."""
+    from typer.testing import CliRunner
+
+    from kdscale.cli import app
+
+    tmp = tmp_path_factory.mktemp("committed")
+    job = write_job(tmp)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp / "w")])
+    assert result.exit_code == 0, result.output
+    return job, tmp / "w"

@@ -74,18 +74,6 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
     assert _shards(killed / "cache") == _shards(clean / "cache")
 
 
-@pytest.fixture(scope="module")
-def committed(ray_session, tmp_path_factory):
-    """A committed tiny cache (precompute only) to damage in copies."""
-    tmp = tmp_path_factory.mktemp("faults")
-    job = write_job(tmp)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp / "w")])
-    assert result.exit_code == 0, result.output
-    return job, tmp / "w"
-
-
 def _copy(committed, tmp_path):
     job, workdir = committed
     target = tmp_path / "w"

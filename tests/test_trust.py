@@ -21,20 +21,8 @@ from tests.conftest import write_job
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def committed(ray_session, tmp_path_factory):
-    """The tiny job's committed cache (precompute only), damaged in copies by each test."""
-    tmp = tmp_path_factory.mktemp("trust")
-    job = write_job(tmp)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp / "w")])
-    assert result.exit_code == 0, result.output
-    return job, tmp / "w" / "cache"
-
-
 def _copy_cache(committed, dest):
-    shutil.copytree(committed[1], dest)
+    shutil.copytree(committed[1] / "cache", dest)
     return dest
 
 
@@ -313,5 +301,5 @@ def test_manifest_unreadable_forms_are_refused(committed, tmp_path):
 
 
 def test_verified_cache_has_no_problems(committed):
-    m, found = problems(str(committed[1]))
-    assert found == [] and m.cache_id == open_manifest(str(committed[1])).cache_id
+    m, found = problems(str(committed[1] / "cache"))
+    assert found == [] and m.cache_id == open_manifest(str(committed[1] / "cache")).cache_id
