@@ -18,7 +18,8 @@ compares each reconstruction with the full teacher distribution:
 Arms: sampled N=50; the same with another seed (its angle to the first is the sampling-noise
 floor); top-12 with tail mass; top-12 renormalised (tail dropped); top-k at equal bytes to
 sampled N=50; stratified (k exact ids + M tail draws) at two sizes; sampled N=24 with two draws
-per position (each epoch's draw, and the mean of both). Prints one JSON line. Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
+per position (each epoch's draw, and the mean of both). Prints one JSON line.
+Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
 
     .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096]
 """
@@ -63,28 +64,59 @@ def teacher_logits(teacher, rows: np.ndarray, vocab: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def store(kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, rank, folder: str, seed: int,
-          epoch: int = 0):
+def store(
+    kind: str, params: dict, logits: torch.Tensor, task, tok_info, order, rank, folder: str, seed: int, epoch: int = 0
+):
     """Write one shard with kdscale's writer and read it back as loss targets (as epoch
     ``epoch`` sees them: with several draws per position, draw epoch mod draws)."""
-    info = TargetsInfo(kind=kind, temperature=1.0, num_samples=params.get("num_samples"), k=params.get("k"), seed=seed,
-                       draws=params.get("draws", 1))
+    info = TargetsInfo(
+        kind=kind,
+        temperature=1.0,
+        num_samples=params.get("num_samples"),
+        k=params.get("k"),
+        seed=seed,
+        draws=params.get("draws", 1),
+    )
     rows = []
     for i, sid in enumerate(task.seq_ids):
         row = {"seq_id": sid, "input_ids": task.input_ids[i]}
-        row.update(extract.extract_row(kind, logits[i], next_token_labels(torch.from_numpy(task.input_ids[i])[None])[0],
-                                       temperature=1.0,
-                                       num_samples=info.num_samples or 0, k=info.k or 0, seed=seed, sid=sid,
-                                       draws=info.draws))
+        row.update(
+            extract.extract_row(
+                kind,
+                logits[i],
+                next_token_labels(torch.from_numpy(task.input_ids[i])[None])[0],
+                temperature=1.0,
+                num_samples=info.num_samples or 0,
+                k=info.k or 0,
+                seed=seed,
+                sid=sid,
+                draws=info.draws,
+            )
+        )
         rows.append(row)
     record = write_shard(folder, task.name, "train", 0, rows, info, rank)
     id_coding = write_rank_file(folder, order)
     seq_len = task.input_ids.shape[1]
-    dataset = DatasetInfo(sources=[], patterns=[], documents=0, content_hash="", seq_len=seq_len, heldout_fraction=0.1,
-                          rows={"train": len(rows), "heldout": 0}, tokens=task.tokens)
+    dataset = DatasetInfo(
+        sources=[],
+        patterns=[],
+        documents=0,
+        content_hash="",
+        seq_len=seq_len,
+        heldout_fraction=0.1,
+        rows={"train": len(rows), "heldout": 0},
+        tokens=task.tokens,
+    )
     teacher = TeacherInfo(name="benchmark", fingerprint="", dtype="float32", source={}, parallelism={})
-    manifest = build_manifest(cache_id="0" * 32, targets=info, teacher=teacher, tokenizer=tok_info, dataset=dataset,
-                              id_coding=id_coding, shards=[record])
+    manifest = build_manifest(
+        cache_id="0" * 32,
+        targets=info,
+        teacher=teacher,
+        tokenizer=tok_info,
+        dataset=dataset,
+        id_coding=id_coding,
+        shards=[record],
+    )
     table = read_split(folder, manifest, "train")
     return batch_targets(table, manifest, order, epoch), record, batch_input_ids(table)
 
@@ -106,7 +138,9 @@ def fidelity(t: SparseTargets, logits: torch.Tensor) -> tuple[float, float]:
     kl_sum = tvd_sum = 0.0
     for i in range(logits.shape[0]):  # one sequence at a time: [L, V] fits easily
         p = torch.softmax(logits[i], -1)
-        one = SparseTargets(t.ids[i : i + 1], t.probs[i : i + 1], None if t.tail_mass is None else t.tail_mass[i : i + 1])
+        one = SparseTargets(
+            t.ids[i : i + 1], t.probs[i : i + 1], None if t.tail_mass is None else t.tail_mass[i : i + 1]
+        )
         r = dense_reconstruction(one, vocab)[0]
         tvd_sum += float(0.5 * (p - r).abs().sum())
         r = (r + EPS) / (1 + EPS * vocab)
@@ -119,8 +153,14 @@ def gradient(student, ids: torch.Tensor, make_targets) -> torch.Tensor:
     student.zero_grad(set_to_none=True)
     for i in range(0, ids.shape[0], BATCH):
         batch = ids[i : i + BATCH]
-        parts = distillation_loss(student(input_ids=batch).logits, next_token_labels(batch), make_targets(i, i + BATCH), alpha=1.0,
-                                  temperature=1.0, chunk_positions=512)
+        parts = distillation_loss(
+            student(input_ids=batch).logits,
+            next_token_labels(batch),
+            make_targets(i, i + BATCH),
+            alpha=1.0,
+            temperature=1.0,
+            chunk_positions=512,
+        )
         (parts.total * batch.shape[0] / ids.shape[0]).backward()
     return torch.cat([p.grad.reshape(-1).double() for p in student.parameters() if p.grad is not None])
 
@@ -194,6 +234,7 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+
         def arm(name, kind, params, seed=0, transform=None, epoch=0):
             folder = f"{tmp}/{name}"
             t, record, read_ids = store(kind, params, logits, task, tok_info, order, rank, folder, seed, epoch)
@@ -230,26 +271,31 @@ def main() -> None:
         # the student sees summed over that many epochs)
         arm("stratified_k8_m42", "stratified", {"k": 8, "num_samples": 42})
         arm("stratified_k4_m24", "stratified", {"k": 4, "num_samples": 24})
-        draws = [arm(f"sampled_n24_draws2_epoch{e}", "sampled", {"num_samples": 24, "draws": 2}, epoch=e)
-                 for e in range(2)]
+        draws = [
+            arm(f"sampled_n24_draws2_epoch{e}", "sampled", {"num_samples": 24, "draws": 2}, epoch=e) for e in range(2)
+        ]
         results["sampled_n24_draws2_epoch0"]["mean_of_draws_grad_angle_deg"] = angle(sum(draws) / 2, g_full)
 
     s = results["sampled_n50"]
-    print(json.dumps({
-        "benchmark": "cache_fidelity",
-        "teacher": spec.teacher.name,
-        "tokens": int(rows.size),
-        "vocab": vocab,
-        "arms": results,
-        "sampled_seed_noise_angle_deg": angle(g_sampled, g_sampled2),
-        "kl_floor_eps": EPS,
-        "student": {"warmup_ce_steps": args.warmup_steps, "warmup_final_ce": warm_ce},
-        "ratio": results["topk12_tail"]["grad_angle_deg"] / s["grad_angle_deg"],
-        "ratio_meaning": "top-12 (with tail) gradient angle / sampled N=50 gradient angle",
-        "goal": {"sampled_bytes_per_token_max": 40, "sampled_angle_deg_max": 10},
-        "goal_met": s["bytes_per_token"] <= 40 and s["grad_angle_deg"] <= 10,
-        "seconds": time.perf_counter() - started,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cache_fidelity",
+                "teacher": spec.teacher.name,
+                "tokens": int(rows.size),
+                "vocab": vocab,
+                "arms": results,
+                "sampled_seed_noise_angle_deg": angle(g_sampled, g_sampled2),
+                "kl_floor_eps": EPS,
+                "student": {"warmup_ce_steps": args.warmup_steps, "warmup_final_ce": warm_ce},
+                "ratio": results["topk12_tail"]["grad_angle_deg"] / s["grad_angle_deg"],
+                "ratio_meaning": "top-12 (with tail) gradient angle / sampled N=50 gradient angle",
+                "goal": {"sampled_bytes_per_token_max": 40, "sampled_angle_deg_max": 10},
+                "goal_met": s["bytes_per_token"] <= 40 and s["grad_angle_deg"] <= 10,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

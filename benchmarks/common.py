@@ -68,8 +68,13 @@ def start_ray(cpus: int) -> None:
 
     from kdscale.ray_runtime import worker_env
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning", log_to_driver=False,
-             runtime_env={"env_vars": worker_env()})
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        logging_level="warning",
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env()},
+    )
 
 
 def run(spec: JobSpec, workdir: str, stages=("precompute", "train", "eval")) -> dict:

@@ -49,7 +49,9 @@ VALIDATION_FRACTION = 0.1  # jobs/fashion_mnist.yaml's corpus.validation_fractio
 
 def load(split: str) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "t10k"
-    return read_idx(str(DATA / f"{prefix}-images-idx3-ubyte.gz")), read_idx(str(DATA / f"{prefix}-labels-idx1-ubyte.gz"))
+    return read_idx(str(DATA / f"{prefix}-images-idx3-ubyte.gz")), read_idx(
+        str(DATA / f"{prefix}-labels-idx1-ubyte.gz")
+    )
 
 
 def training_images() -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +61,9 @@ def training_images() -> tuple[np.ndarray, np.ndarray]:
     from kdscale.data.images import example_id
 
     x, y = load("train")
-    keep = [split_of(example_id(x[i].reshape(-1), int(y[i])), 0.0, VALIDATION_FRACTION) == "train" for i in range(len(x))]
+    keep = [
+        split_of(example_id(x[i].reshape(-1), int(y[i])), 0.0, VALIDATION_FRACTION) == "train" for i in range(len(x))
+    ]
     return x[keep], y[keep]
 
 
@@ -67,8 +71,14 @@ def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
     """A ResNet classifier trained on the hard labels; returns its settings and test error."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    settings = {"arch": TEACHER_ARCH, "epochs": epochs, "seed": seed, "batch": 128, "lr": 3e-3,
-                "validation_fraction": VALIDATION_FRACTION}
+    settings = {
+        "arch": TEACHER_ARCH,
+        "epochs": epochs,
+        "seed": seed,
+        "batch": 128,
+        "lr": 3e-3,
+        "validation_fraction": VALIDATION_FRACTION,
+    }
     marker = folder / "kdscale_teacher.json"
     if marker.exists() and json.loads(marker.read_text())["settings"] == settings:
         return json.loads(marker.read_text())
@@ -81,8 +91,12 @@ def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
     inputs = task.model_inputs({"pixels": x.reshape(len(x), -1)})["pixel_values"]
     test_inputs = task.model_inputs({"pixels": tx.reshape(len(tx), -1)})["pixel_values"]
     labels = torch.from_numpy(y.astype(np.int64))
-    config = ResNetConfig(num_channels=1, id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
-                          **TEACHER_ARCH)
+    config = ResNetConfig(
+        num_channels=1,
+        id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+        **TEACHER_ARCH,
+    )
     model = ResNetForImageClassification(config)
     steps = epochs * (len(x) // settings["batch"])
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=1e-4)
@@ -106,8 +120,12 @@ def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     task.save_pretrained(str(folder))
-    record = {"settings": settings, "test_error": error, "seconds": time.perf_counter() - started,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    record = {
+        "settings": settings,
+        "test_error": error,
+        "seconds": time.perf_counter() - started,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     marker.write_text(json.dumps(record))
     return record
 
@@ -160,8 +178,9 @@ def run_size(out: Path, size: str) -> dict:
 
 def run_sweep(out: Path) -> dict:
     students = [{"name": f"a{alpha}-t{t:g}", "loss": {"alpha": alpha, "temperature": t}} for alpha, t in SWEEP]
-    return run_job(out, derived_job(out, "medium-sweep", students, SIZES["medium"]), out / "medium-sweep" / "work",
-                   "medium-sweep")
+    return run_job(
+        out, derived_job(out, "medium-sweep", students, SIZES["medium"]), out / "medium-sweep" / "work", "medium-sweep"
+    )
 
 
 def run_job(out: Path, job: Path, workdir: Path, size: str) -> dict:
@@ -183,17 +202,26 @@ def run_job(out: Path, job: Path, workdir: Path, size: str) -> dict:
     prepared = prepare(spec)
     losses = {s.name: s.loss for s in spec.students}
     students = {
-        name: {"test_error": 1 - s["accuracy"], "test_ce": s["heldout_ce"], "alpha": losses[name].alpha,
-               "validation_error": 1 - s["validation_accuracy"], "validation_ce": s["validation_ce"],
-               "temperature": losses[name].temperature,
-               "parameters": count_parameters(prepared.student_configs[name], prepared.task),
-               "train_seconds": s["train_seconds"], "evals": s["evals"]}
+        name: {
+            "test_error": 1 - s["accuracy"],
+            "test_ce": s["heldout_ce"],
+            "alpha": losses[name].alpha,
+            "validation_error": 1 - s["validation_accuracy"],
+            "validation_ce": s["validation_ce"],
+            "temperature": losses[name].temperature,
+            "parameters": count_parameters(prepared.student_configs[name], prepared.task),
+            "train_seconds": s["train_seconds"],
+            "evals": s["evals"],
+        }
         for name, s in summary["students"].items()
     }
     teacher_accuracy = next(iter(summary["students"].values()))["teacher_accuracy"]
-    return {"students": students, "teacher_test_error": 1 - teacher_accuracy,
-            "cache": {"bytes_per_image": summary["cache"]["bytes_per_token"], "cache_id": summary["cache"]["cache_id"]},
-            "job_seconds": time.perf_counter() - started}
+    return {
+        "students": students,
+        "teacher_test_error": 1 - teacher_accuracy,
+        "cache": {"bytes_per_image": summary["cache"]["bytes_per_token"], "cache_id": summary["cache"]["cache_id"]},
+        "job_seconds": time.perf_counter() - started,
+    }
 
 
 def gap_closed(scratch: float, distilled: float, teacher: float) -> float:
@@ -223,23 +251,34 @@ def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None) -> None:
     for ax, (size, r) in zip(axes[0], sizes.items()):
         for name, colour in (("scratch", "C1"), ("distilled", "C0")):
             s = r["students"][name]
-            ax.plot([e["tokens"] for e in s["evals"]], [e["heldout_ce"] for e in s["evals"]], marker="o", markersize=3,
-                    color=colour, label=f"{name} (alpha {s['alpha']})")
-        ax.set(xlabel="training images seen", ylabel="test cross-entropy (nats)",
-               title=f"{size} students ({r['students']['scratch']['parameters']:,} parameters)")
+            ax.plot(
+                [e["tokens"] for e in s["evals"]],
+                [e["heldout_ce"] for e in s["evals"]],
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=f"{name} (alpha {s['alpha']})",
+            )
+        ax.set(
+            xlabel="training images seen",
+            ylabel="test cross-entropy (nats)",
+            title=f"{size} students ({r['students']['scratch']['parameters']:,} parameters)",
+        )
         ax.legend(frameon=False)
     fig.tight_layout()
     DOCS.mkdir(exist_ok=True)
     fig.savefig(DOCS / "fashion_mnist.png", dpi=110)
     lines = [
-        "# Fashion-MNIST: distilling an image classifier", "",
+        "# Fashion-MNIST: distilling an image classifier",
+        "",
         "Generated by `.venv/bin/python benchmarks/fashion_mnist.py` (see its docstring). The teacher's class "
         "distribution at T = 4 goes through the same Parquet cache (`full` kind) and the students through the same "
         "Ray Train + DeepSpeed path as the language models; the job is [jobs/fashion_mnist.yaml]"
         "(../jobs/fashion_mnist.yaml). Every student of a size has the same architecture, initialisation, data order "
         "and steps (4 epochs); *scratch* trains on the hard labels only (alpha 0), *distilled* on 0.9 x soft targets "
         "+ 0.1 x hard labels. Test = the official 10,000 test images; validation = 10% of the 60,000 training "
-        "images by content hash (held back from teacher and students); one seed.", "",
+        "images by content hash (held back from teacher and students); one seed.",
+        "",
         "| model | parameters | test error | errors (of 10,000) | test CE | distillation closes |",
         "|---|---|---|---|---|---|",
         f"| teacher (ResNet {TEACHER_ARCH['hidden_sizes']}) | {teacher['parameters']:,} | "
@@ -248,30 +287,44 @@ def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None) -> None:
     for size, r in sizes.items():
         sc, di = r["students"]["scratch"], r["students"]["distilled"]
         closed = gap_closed(sc["test_error"], di["test_error"], teacher["test_error"])
-        for name, st, note in ((f"{size} student from scratch", sc, ""),
-                               (f"{size} student distilled", di, f"{100 * closed:+.0f}% of the gap to the teacher")):
-            lines.append(f"| {name} | {st['parameters']:,} | {100 * st['test_error']:.2f}% | "
-                         f"{round(st['test_error'] * 10000)} | {st['test_ce']:.4f} | {note} |")
+        for name, st, note in (
+            (f"{size} student from scratch", sc, ""),
+            (f"{size} student distilled", di, f"{100 * closed:+.0f}% of the gap to the teacher"),
+        ):
+            lines.append(
+                f"| {name} | {st['parameters']:,} | {100 * st['test_error']:.2f}% | "
+                f"{round(st['test_error'] * 10000)} | {st['test_ce']:.4f} | {note} |"
+            )
     cache = next(iter(sizes.values()))["cache"]
     lines += ["", f"Cache: {cache['bytes_per_image']:.1f} bytes per image (raw pixels, label and 10 log-probs).", ""]
     if sweep is not None and "medium" in sizes:
         scratch = sizes["medium"]["students"]["scratch"]
         arms = [("scratch (hard labels)", scratch), *medium_kd_arms(sizes, sweep)]
         chosen = chosen_on_validation(sizes, sweep)
-        lines += ["## Loss settings, medium students", "",
-                  "The job's setting (alpha 0.9, T = 4) was chosen beforehand from Hinton et al.; the other arms train "
-                  "from the same cache (a `full` cache is re-tempered exactly to any T). The setting is **chosen on the "
-                  f"validation split** ({100 * VALIDATION_FRACTION:.0f}% of the training images by content hash, which "
-                  "neither the teacher nor any student trained on); the test set is only reported. One seed.", "",
-                  "| medium student | validation error | test error | vs scratch (test errors of 10,000) | test CE |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Loss settings, medium students",
+            "",
+            "The job's setting (alpha 0.9, T = 4) was chosen beforehand from Hinton et al.; the other arms train "
+            "from the same cache (a `full` cache is re-tempered exactly to any T). The setting is **chosen on the "
+            f"validation split** ({100 * VALIDATION_FRACTION:.0f}% of the training images by content hash, which "
+            "neither the teacher nor any student trained on); the test set is only reported. One seed.",
+            "",
+            "| medium student | validation error | test error | vs scratch (test errors of 10,000) | test CE |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in arms:
             delta = round((r["test_error"] - scratch["test_error"]) * 10000)
             mark = " **(chosen)**" if name == chosen[0] else ""
-            lines.append(f"| {name}{mark} | {100 * r['validation_error']:.2f}% | {100 * r['test_error']:.2f}% | "
-                         f"{delta:+d} | {r['test_ce']:.4f} |")
-        lines += ["", f"Chosen on validation: {chosen[0]}, test error {100 * chosen[1]['test_error']:.2f}% against "
-                  f"scratch's {100 * scratch['test_error']:.2f}%.", ""]
+            lines.append(
+                f"| {name}{mark} | {100 * r['validation_error']:.2f}% | {100 * r['test_error']:.2f}% | "
+                f"{delta:+d} | {r['test_ce']:.4f} |"
+            )
+        lines += [
+            "",
+            f"Chosen on validation: {chosen[0]}, test error {100 * chosen[1]['test_error']:.2f}% against "
+            f"scratch's {100 * scratch['test_error']:.2f}%.",
+            "",
+        ]
     lines += ["![test cross-entropy of the students during training](fashion_mnist.png)", ""]
     (DOCS / "fashion_mnist.md").write_text("\n".join(lines))
 
@@ -291,19 +344,27 @@ def main() -> None:
     sizes = {size: run_size(out, size) for size in ["small", *[s for s in args.sizes if s != "small"]]}
     # kdscale's teacher argmax from the cache must agree with the teacher's own evaluation
     kd_teacher_error = sizes["small"]["teacher_test_error"]
-    teacher_row = {"test_error": kd_teacher_error, "test_error_own_eval": teacher["test_error"],
-                   "parameters": teacher["parameters"], "train_seconds": teacher["seconds"]}
+    teacher_row = {
+        "test_error": kd_teacher_error,
+        "test_error_own_eval": teacher["test_error"],
+        "parameters": teacher["parameters"],
+        "train_seconds": teacher["seconds"],
+    }
     sweep = run_sweep(out) if "medium" in sizes and not args.no_sweep else None
     write_doc(teacher_row, sizes, sweep)
     result = {"teacher": teacher_row}
     if sweep is not None:
-        result["medium_sweep"] = {name: {k: v for k, v in st.items() if k != "evals"}
-                                  for name, st in sweep["students"].items()}
+        result["medium_sweep"] = {
+            name: {k: v for k, v in st.items() if k != "evals"} for name, st in sweep["students"].items()
+        }
         label, chosen = chosen_on_validation(sizes, sweep)
         scratch = sizes["medium"]["students"]["scratch"]
-        result["medium_chosen_on_validation"] = {"arm": label, "test_error": chosen["test_error"],
-                                                 "scratch_test_error": scratch["test_error"],
-                                                 "ratio": chosen["test_error"] / scratch["test_error"]}
+        result["medium_chosen_on_validation"] = {
+            "arm": label,
+            "test_error": chosen["test_error"],
+            "scratch_test_error": scratch["test_error"],
+            "ratio": chosen["test_error"] / scratch["test_error"],
+        }
     for size, r in sizes.items():
         sc, di = r["students"]["scratch"], r["students"]["distilled"]
         result[size] = {

@@ -36,12 +36,16 @@ def arm(name: str, positions: int, vocab: int, chunk: int) -> dict:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, positions, vocab, generator=g).requires_grad_(True)
     ids = torch.randint(0, vocab, (1, positions), generator=g)
-    targets = SparseTargets(torch.randint(0, vocab, (1, positions, 16), generator=g), torch.full((1, positions, 16), 1 / 16))
+    targets = SparseTargets(
+        torch.randint(0, vocab, (1, positions, 16), generator=g), torch.full((1, positions, 16), 1 / 16)
+    )
     base = psutil.Process().memory_info().rss
     if name == "ce":
         loss = cross_entropy(logits, ids)
     else:
-        loss = distillation_loss(logits, next_token_labels(ids), targets, alpha=0.5, temperature=1.0, chunk_positions=chunk).total
+        loss = distillation_loss(
+            logits, next_token_labels(ids), targets, alpha=0.5, temperature=1.0, chunk_positions=chunk
+        ).total
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arm": name, "peak_bytes": peak - base, "logits_bytes": logits.numel() * 4, "loss": float(loss)}
@@ -61,25 +65,41 @@ def main() -> None:
     results = {}
     for name in ("ce", "kd_chunked", "kd_unchunked"):
         out = subprocess.run(
-            [sys.executable, __file__, "--arm", name, "--positions", str(args.positions), "--vocab", str(args.vocab),
-             "--chunk", str(args.chunk)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--arm",
+                name,
+                "--positions",
+                str(args.positions),
+                "--vocab",
+                str(args.vocab),
+                "--chunk",
+                str(args.chunk),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     ce, kd = results["ce"]["peak_bytes"], results["kd_chunked"]["peak_bytes"]
-    print(json.dumps({
-        "benchmark": "loss_memory",
-        "positions": args.positions,
-        "vocab": args.vocab,
-        "chunk_positions": args.chunk,
-        "peak_mib": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
-        "logits_mib": round(results["ce"]["logits_bytes"] / 2**20, 1),
-        "ratio": kd / ce,
-        "ratio_meaning": "peak memory of chunked KD (+CE, alpha 0.5) / plain CE, forward + backward",
-        "unchunked_ratio": results["kd_unchunked"]["peak_bytes"] / ce,
-        "goal": {"ratio_max": 1.25},
-        "goal_met": kd / ce <= 1.25,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "loss_memory",
+                "positions": args.positions,
+                "vocab": args.vocab,
+                "chunk_positions": args.chunk,
+                "peak_mib": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
+                "logits_mib": round(results["ce"]["logits_bytes"] / 2**20, 1),
+                "ratio": kd / ce,
+                "ratio_meaning": "peak memory of chunked KD (+CE, alpha 0.5) / plain CE, forward + backward",
+                "unchunked_ratio": results["kd_unchunked"]["peak_bytes"] / ce,
+                "goal": {"ratio_max": 1.25},
+                "goal_met": kd / ce <= 1.25,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

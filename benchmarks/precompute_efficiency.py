@@ -47,7 +47,12 @@ def bare_loop(spec, plan, budget: int) -> dict:
         for batch in ids.split(spec.teacher.batch_size):
             model(input_ids=batch)
         seconds = time.perf_counter() - started
-    return {"tokens": int(rows.size), "seconds": seconds, "tokens_per_second": rows.size / seconds, "load_seconds": load}
+    return {
+        "tokens": int(rows.size),
+        "seconds": seconds,
+        "tokens_per_second": rows.size / seconds,
+        "load_seconds": load,
+    }
 
 
 def kdscale_precompute(spec, plan, workdir: str) -> dict:
@@ -77,8 +82,12 @@ def main() -> None:
     base = load_job(REPO / "jobs" / "quickstart.yaml")
     base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
     ray.init(num_cpus=args.budget, include_dashboard=False, logging_level="warning", log_to_driver=False)
-    replicas = base.model_copy(update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, "num_cpus": 1})})
-    sharded = base.model_copy(update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, "num_cpus": 1})})
+    replicas = base.model_copy(
+        update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, "num_cpus": 1})}
+    )
+    sharded = base.model_copy(
+        update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, "num_cpus": 1})}
+    )
     plan = pipeline.plan_precompute(pipeline.prepare(replicas))
     sharded_plan = pipeline.plan_precompute(pipeline.prepare(sharded))
 
@@ -88,20 +97,24 @@ def main() -> None:
     ray.shutdown()
     bare = bare_loop(base, plan, args.budget)
 
-    print(json.dumps({
-        "benchmark": "precompute_efficiency",
-        "teacher": base.teacher.name,
-        "tokens": bare["tokens"],
-        "thread_budget": args.budget,
-        "bare": bare,
-        "precompute": {**dp, "replicas": args.budget, "shards": 1},
-        "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": sharded_plan.layer_ranges},
-        "ratio": dp["tokens_per_second"] / bare["tokens_per_second"],
-        "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads)",
-        "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],
-        "goal": {"ratio_min": 0.90},
-        "goal_met": dp["tokens_per_second"] / bare["tokens_per_second"] >= 0.90,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "precompute_efficiency",
+                "teacher": base.teacher.name,
+                "tokens": bare["tokens"],
+                "thread_budget": args.budget,
+                "bare": bare,
+                "precompute": {**dp, "replicas": args.budget, "shards": 1},
+                "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": sharded_plan.layer_ranges},
+                "ratio": dp["tokens_per_second"] / bare["tokens_per_second"],
+                "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads)",
+                "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],
+                "goal": {"ratio_min": 0.90},
+                "goal_met": dp["tokens_per_second"] / bare["tokens_per_second"] >= 0.90,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ and steps per regime, differing only in where the targets come from and how they
 
 Regimes: ``multi_epoch`` (20k tokens x 8 epochs, 56 steps) and ``single_pass`` (82k tokens once,
 30 steps) from issue 8; ``long`` (32k tokens, 10% validation + 20% held out by content hash:
-84 training rows of 256 tokens, 26 epochs = 260 optimizer steps), where KD has time to pay; and ``teacher_init`` (the long slice, a
+84 training rows of 256 tokens, 26 epochs = 260 optimizer steps), where KD has time to pay;
+and ``teacher_init`` (the long slice, a
 student made of 4 of the teacher's 30 layers as Minitron/DistilBERT compress LLMs, 6 epochs, lr 5e-4).
 
 Settings are chosen on the validation split only (its CE is in every result); held-out CE is what is
@@ -64,9 +65,14 @@ REGIMES = {
     "multi_epoch": {"corpus.max_tokens": 20480, "students.0.train.epochs": 8},
     "single_pass": {"corpus.max_tokens": 81920, "students.0.train.epochs": 1},
     "long": {**LONG_SLICE, "students.0.train.epochs": 26, "students.0.train.eval_every_steps": 20},
-    "teacher_init": {**LONG_SLICE, "students.0.train.epochs": 6, "students.0.train.eval_every_steps": 10,
-                     "students.0.train.lr": 5e-4, "students.0.init": "teacher_layers",
-                     "students.0.teacher_layers": [0, 10, 20, 29]},
+    "teacher_init": {
+        **LONG_SLICE,
+        "students.0.train.epochs": 6,
+        "students.0.train.eval_every_steps": 10,
+        "students.0.train.lr": 5e-4,
+        "students.0.init": "teacher_layers",
+        "students.0.teacher_layers": [0, 10, 20, 29],
+    },
 }
 KINDS = {
     "sampled": {"kind": "sampled", "num_samples": 50},
@@ -158,13 +164,18 @@ def git_head() -> str:
 def commit_file(path: Path, message: str) -> None:
     """Commit one result file (only it: other staged work is left alone); retried while another
     git command holds the index."""
-    top = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"],
-                         capture_output=True, text=True).stdout.strip()
+    top = subprocess.run(
+        ["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"], capture_output=True, text=True
+    ).stdout.strip()
     for _ in range(20):
         add = subprocess.run(["git", "-C", top, "add", str(path)], capture_output=True, text=True)
-        done = add.returncode == 0 and subprocess.run(
-            ["git", "-C", top, "commit", "-q", "-m", message, "--", str(path)], capture_output=True, text=True
-        ).returncode == 0
+        done = (
+            add.returncode == 0
+            and subprocess.run(
+                ["git", "-C", top, "commit", "-q", "-m", message, "--", str(path)], capture_output=True, text=True
+            ).returncode
+            == 0
+        )
         if done:
             return
         time.sleep(3)
@@ -182,8 +193,12 @@ def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, comm
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     print(f"{regime}/{run_name(arm, seed)}: running", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir",
-                           str(folder / "work")], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir", str(folder / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     (folder / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -218,9 +233,12 @@ def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, comm
     }
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{regime}/{run_name(arm, seed)}: held-out CE {result['heldout_ce']:.4f}, validation "
-          f"{result['validation_ce']}, other genre {result['other_genre_ce']:.4f} in {seconds:.0f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"{regime}/{run_name(arm, seed)}: held-out CE {result['heldout_ce']:.4f}, validation "
+        f"{result['validation_ce']}, other genre {result['other_genre_ce']:.4f} in {seconds:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     if commit:
         commit_file(done, f"Quality benchmark: {regime}/{run_name(arm, seed)} result")
     return result
@@ -311,8 +329,14 @@ def best_pure_kd(long: dict[str, list[dict]], n: int) -> list[str]:
 def best_cached(long: dict[str, list[dict]]) -> str | None:
     """The cached recipe (any kind, alpha 1 or 0.5) with the lowest validation CE within the byte
     budget: the candidate default."""
-    cached = [a for a, runs in long.items() if cache_arm(a) and a != "ce_only"
-              and runs[0]["bytes_per_token"] is not None and runs[0]["bytes_per_token"] <= BYTE_BUDGET]
+    cached = [
+        a
+        for a, runs in long.items()
+        if cache_arm(a)
+        and a != "ce_only"
+        and runs[0]["bytes_per_token"] is not None
+        and runs[0]["bytes_per_token"] <= BYTE_BUDGET
+    ]
     return min(cached, key=lambda a: long[a][0]["validation_ce"]) if cached else None
 
 
@@ -340,16 +364,20 @@ def next_runs(regime: str, results: Path, seeds: list[int]) -> list[tuple[str, s
 # Report -----------------------------------------------------------------------------------------
 
 
-def paired(runs: list[dict], reference: list[dict] | None, key: str = "heldout_ce") -> tuple[float | None, float | None, list]:
+def paired(
+    runs: list[dict], reference: list[dict] | None, key: str = "heldout_ce"
+) -> tuple[float | None, float | None, list]:
     """Relative difference (%) of ``runs`` to ``reference`` in ``key``, paired by seed: mean, sd, per seed."""
     if not reference:
         return None, None, []
     by_seed = {r["seed"]: r[key] for r in reference if r.get(key) is not None}
-    diffs = [(r["seed"], 100 * (r[key] / by_seed[r["seed"]] - 1)) for r in runs
-             if r.get(key) is not None and r["seed"] in by_seed]
+    diffs = [
+        (r["seed"], 100 * (r[key] / by_seed[r["seed"]] - 1))
+        for r in runs
+        if r.get(key) is not None and r["seed"] in by_seed
+    ]
     values = [d for _, d in diffs]
-    return (statistics.fmean(values) if values else None,
-            statistics.stdev(values) if len(values) > 1 else None, diffs)
+    return (statistics.fmean(values) if values else None, statistics.stdev(values) if len(values) > 1 else None, diffs)
 
 
 def mean_sd(runs: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -368,14 +396,21 @@ def summarize(arms: dict[str, list[dict]]) -> dict[str, dict]:
         other_vs_ce, _, other_seeds = paired(runs, arms.get("ce_only"), "other_genre_ce")
         out[arm] = {
             "seeds": [r["seed"] for r in runs],
-            "heldout_ce": ce, "heldout_ce_sd": ce_sd,
+            "heldout_ce": ce,
+            "heldout_ce_sd": ce_sd,
             "validation_ce": mean_sd(runs, "validation_ce")[0],
             "other_genre_ce": mean_sd(runs, "other_genre_ce")[0],
-            "vs_ce_only_pct": vs_ce, "vs_ce_only_pct_sd": vs_ce_sd, "vs_ce_only_by_seed": per_seed,
-            "vs_full_pct": vs_full, "vs_full_pct_sd": vs_full_sd,
-            "other_genre_vs_ce_only_pct": other_vs_ce, "other_genre_vs_ce_only_by_seed": other_seeds,
-            "bytes_per_token": runs[0]["bytes_per_token"], "steps": runs[0]["steps"],
-            "train_tokens": runs[0]["train_tokens"], "seconds": runs[0]["seconds"],
+            "vs_ce_only_pct": vs_ce,
+            "vs_ce_only_pct_sd": vs_ce_sd,
+            "vs_ce_only_by_seed": per_seed,
+            "vs_full_pct": vs_full,
+            "vs_full_pct_sd": vs_full_sd,
+            "other_genre_vs_ce_only_pct": other_vs_ce,
+            "other_genre_vs_ce_only_by_seed": other_seeds,
+            "bytes_per_token": runs[0]["bytes_per_token"],
+            "steps": runs[0]["steps"],
+            "train_tokens": runs[0]["train_tokens"],
+            "seconds": runs[0]["seconds"],
         }
     return out
 
@@ -391,21 +426,24 @@ def goals(found: dict) -> dict:
         out["best_cached_vs_ce_only_by_seed"] = per_seed
         # the goal names 3 seeds: with fewer it is not decided yet (None), whatever the numbers say
         out["best_cached_beats_ce_by_5pct_every_seed"] = (
-            all(d <= -5 for _, d in per_seed) if len(per_seed) >= 3 else None)
+            all(d <= -5 for _, d in per_seed) if len(per_seed) >= 3 else None
+        )
     if "sampled_alpha05" in long and "online_full" in long:
         vs_full, _, _ = paired(long["sampled_alpha05"], long["online_full"])
         out["default_vs_full_pct"] = vs_full
         out["default_within_2pct_of_full"] = vs_full is not None and vs_full <= 2
     if "ce_only" in long:
         kd = [a for a in long if a != "ce_only"]
-        out["kd_arms_beat_ce_on_other_genre"] = {
-            a: paired(long[a], long["ce_only"], "other_genre_ce")[0] for a in kd}
+        out["kd_arms_beat_ce_on_other_genre"] = {a: paired(long[a], long["ce_only"], "other_genre_ce")[0] for a in kd}
     ti = found.get("teacher_init", {})
     if "ce_only" in ti and len(ti) > 1:
         arm = next(a for a in ti if a != "ce_only")
         _, _, per_seed = paired(ti[arm], ti["ce_only"])
-        out["teacher_init"] = {"arm": arm, "vs_ce_only_by_seed": per_seed,
-                               "beats_ce_every_seed": all(d < 0 for _, d in per_seed) if len(per_seed) >= 3 else None}
+        out["teacher_init"] = {
+            "arm": arm,
+            "vs_ce_only_by_seed": per_seed,
+            "beats_ce_every_seed": all(d < 0 for _, d in per_seed) if len(per_seed) >= 3 else None,
+        }
     return out
 
 
@@ -434,11 +472,15 @@ def lowest_point(run: dict) -> str:
 def regime_table(regime: str, arms: dict[str, list[dict]]) -> list[str]:
     summary = summarize(arms)
     r0 = next(iter(arms.values()))[0]
-    lines = [f"## {REGIME_TITLES[regime]}", "",
-             f"{r0['steps']} optimizer steps of 8 x 256 tokens ({r0['train_tokens']:,} training tokens) per arm.", "",
-             "| arm | seeds | validation CE | held-out CE | vs CE only (paired) | vs full KD | other genre CE "
-             "| other genre vs CE only | bytes/token | lowest held-out CE on the curve (seed 0) | seconds (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {REGIME_TITLES[regime]}",
+        "",
+        f"{r0['steps']} optimizer steps of 8 x 256 tokens ({r0['train_tokens']:,} training tokens) per arm.",
+        "",
+        "| arm | seeds | validation CE | held-out CE | vs CE only (paired) | vs full KD | other genre CE "
+        "| other genre vs CE only | bytes/token | lowest held-out CE on the curve (seed 0) | seconds (seed 0) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, sm in sorted(summary.items(), key=lambda kv: kv[1]["heldout_ce"]):
         bpt = "–" if sm["bytes_per_token"] is None else f"{sm['bytes_per_token']:.1f}"
         vs_ce = "reference" if arm == "ce_only" else _pm(sm["vs_ce_only_pct"], sm["vs_ce_only_pct_sd"], "+.2f") + "%"
@@ -447,14 +489,22 @@ def regime_table(regime: str, arms: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {arm} | {len(sm['seeds'])} | {_pm(sm['validation_ce'], None, '.4f')} | "
             f"{_pm(sm['heldout_ce'], sm['heldout_ce_sd'], '.4f')} | {vs_ce.replace('–%', '–')} | "
-            f"{vs_full.replace('–%', '–')} | {_pm(sm['other_genre_ce'], None, '.4f')} | {other_vs.replace('–%', '–')} | "
-            f"{bpt} | {lowest_point(arms[arm][0])} | {sm['seconds']:.0f} |")
-    per_seed = [f"{arm}: " + ", ".join(f"seed {s} {d:+.2f}%" for s, d in sm["vs_ce_only_by_seed"])
-                for arm, sm in summary.items() if arm != "ce_only" and len(sm["vs_ce_only_by_seed"]) > 1]
+            f"{vs_full.replace('–%', '–')} | {_pm(sm['other_genre_ce'], None, '.4f')} | "
+            f"{other_vs.replace('–%', '–')} | "
+            f"{bpt} | {lowest_point(arms[arm][0])} | {sm['seconds']:.0f} |"
+        )
+    per_seed = [
+        f"{arm}: " + ", ".join(f"seed {s} {d:+.2f}%" for s, d in sm["vs_ce_only_by_seed"])
+        for arm, sm in summary.items()
+        if arm != "ce_only" and len(sm["vs_ce_only_by_seed"]) > 1
+    ]
     if per_seed:
         lines += ["", "Held-out CE vs CE only, per seed: " + "; ".join(per_seed) + "."]
-    lines += ["", "The lowest point of an arm's held-out curve is shown to make overfitting visible (an arm whose "
-              "final CE is far above it kept training past its best); no setting is chosen on it."]
+    lines += [
+        "",
+        "The lowest point of an arm's held-out curve is shown to make overfitting visible (an arm whose "
+        "final CE is far above it kept training past its best); no setting is chosen on it.",
+    ]
     teacher = f"Teacher held-out CE: {r0['teacher_heldout_ce']:.4f}"
     if r0.get("teacher_validation_ce") is not None:
         teacher += f", validation CE {r0['teacher_validation_ce']:.4f}"
@@ -472,14 +522,18 @@ def write_report(results: Path, docs: Path) -> dict:
     order = [r for r in REGIMES if r in found]
     teacher_file = results / "_teacher_other_genre.json"
     teacher_other = json.loads(teacher_file.read_text())["ce"] if teacher_file.exists() else None
-    lines = ["# Does the teacher help? Student quality by cache recipe", "",
-             "Generated by `.venv/bin/python benchmarks/quality.py --report` from the result files in "
-             "`docs/results/` (one per arm and seed; see the benchmark's docstring for the arms). Cross-entropy in "
-             "nats/token of the same student trained from each recipe. *Validation CE* is what settings are chosen "
-             "on; *held-out CE* (a disjoint content-hash split) is what is reported; *other genre* is the first "
-             f"{OTHER_GENRE_TOKENS:,} tokens of the fortune-cookie files of Debian's `fortunes` package "
-             f"({', '.join(OTHER_GENRE_FILES)}), text that is not documentation. Differences are relative, paired "
-             "by seed (mean ± sd over seeds where there are several).", ""]
+    lines = [
+        "# Does the teacher help? Student quality by cache recipe",
+        "",
+        "Generated by `.venv/bin/python benchmarks/quality.py --report` from the result files in "
+        "`docs/results/` (one per arm and seed; see the benchmark's docstring for the arms). Cross-entropy in "
+        "nats/token of the same student trained from each recipe. *Validation CE* is what settings are chosen "
+        "on; *held-out CE* (a disjoint content-hash split) is what is reported; *other genre* is the first "
+        f"{OTHER_GENRE_TOKENS:,} tokens of the fortune-cookie files of Debian's `fortunes` package "
+        f"({', '.join(OTHER_GENRE_FILES)}), text that is not documentation. Differences are relative, paired "
+        "by seed (mean ± sd over seeds where there are several).",
+        "",
+    ]
     if teacher_other is not None:
         lines += [f"Teacher CE on the other-genre text: {teacher_other:.4f}.", ""]
     g = goals(found)
@@ -500,20 +554,32 @@ def write_report(results: Path, docs: Path) -> dict:
     fig.tight_layout()
     fig.savefig(docs / "results.png", dpi=110)
     plt.close(fig)
-    lines += ["![held-out CE against training tokens](results.png)", "",
-              "Issue 8's short regimes (30 and 56 steps), measured before result files were kept, are in "
-              "[results-short.md](results-short.md).", ""]
+    lines += [
+        "![held-out CE against training tokens](results.png)",
+        "",
+        "Issue 8's short regimes (30 and 56 steps), measured before result files were kept, are in "
+        "[results-short.md](results-short.md).",
+        "",
+    ]
     (docs / "results.md").write_text("\n".join(lines))
-    return {"regimes": {regime: summarize(found[regime]) for regime in order}, "goals": g,
-            "teacher_other_genre_ce": teacher_other}
+    return {
+        "regimes": {regime: summarize(found[regime]) for regime in order},
+        "goals": g,
+        "teacher_other_genre_ce": teacher_other,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "quality-benchmark", help="work folders of the runs")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where result files are kept (committed)")
-    ap.add_argument("--regimes", nargs="+", default=["long"], choices=["long", "multi_epoch", "single_pass"],
-                    help="long includes its teacher_init arms")
+    ap.add_argument(
+        "--regimes",
+        nargs="+",
+        default=["long"],
+        choices=["long", "multi_epoch", "single_pass"],
+        help="long includes its teacher_init arms",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds (0 is always run)")
     ap.add_argument("--commit", action="store_true", help="git-commit each result file as it lands")
     ap.add_argument("--max-arms", type=int, default=0, help="stop after this many runs (0: run the whole plan)")

@@ -24,13 +24,17 @@ def main() -> None:
         {"name": "two-workers", "train": {"epochs": args.epochs, "num_workers": 2, "cpus_per_worker": 0.5}},
     ]
     _, rates = train_rates(students, args.tokens)
-    print(json.dumps({
-        "benchmark": "scaling",
-        "tokens_per_second": rates,
-        "ratio": rates["two-workers"] / rates["one-worker"],
-        "ratio_meaning": "training tokens/s with 2 workers / 1 worker (epochs 2..E)",
-        "cpus": 2,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "scaling",
+                "tokens_per_second": rates,
+                "ratio": rates["two-workers"] / rates["one-worker"],
+                "ratio_meaning": "training tokens/s with 2 workers / 1 worker (epochs 2..E)",
+                "cpus": 2,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,24 +20,36 @@ from common import start_ray, train_rates, training_args
 def main() -> None:
     args = training_args(__doc__, epochs=4)
     start_ray(2)
-    students = [{"name": "streaming", "train": {"epochs": args.epochs}},
-                {"name": "preloaded", "train": {"epochs": args.epochs, "preload": True}}]
+    students = [
+        {"name": "streaming", "train": {"epochs": args.epochs}},
+        {"name": "preloaded", "train": {"epochs": args.epochs, "preload": True}},
+    ]
     summary, rates = train_rates(students, args.tokens)
-    print(json.dumps({
-        "benchmark": "train_throughput",
-        "tokens": summary["cache"]["tokens"],
-        "epochs": args.epochs,
-        "tokens_per_second": rates,
-        "epoch_seconds": {n: [round(e["seconds"], 2) for e in st["epochs"]] for n, st in summary["students"].items()},
-        "data_wait_seconds": {n: [round(e["data_seconds"], 2) for e in st["epochs"]]
-                              for n, st in summary["students"].items()},
-        "first_batch_wait_seconds": {n: [round(e["first_batch_seconds"], 2) for e in st["epochs"]]
-                                     for n, st in summary["students"].items()},
-        "ratio": rates["streaming"] / rates["preloaded"],
-        "ratio_meaning": "training tokens/s streaming the cache / with targets preloaded in memory (epochs 2..E)",
-        "goal": {"ratio_min": 0.90},
-        "goal_met": rates["streaming"] / rates["preloaded"] >= 0.90,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "tokens": summary["cache"]["tokens"],
+                "epochs": args.epochs,
+                "tokens_per_second": rates,
+                "epoch_seconds": {
+                    n: [round(e["seconds"], 2) for e in st["epochs"]] for n, st in summary["students"].items()
+                },
+                "data_wait_seconds": {
+                    n: [round(e["data_seconds"], 2) for e in st["epochs"]] for n, st in summary["students"].items()
+                },
+                "first_batch_wait_seconds": {
+                    n: [round(e["first_batch_seconds"], 2) for e in st["epochs"]]
+                    for n, st in summary["students"].items()
+                },
+                "ratio": rates["streaming"] / rates["preloaded"],
+                "ratio_meaning": "training tokens/s streaming the cache "
+                "/ with targets preloaded in memory (epochs 2..E)",
+                "goal": {"ratio_min": 0.90},
+                "goal_met": rates["streaming"] / rates["preloaded"] >= 0.90,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def bare_loop(spec, summary: dict, epochs: int) -> dict:
     from kdscale.models.task import CausalLM, table_arrays
     from kdscale.models.teacher import load_teacher_config, load_tokenizer
     from kdscale.student.engine import warmup_cosine
-    from kdscale.student.losses import distillation_loss
     from kdscale.student.loop import steps_per_epoch
+    from kdscale.student.losses import distillation_loss
 
     torch.set_num_threads(2)
     student = spec.students[0]
@@ -62,9 +62,14 @@ def bare_loop(spec, summary: dict, epochs: int) -> dict:
     for _ in range(epochs):
         started = time.perf_counter()
         for inputs, labels, targets in decoded:
-            loss = distillation_loss(model(**inputs).logits, labels, targets, alpha=student.loss.alpha,
-                                     temperature=student.loss.temperature,
-                                     chunk_positions=student.loss.chunk_positions).total
+            loss = distillation_loss(
+                model(**inputs).logits,
+                labels,
+                targets,
+                alpha=student.loss.alpha,
+                temperature=student.loss.temperature,
+                chunk_positions=student.loss.chunk_positions,
+            ).total
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), student.train.grad_clip)
             optimizer.step()
@@ -92,8 +97,13 @@ def main() -> None:
     args = training_args(__doc__, epochs=4, tokens=40960, workers=True)
     start_ray(2)
     batch = 8  # the quickstart's global batch: 2 workers x 4 rows
-    train = {"epochs": args.epochs, "eval_every_steps": 0, "num_workers": args.workers,
-             "micro_batch_size": batch // args.workers, "threads_per_worker": args.threads}
+    train = {
+        "epochs": args.epochs,
+        "eval_every_steps": 0,
+        "num_workers": args.workers,
+        "micro_batch_size": batch // args.workers,
+        "threads_per_worker": args.threads,
+    }
     spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]})
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)
@@ -107,23 +117,34 @@ def main() -> None:
         bare = bare_loop(spec, summary, args.epochs)
     bare_rate = bare["tokens_per_epoch"] * (args.epochs - 1) / sum(bare["epoch_seconds"][1:])
     kd_tokens = sum(e["tokens"] for e in st["epochs"])
-    print(json.dumps({
-        "benchmark": "train_vs_bare",
-        "tokens_per_epoch": bare["tokens_per_epoch"],
-        "epochs": args.epochs,
-        "workers": args.workers, "threads_per_worker": args.threads,
-        "tokens_per_second": {"kdscale": kd_rate, "bare": bare_rate},
-        "kdscale_epochs": [{k: round(e.get(k, 0.0), 2) for k in ("seconds", "data_seconds", "first_batch_seconds",
-                                                                  "checkpoint_seconds")} for e in st["epochs"]],
-        "bare_epoch_seconds": [round(s, 2) for s in bare["epoch_seconds"]],
-        "ratio": kd_rate / bare_rate,
-        "ratio_meaning": "kdscale training tokens/s (epochs 2..E, data waits and checkpoint saves included) / a bare "
-                         "single-process torch loop's on the same batches, loss and threads",
-        "ratio_whole_run": (kd_tokens / st["train_seconds"]) / (bare["tokens_per_epoch"] * args.epochs
-                                                                / sum(bare["epoch_seconds"])),
-        "goal": {"ratio_min": 0.95},
-        "goal_met": kd_rate / bare_rate >= 0.95,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_vs_bare",
+                "tokens_per_epoch": bare["tokens_per_epoch"],
+                "epochs": args.epochs,
+                "workers": args.workers,
+                "threads_per_worker": args.threads,
+                "tokens_per_second": {"kdscale": kd_rate, "bare": bare_rate},
+                "kdscale_epochs": [
+                    {
+                        k: round(e.get(k, 0.0), 2)
+                        for k in ("seconds", "data_seconds", "first_batch_seconds", "checkpoint_seconds")
+                    }
+                    for e in st["epochs"]
+                ],
+                "bare_epoch_seconds": [round(s, 2) for s in bare["epoch_seconds"]],
+                "ratio": kd_rate / bare_rate,
+                "ratio_meaning": "kdscale training tokens/s "
+                "(epochs 2..E, data waits and checkpoint saves included) / a bare "
+                "single-process torch loop's on the same batches, loss and threads",
+                "ratio_whole_run": (kd_tokens / st["train_seconds"])
+                / (bare["tokens_per_epoch"] * args.epochs / sum(bare["epoch_seconds"])),
+                "goal": {"ratio_min": 0.95},
+                "goal_met": kd_rate / bare_rate >= 0.95,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

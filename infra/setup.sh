@@ -2,7 +2,7 @@
 # Set up kdscale on a fresh machine and run one thing. Idempotent: re-runs skip what is done.
 #
 #   bash infra/setup.sh quickstart   # install, then run jobs/quickstart.yaml end to end
-#   bash infra/setup.sh test         # install with test extras, then run the whole test suite
+#   bash infra/setup.sh test         # install with test extras, lint + type-check, run the whole test suite
 #   bash infra/setup.sh install      # install only
 #
 # Installs into ./.venv (override with KDSCALE_VENV): torch==2.13.0 first (a CPU wheel; an unpinned
@@ -85,6 +85,10 @@ case "$MODE" in
     exec "$VENV/bin/kdscale" run jobs/quickstart.yaml ;;
   test)
     install_debian_packages; install_python_packages "[dev]"; build_deepspeed_cpu_op
+    log "ruff check, ruff format --check, mypy (configured in pyproject.toml)"
+    "$VENV/bin/ruff" check kdscale tests benchmarks
+    "$VENV/bin/ruff" format --check kdscale tests benchmarks
+    "$VENV/bin/mypy"
     log "pytest"
     exec "$VENV/bin/python" -m pytest "${@:2}" ;;
   *)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,8 +19,11 @@ from kdscale.cache.format import CacheFormatError
 from kdscale.config import ConfigError, JobSpec, load_job
 from kdscale.errors import find_in_chain
 
-app = typer.Typer(help="Knowledge distillation at scale: teacher once -> Parquet logit cache -> many students.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Knowledge distillation at scale: teacher once -> Parquet logit cache -> many students.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 out = Console()
@@ -49,7 +51,7 @@ def _load(path: Path) -> JobSpec:
         raise  # unreachable; keeps type checkers happy
 
 
-def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bool) -> None:
+def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -82,30 +84,34 @@ def _run(job: Path, stages: tuple[str, ...], workdir: Optional[str], dry_run: bo
     if "students" in summary and fs.exists(report_file):
         _print_report(fs.read_json(report_file))
     out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
-    out.print(f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
-              f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})", highlight=False, soft_wrap=True)
+    out.print(
+        f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
+        f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
-def run(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def run(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
     """Precompute the cache, train every student, evaluate and export them."""
     _run(job, ("precompute", "train", "eval"), workdir, dry_run)
 
 
 @app.command()
-def precompute(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def precompute(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
     """Run the teacher over the corpus into the logit cache (resumes an unfinished one)."""
     _run(job, ("precompute",), workdir, dry_run)
 
 
 @app.command()
-def train(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def train(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
     """Train, evaluate and export the job's students from its committed cache."""
     _run(job, ("train",), workdir, dry_run)
 
 
 @app.command("eval")
-def evaluate(job: Path = JobArg, workdir: Optional[str] = WorkdirOpt) -> None:
+def evaluate(job: Path = JobArg, workdir: str | None = WorkdirOpt) -> None:
     """Evaluate the job's exported students on the cache's held-out split."""
     _run(job, ("eval",), workdir, False)
 
@@ -114,8 +120,9 @@ def _print_report(report: dict) -> None:
     from kdscale.report import table_rows
 
     headers, cells = table_rows(report)
-    table = Table(title=f"students of job {report['job']}" + (f" vs baseline {report['baseline']}"
-                                                               if report["baseline"] else ""))
+    table = Table(
+        title=f"students of job {report['job']}" + (f" vs baseline {report['baseline']}" if report["baseline"] else "")
+    )
     for h in headers:
         table.add_column(h, overflow="fold")
     for row in cells:
@@ -123,15 +130,24 @@ def _print_report(report: dict) -> None:
     out.print(table)
     teacher = report.get("teacher_heldout_ce")
     note = f"teacher held-out CE {teacher:.4f}. " if teacher is not None else ""
-    out.print(f"{note}Δ ± two paired standard errors; a verdict other than 'within noise' needs "
-              f"{escape(report['noise_rule'])}.", highlight=False, soft_wrap=True)
+    out.print(
+        f"{note}Δ ± two paired standard errors; a verdict other than 'within noise' needs "
+        f"{escape(report['noise_rule'])}.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
-def report(workdir: str = typer.Argument(..., help="A job's workdir (holding summary.json), path or fsspec URI"),
-           baseline: Optional[str] = typer.Option(None, "--baseline", help="The student the others are compared "
-                                                  "with (default: the only one trained with alpha 0)."),
-           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def report(
+    workdir: str = typer.Argument(..., help="A job's workdir (holding summary.json), path or fsspec URI"),
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="The student the others are compared with (default: the only one trained with alpha 0).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """Every student a job trained beside its baseline: CE, Δ, noise verdict, bytes/token, cost.
 
     Writes report.json / report.md / report.png into the workdir and logs them to the job's MLflow
@@ -154,7 +170,9 @@ def report(workdir: str = typer.Argument(..., help="A job's workdir (holding sum
         if uri and mlflow.get("parent_run_id"):
             pipeline.log_report(folder, uri, mlflow["parent_run_id"])
     except Exception as e:  # the report stands without MLflow; say why it was not logged
-        err.print(f"[yellow]warning:[/] report not logged to MLflow ({escape(type(e).__name__)}: {escape(str(e))[:200]})")
+        err.print(
+            f"[yellow]warning:[/] report not logged to MLflow ({escape(type(e).__name__)}: {escape(str(e))[:200]})"
+        )
     if as_json:
         print(json.dumps(rep))
         return
@@ -175,8 +193,10 @@ def _open(uri: str, checksums: bool = False):
 
 
 @cache_app.command("inspect")
-def cache_inspect(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)"),
-                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def cache_inspect(
+    uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """Show a committed cache's kind, size, bytes per token and fingerprints."""
     from kdscale.cache.profile import describe
 
@@ -203,11 +223,14 @@ def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fssp
 
 @app.command()
 def lineage(
-    model: Optional[str] = typer.Argument(None, help="Registered model as MODEL (latest version) or MODEL/VERSION."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="List every student trained from this cache (URI or cache_id)."),
+    model: str | None = typer.Argument(None, help="Registered model as MODEL (latest version) or MODEL/VERSION."),
+    cache: str | None = typer.Option(
+        None, "--cache", help="List every student trained from this cache (URI or cache_id)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    tracking: Optional[str] = typer.Option(
-        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
+    tracking: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+    ),
 ) -> None:
     """Walk a student back to its cache, teacher and corpus, or a cache forward to its students."""
     from mlflow import MlflowClient
@@ -247,7 +270,12 @@ def _lineage_tree(info: dict):
     if "model" in info:
         mv = info["model"]
         root = Tree(f"[bold cyan]model {escape(mv['name'])} v{mv['version']}[/] ({escape(mv['source'])})")
-        add(root, "student run", info["student_run"], ("student", "run_id", "experiment", "job", "status", "metrics", "params"))
+        add(
+            root,
+            "student run",
+            info["student_run"],
+            ("student", "run_id", "experiment", "job", "status", "metrics", "params"),
+        )
     else:
         root = Tree(f"[bold cyan]cache {info['cache']['cache_id']}[/]")
     add(root, "cache", info.get("cache"), ("uri", "cache_id", "manifest_from", "manifest", "warning"))
@@ -259,8 +287,10 @@ def _lineage_tree(info: dict):
     for st in info.get("students", []):
         versions = ", ".join(f"{v['name']} v{v['version']}" for v in st["registered"]) or "not registered"
         ce = st["metrics"].get("heldout/heldout_ce")
-        root.add(f"[bold]student {escape(str(st['student']))}[/] run {st['run_id']} (job {escape(str(st['job']))}, "
-                 f"{st['status']}{'' if ce is None else f', held-out CE {ce:.3f}'}) -> {escape(versions)}")
+        root.add(
+            f"[bold]student {escape(str(st['student']))}[/] run {st['run_id']} (job {escape(str(st['job']))}, "
+            f"{st['status']}{'' if ce is None else f', held-out CE {ce:.3f}'}) -> {escape(versions)}"
+        )
     return root
 
 

@@ -51,22 +51,27 @@ class RaySpec(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts/joins a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by kdscale.")
     log_to_driver: bool = Field(
-        False, description="Stream every Ray worker's log lines to the console (they are always kept in Ray's log folder)."
+        False,
+        description="Stream every Ray worker's log lines to the console (they are always kept in Ray's log folder).",
     )
 
 
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
-    experiment: str | None = Field(None, pattern=EXPERIMENT_PATTERN, max_length=200,
-                                   description="MLflow experiment name; defaults to the job name.")
+    experiment: str | None = Field(
+        None,
+        pattern=EXPERIMENT_PATTERN,
+        max_length=200,
+        description="MLflow experiment name; defaults to the job name.",
+    )
     register_models: bool = Field(True, description="Register every exported student in the MLflow Model Registry.")
     model_name: str = Field(
-        "{job}-{student}", description="Registered model name; {job} and {student} are replaced by the job's and "
-        "the student's names.",
+        "{job}-{student}",
+        description="Registered model name; {job} and {student} are replaced by the job's and the student's names.",
     )
 
     @model_validator(mode="after")
-    def _known_placeholders(self) -> "TrackingSpec":
+    def _known_placeholders(self) -> TrackingSpec:
         unknown = set(re.findall(r"{([^}]*)}", self.model_name)) - {"job", "student"}
         if unknown:
             raise ValueError(f"model_name may only use {{job}} and {{student}}, not {', '.join(sorted(unknown))}")
@@ -85,28 +90,35 @@ class TeacherSpec(Strict):
         "'pkg:<module>' names an installed Python package's folder, found without importing it.",
     )
     gguf_file: str | None = None
-    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to the teacher's path (causal_lm; "
-                                  "an image classifier's labels come from its config).")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer folder; defaults to the teacher's path (causal_lm; "
+        "an image classifier's labels come from its config).",
+    )
     architecture: dict[str, Any] | None = Field(
         None, description="For init=random: transformers config fields (model_type defaults to llama)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     replicas: int = Field(1, ge=1, description="Data-parallel copies of the teacher.")
     shards: int = Field(
-        1, ge=1, description="Pipeline stages per replica: the layers split over this many actors (for teachers "
-        "that do not fit one device). Actors in all: replicas x shards."
+        1,
+        ge=1,
+        description="Pipeline stages per replica: the layers split over this many actors (for teachers "
+        "that do not fit one device). Actors in all: replicas x shards.",
     )
     batch_size: int = Field(4, ge=1, description="Rows per forward (the micro-batch when sharded).")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     start_timeout_s: float = Field(
-        1800.0, gt=0, description="Seconds the teacher actors may take to be placed and load their weights before "
-        "the precompute fails naming the resources they asked for (resources no node has are refused before any work)."
+        1800.0,
+        gt=0,
+        description="Seconds the teacher actors may take to be placed and load their weights before "
+        "the precompute fails naming the resources they asked for (resources no node has are refused before any work).",
     )
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _init_needs(self) -> "TeacherSpec":
+    def _init_needs(self) -> TeacherSpec:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init=pretrained needs `path`")
         if self.init == "random" and self.architecture is None:
@@ -117,28 +129,41 @@ class TeacherSpec(Strict):
 class CorpusSpec(Strict):
     paths: list[str] = Field(..., min_length=1, description="Files, folders, globs or fsspec URIs (idx: image files).")
     format: Literal["text", "jsonl", "parquet", "idx"] = Field(
-        "text", description="text: one document per file; jsonl: one per line (`field`); parquet: one per row (`field`); "
-        "idx: IDX image files (MNIST's format) with their label files in `labels` (task image_classification)."
+        "text",
+        description="text: one document per file; jsonl: one per line (`field`); parquet: one per row (`field`); "
+        "idx: IDX image files (MNIST's format) with their label files in `labels` (task image_classification).",
     )
-    labels: list[str] | None = Field(None, description="idx: the label file of each file in `paths`, in the same order.")
+    labels: list[str] | None = Field(
+        None, description="idx: the label file of each file in `paths`, in the same order."
+    )
     heldout_paths: list[str] | None = Field(
-        None, description="idx: image files of the held-out split (e.g. an official test set); default: a content-hash "
-        "split of `paths` by heldout_fraction."
+        None,
+        description="idx: image files of the held-out split (e.g. an official test set); default: a content-hash "
+        "split of `paths` by heldout_fraction.",
     )
     heldout_labels: list[str] | None = Field(None, description="idx: the label files of `heldout_paths`.")
     field: str = Field("text", min_length=1, description="The JSON key / Parquet column holding the text.")
     max_files: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="Stop after this many tokens (a fixed slice); for images, "
-                                   "training images (one position each).")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many tokens (a fixed slice); for images, training images (one position each).",
+    )
     seq_len: int = Field(256, ge=8)
-    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Rows held out by content hash: the split "
-                                    "results are reported on.")
-    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Rows kept for choosing settings (alpha, "
-                                       "temperature, lr, target kind) by content hash, disjoint from train and "
-                                       "held-out; 0: no validation split.")
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Rows held out by content hash: the split results are reported on."
+    )
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Rows kept for choosing settings (alpha, "
+        "temperature, lr, target kind) by content hash, disjoint from train and "
+        "held-out; 0: no validation split.",
+    )
 
     @model_validator(mode="after")
-    def _fractions_leave_training_rows(self) -> "CorpusSpec":
+    def _fractions_leave_training_rows(self) -> CorpusSpec:
         if self.heldout_fraction + self.validation_fraction >= 1:
             raise ValueError("heldout_fraction + validation_fraction must leave rows to train on (sum < 1)")
         return self
@@ -146,20 +171,31 @@ class CorpusSpec(Strict):
 
 class TargetsSpec(Strict):
     kind: Literal["sampled", "topk", "full", "stratified"] = Field(
-        "sampled", description="sampled: N draws (unbiased); topk: k ids + tail mass (biased); stratified: k exact "
-        "ids + N draws from the rest (unbiased, lower variance); full: dense (small vocabularies)."
+        "sampled",
+        description="sampled: N draws (unbiased); topk: k ids + tail mass (biased); stratified: k exact "
+        "ids + N draws from the rest (unbiased, lower variance); full: dense (small vocabularies).",
     )
-    num_samples: int = Field(50, ge=1, le=255, description="sampled: draws per position; stratified: draws from "
-                             "the tail (counts fit uint8).")
+    num_samples: int = Field(
+        50, ge=1, le=255, description="sampled: draws per position; stratified: draws from the tail (counts fit uint8)."
+    )
     k: int = Field(12, ge=1, description="topk: ids kept per position; stratified: ids kept with exact probabilities.")
-    temperature: float = Field(1.0, gt=0, description="Capture temperature of the teacher softmax (students' loss "
-                               "temperature must equal it, except from a full cache, which is re-tempered exactly).")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Capture temperature of the teacher softmax (students' loss "
+        "temperature must equal it, except from a full cache, which is re-tempered exactly).",
+    )
     store_logprobs: bool = Field(False, description="sampled: also store the teacher log-prob of each stored id.")
-    draws: int = Field(1, ge=1, le=16, description="sampled: independent draws stored per position; epoch e "
-                       "trains on draw e mod draws, so re-used data sees fresh noise instead of one fixed draw.")
+    draws: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="sampled: independent draws stored per position; epoch e "
+        "trains on draw e mod draws, so re-used data sees fresh noise instead of one fixed draw.",
+    )
 
     @model_validator(mode="after")
-    def _draws_only_for_sampled(self) -> "TargetsSpec":
+    def _draws_only_for_sampled(self) -> TargetsSpec:
         if self.draws > 1 and self.kind != "sampled":
             raise ValueError(f"draws > 1 applies to kind sampled only, not {self.kind}")
         return self
@@ -188,8 +224,10 @@ class TrainSpec(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(
-        None, ge=1, description="torch threads in each worker; default: its whole CPUs (at least 1). More than its "
-        "CPUs may pay where the CPUs Ray reserves for reading the cache are idle between its bursts."
+        None,
+        ge=1,
+        description="torch threads in each worker; default: its whole CPUs (at least 1). More than its "
+        "CPUs may pay where the CPUs Ray reserves for reading the cache are idle between its bursts.",
     )
     use_gpu: bool = False
     zero_stage: int = Field(2, ge=0, le=3)
@@ -201,26 +239,35 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Student init/data-order seed; defaults to the job seed.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Student init/data-order seed; defaults to the job seed."
+    )
     log_every: int = Field(1, ge=1, description="Optimizer steps between loss records/MLflow metrics.")
     eval_every_steps: int = Field(
-        0, ge=0, description="Score the held-out split every this many optimizer steps during training (and at the "
-        "last step), giving held-out CE against training tokens; 0: only after training."
+        0,
+        ge=0,
+        description="Score the held-out split every this many optimizer steps during training (and at the "
+        "last step), giving held-out CE against training tokens; 0: only after training.",
     )
     preload: bool = Field(
-        False, description="Read and decode the worker's share of the data once and keep it in memory for every "
-        "epoch (small caches trained for many epochs); default: stream it each epoch."
+        False,
+        description="Read and decode the worker's share of the data once and keep it in memory for every "
+        "epoch (small caches trained for many epochs); default: stream it each epoch.",
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
     checkpoint_every_epochs: int = Field(
-        1, ge=1, description="Checkpoint at the end of every this many epochs (and always after the last): a restart "
+        1,
+        ge=1,
+        description="Checkpoint at the end of every this many epochs (and always after the last): a restart "
         "loses at most that many epochs. Each checkpoint costs a DeepSpeed save plus a Hugging Face copy (~1.5 s "
-        "for the 6.8M-parameter quickstart student, 10% of its 12-s epochs), so many short epochs want a larger value."
+        "for the 6.8M-parameter quickstart student, 10% of its 12-s epochs), so many short epochs want a larger value.",
     )
     prefetch_batches: int = Field(
-        4, ge=0, description="Micro-batches read and decoded ahead of the training step by a background thread, across "
+        4,
+        ge=0,
+        description="Micro-batches read and decoded ahead of the training step by a background thread, across "
         "epoch boundaries, so a new epoch's stream start-up (1.6-4 s per epoch measured here) overlaps training; "
-        "0: read in the training thread."
+        "0: read in the training thread.",
     )
 
 
@@ -236,14 +283,15 @@ class StudentSpec(Strict):
         None, description="init=teacher_layers: the teacher layers to copy (default: every other one, as DistilBERT)."
     )
     targets: Literal["cache", "online"] = Field(
-        "cache", description="cache: read the teacher's targets from the logit cache; online: run the teacher in "
-        "every training worker (classic KD; no cache needed)."
+        "cache",
+        description="cache: read the teacher's targets from the logit cache; online: run the teacher in "
+        "every training worker (classic KD; no cache needed).",
     )
     loss: LossSpec = LossSpec()
     train: TrainSpec = TrainSpec()
 
     @model_validator(mode="after")
-    def _init_needs(self) -> "StudentSpec":
+    def _init_needs(self) -> StudentSpec:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init=pretrained needs `path`")
         if self.init == "teacher_layers" and self.architecture:
@@ -261,8 +309,9 @@ class EvalSpec(Strict):
 class JobSpec(Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
     task: Literal["causal_lm", "image_classification"] = Field(
-        "causal_lm", description="causal_lm: next-token distributions at every position of packed token sequences; "
-        "image_classification: one class distribution per image (AutoModelForImageClassification teacher/students)."
+        "causal_lm",
+        description="causal_lm: next-token distributions at every position of packed token sequences; "
+        "image_classification: one class distribution per image (AutoModelForImageClassification teacher/students).",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     workdir: str | None = Field(None, description="Where outputs go; defaults to runs/<name>.")
@@ -275,7 +324,7 @@ class JobSpec(Strict):
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
-    def _unique_student_names(self) -> "JobSpec":
+    def _unique_student_names(self) -> JobSpec:
         problem = repeated_names([s.name for s in self.students])
         if problem:
             raise ValueError(problem)
@@ -384,7 +433,12 @@ def _resource_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     students = raw.get("students") if isinstance(raw.get("students"), list) else []
     for i, s in enumerate(students):
         spath = _str(s, "path")
-        if isinstance(s, dict) and s.get("init") == "pretrained" and spath and not fs.exists(fs.join(spath, "config.json")):
+        if (
+            isinstance(s, dict)
+            and s.get("init") == "pretrained"
+            and spath
+            and not fs.exists(fs.join(spath, "config.json"))
+        ):
             problems.append((f"students.{i}.path", f"not a Hugging Face model folder: {spath}"))
     return problems
 
@@ -432,8 +486,12 @@ def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if c.format != "idx":
         problems.append(("corpus.format", f"image_classification reads IDX image files (format: idx), not {c.format}"))
     if not c.labels or len(c.labels) != len(c.paths):
-        problems.append(("corpus.labels", f"one label file per image file: {len(c.paths)} in paths, "
-                                          f"{len(c.labels or [])} in labels"))
+        problems.append(
+            (
+                "corpus.labels",
+                f"one label file per image file: {len(c.paths)} in paths, {len(c.labels or [])} in labels",
+            )
+        )
     if bool(c.heldout_paths) != bool(c.heldout_labels) or len(c.heldout_paths or []) != len(c.heldout_labels or []):
         problems.append(("corpus.heldout_labels", "one label file per file in heldout_paths"))
     if spec.teacher.shards > 1:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 def find_in_chain(error: BaseException, names: tuple[str, ...]) -> BaseException | None:
     """The first exception in ``error``'s chain (``cause`` of Ray's task errors, each worker's
-    error of Ray Train's ``worker_failures``, ``__cause__``, ``__context__``) whose class is exactly one of ``names``. Ray also builds twin classes such as
+    error of Ray Train's ``worker_failures``, ``__cause__``, ``__context__``) whose class is exactly
+    one of ``names``. Ray also builds twin classes such as
     ``RayTaskError(NonFiniteLoss)`` whose text is a whole traceback; those are skipped for the original."""
     seen: set[int] = set()
     stack = [error]

@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import posixpath
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -27,7 +28,7 @@ def is_remote(uri: str) -> bool:
 def normalize(uri: str) -> str:
     """Absolute local paths (so Ray workers in other cwds agree); URIs unchanged."""
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 

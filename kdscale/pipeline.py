@@ -70,27 +70,41 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     config, and raise one ConfigError for all problems found. Writes nothing."""
     wd = spec.resolved_workdir(workdir)
     problems = location_problems(spec, wd) + [("teacher.path", b) for b in weight_problems(spec.teacher)]
-    problems += [(f"students.{i}.path", b) for i, s in enumerate(spec.students) if s.init == "pretrained"
-                 for b in student_file_problems(s.path)]
+    problems += [
+        (f"students.{i}.path", b)
+        for i, s in enumerate(spec.students)
+        if s.init == "pretrained"
+        for b in student_file_problems(s.path)
+    ]
     if problems:
         raise ConfigError(spec.name, problems)
     teacher_config, tokenizer = _teacher(spec)
     vocab = len(tokenizer)
     task = CausalLM() if spec.task == "causal_lm" else tokenizer  # an image task is its own label space
     problems = check_teacher_fits(spec, teacher_config, vocab)
-    problems += [("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
-                 for pr in shape_problems(teacher_config)]
+    problems += [
+        ("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
+        for pr in shape_problems(teacher_config)
+    ]
     configs = {}
     for i, s in enumerate(spec.students):
         try:
             configs[s.name] = student_config(s, teacher_config, vocab, task)
         except ValueError as e:
-            problems.append((f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e)))
+            problems.append(
+                (f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e))
+            )
             continue
         size = task.output_size(configs[s.name])
         if size != vocab:
-            problems.append((f"students.{i}", f"vocabulary {size} differs from the teacher tokenizer's {vocab}"
-                             if spec.task == "causal_lm" else f"{size} classes differ from the teacher's {vocab}"))
+            problems.append(
+                (
+                    f"students.{i}",
+                    f"vocabulary {size} differs from the teacher tokenizer's {vocab}"
+                    if spec.task == "causal_lm"
+                    else f"{size} classes differ from the teacher's {vocab}",
+                )
+            )
     if problems:
         raise ConfigError(spec.name, problems)
     return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs)
@@ -116,11 +130,15 @@ def _teacher(spec: JobSpec):
 def location_problems(spec: JobSpec, workdir: str) -> list[tuple[str, str]]:
     """A workdir or cache that is a file, or one folder used as both, fails before any work."""
     cache = spec.resolved_cache_uri(workdir)
-    problems = [(f, f"{uri} is a file, not a folder") for f, uri in (("workdir", workdir), ("cache.uri", cache))
-                if fs.is_file(uri)]
+    problems = [
+        (f, f"{uri} is a file, not a folder")
+        for f, uri in (("workdir", workdir), ("cache.uri", cache))
+        if fs.is_file(uri)
+    ]
     if fs.normalize(cache).rstrip("/") == workdir.rstrip("/"):
-        problems.append(("cache.uri", f"{cache} is also the workdir; the cache needs its own folder (default "
-                                      "<workdir>/cache)"))
+        problems.append(
+            ("cache.uri", f"{cache} is also the workdir; the cache needs its own folder (default <workdir>/cache)")
+        )
     return problems
 
 
@@ -133,8 +151,9 @@ def student_file_problems(path: str | None) -> list[str]:
     problems = code_problems(path, trust_remote_code=False)
     files = [f for f in fs.expand(path) if f.endswith(WEIGHT_SUFFIXES)]
     if files and all(f.endswith(PICKLE_SUFFIXES) for f in files):
-        problems.append(f"{path} holds only pickle weights; kdscale never unpickles model files: convert them "
-                        "to safetensors")
+        problems.append(
+            f"{path} holds only pickle weights; kdscale never unpickles model files: convert them to safetensors"
+        )
     return problems
 
 
@@ -184,19 +203,29 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
         "cache_uri": p.cache_uri,
         "tracking_uri": redact_text(tracking_uri(spec)),
         "task": p.task.describe(),
-        "teacher": {"name": spec.teacher.name, "replicas": spec.teacher.replicas, "dtype": spec.teacher.dtype,
-                    "vocab_size": len(p.tokenizer), "logit_width": logit_width(spec, p.teacher_config)},
-        "corpus": {"files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
-                   "seq_len": spec.corpus.seq_len, "max_tokens": spec.corpus.max_tokens,
-                   "heldout_fraction": spec.corpus.heldout_fraction,
-                   "validation_fraction": spec.corpus.validation_fraction},
+        "teacher": {
+            "name": spec.teacher.name,
+            "replicas": spec.teacher.replicas,
+            "dtype": spec.teacher.dtype,
+            "vocab_size": len(p.tokenizer),
+            "logit_width": logit_width(spec, p.teacher_config),
+        },
+        "corpus": {
+            "files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
+            "seq_len": spec.corpus.seq_len,
+            "max_tokens": spec.corpus.max_tokens,
+            "heldout_fraction": spec.corpus.heldout_fraction,
+            "validation_fraction": spec.corpus.validation_fraction,
+        },
         "targets": spec.cache.targets.model_dump(),
         "students": {
             s.name: {
                 "architecture": describe(p.student_configs[s.name]),
                 "init": s.init,
                 "parameters": count_parameters(p.student_configs[s.name], p.task),
-                "workers": s.train.num_workers, "zero_stage": s.train.zero_stage, "epochs": s.train.epochs,
+                "workers": s.train.num_workers,
+                "zero_stage": s.train.zero_stage,
+                "epochs": s.train.epochs,
                 "loss": s.loss.model_dump(),
             }
             for s in spec.students
@@ -236,8 +265,12 @@ def write_report(summary: dict[str, Any], baseline: str | None = None) -> dict[s
     from kdscale.tracking import plots
 
     report = build_report(summary, baseline)
-    figure = plots.student_curves(curves(summary), f"job {report['job']}: held-out CE by student",
-                                  report["baseline"], report["teacher_heldout_ce"])
+    figure = plots.student_curves(
+        curves(summary),
+        f"job {report['job']}: held-out CE by student",
+        report["baseline"],
+        report["teacher_heldout_ce"],
+    )
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
@@ -300,8 +333,10 @@ def check_workdir(p: Prepared) -> None:
     """A workdir whose summary.json belongs to another job is refused before anything in it is touched."""
     owner = read_summary(p.workdir).get("job")
     if owner not in (None, p.spec.name):
-        raise ConfigError(p.spec.name, [("workdir", f"{p.workdir} holds the outputs of job {owner!r}; use another "
-                                                    "workdir (or --workdir)")])
+        raise ConfigError(
+            p.spec.name,
+            [("workdir", f"{p.workdir} holds the outputs of job {owner!r}; use another workdir (or --workdir)")],
+        )
 
 
 def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple[str, str]]:
@@ -309,8 +344,12 @@ def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple
     any teacher work, or from a committed manifest)."""
     from kdscale.student.trainer import cache_problems
 
-    return [pr for i, s in enumerate(spec.students) if s.targets == "cache"
-            for pr in cache_problems(spec, i, targets, train_rows)]
+    return [
+        pr
+        for i, s in enumerate(spec.students)
+        if s.targets == "cache"
+        for pr in cache_problems(spec, i, targets, train_rows)
+    ]
 
 
 def plan_precompute(p: Prepared):
@@ -344,8 +383,11 @@ def check_cache_slot(p: Prepared, cache_id: str) -> Manifest | None:
 def check_exports(p: Prepared) -> None:
     from kdscale.student.evaluate import exported
 
-    missing = [(f"students.{i}", f"student {s.name} has no export at {p.export_uri(s.name)}; run `kdscale train` "
-                                 "first") for i, s in enumerate(p.spec.students) if not exported(p.export_uri(s.name))]
+    missing = [
+        (f"students.{i}", f"student {s.name} has no export at {p.export_uri(s.name)}; run `kdscale train` first")
+        for i, s in enumerate(p.spec.students)
+        if not exported(p.export_uri(s.name))
+    ]
     if missing:
         raise ConfigError(p.spec.name, missing)
 
@@ -357,22 +399,38 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None
     spec = p.spec
     run_id = tracker.start_child("precompute", "precompute")
     try:
-        tracker.log_params(run_id, {
-            "teacher": spec.teacher.name, "teacher_fingerprint": plan.teacher.fingerprint,
-            "tokenizer_fingerprint": plan.tokenizer.fingerprint, "dataset_content_hash": plan.dataset.content_hash,
-            "target_kind": plan.targets.kind, "num_samples": plan.targets.num_samples, "k": plan.targets.k,
-            "capture_temperature": plan.targets.temperature, "seq_len": spec.corpus.seq_len,
-            "replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "cache_uri": p.cache_uri,
-        })
+        tracker.log_params(
+            run_id,
+            {
+                "teacher": spec.teacher.name,
+                "teacher_fingerprint": plan.teacher.fingerprint,
+                "tokenizer_fingerprint": plan.tokenizer.fingerprint,
+                "dataset_content_hash": plan.dataset.content_hash,
+                "target_kind": plan.targets.kind,
+                "num_samples": plan.targets.num_samples,
+                "k": plan.targets.k,
+                "capture_temperature": plan.targets.temperature,
+                "seq_len": spec.corpus.seq_len,
+                "replicas": spec.teacher.replicas,
+                "shards": spec.teacher.shards,
+                "cache_uri": p.cache_uri,
+            },
+        )
         ensure_ray(spec.ray)
         result = run_precompute(spec, plan, p.cache_uri, reuse)
         m = result.manifest
-        tracker.log_metrics(run_id, {
-            "tokens": m.totals["tokens"], "bytes_per_token": m.totals["bytes_per_token"],
-            "target_bytes_per_token": m.totals["target_bytes_per_token"],
-            "tokens_per_second": result.tokens_per_second or None, "seconds": result.seconds,
-            "teacher_heldout_ce": m.totals["teacher_heldout_ce"], "reused": float(result.reused),
-        })
+        tracker.log_metrics(
+            run_id,
+            {
+                "tokens": m.totals["tokens"],
+                "bytes_per_token": m.totals["bytes_per_token"],
+                "target_bytes_per_token": m.totals["target_bytes_per_token"],
+                "tokens_per_second": result.tokens_per_second or None,
+                "seconds": result.seconds,
+                "teacher_heldout_ce": m.totals["teacher_heldout_ce"],
+                "reused": float(result.reused),
+            },
+        )
         tracker.log_cache(run_id, m, p.cache_uri, context="output")
         tracker.log_manifest(run_id, m)
         log_cache_profile(tracker, run_id, p.cache_uri, m)
@@ -380,7 +438,9 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
-    write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, m, result.reused), "mlflow": {"precompute_run_id": run_id}})
+    write_summary(
+        p.workdir, {"cache": cache_summary(p.cache_uri, m, result.reused), "mlflow": {"precompute_run_id": run_id}}
+    )
     return m
 
 
@@ -390,8 +450,11 @@ def log_cache_profile(tracker: Tracker, run_id: str, cache_uri: str, m: Manifest
 
     prof = profile(cache_uri, m)
     title = f"cache {m.cache_id[:8]}: {m.targets.kind}"
-    tracker.log_figure(run_id, plots.cache_profile(prof.ids_per_position, prof.tail_mass, prof.teacher_nll_per_token,
-                                                   title), "plots/cache_profile.png")
+    tracker.log_figure(
+        run_id,
+        plots.cache_profile(prof.ids_per_position, prof.tail_mass, prof.teacher_nll_per_token, title),
+        "plots/cache_profile.png",
+    )
 
 
 def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
@@ -400,15 +463,17 @@ def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
     spec names the cache (``cache.uri``), made by this job's spec."""
     from kdscale.cache.verify import open_cache
 
-    m = open_cache(p.cache_uri, checksums=verify_checksums,
-                   tokenizer=(tokenizer_fingerprint(p.tokenizer), len(p.tokenizer)))
+    m = open_cache(
+        p.cache_uri, checksums=verify_checksums, tokenizer=(tokenizer_fingerprint(p.tokenizer), len(p.tokenizer))
+    )
     if not p.spec.cache.uri:
         mismatch = spec_mismatch(p.spec, m)
         if mismatch:
             raise CacheFormatError(
                 f"the cache at {p.cache_uri} (cache_id {m.cache_id}) was not made by this job's spec: "
                 f"{'; '.join(mismatch)}. Run `kdscale precompute` (or `kdscale run`) for this spec, or name the "
-                "cache explicitly with cache.uri to train from it anyway")
+                "cache explicitly with cache.uri to train from it anyway"
+            )
     return m
 
 
@@ -421,12 +486,17 @@ def spec_mismatch(spec: JobSpec, m: Manifest) -> list[str]:
     from kdscale.precompute.plan import targets_info
 
     want, have = targets_info(spec).params(), m.targets.params()
-    found = [f"targets.{k}: the cache has {have.get(k)!r}, the spec gives {want.get(k)!r}"
-             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    found = [
+        f"targets.{k}: the cache has {have.get(k)!r}, the spec gives {want.get(k)!r}"
+        for k in sorted(set(want) | set(have))
+        if want.get(k) != have.get(k)
+    ]
     d, c = m.dataset, spec.corpus
-    for name, cached, wanted in (("corpus.seq_len", d.seq_len, c.seq_len),
-                                 ("corpus.heldout_fraction", d.heldout_fraction, c.heldout_fraction),
-                                 ("corpus.validation_fraction", d.validation_fraction, c.validation_fraction)):
+    for name, cached, wanted in (
+        ("corpus.seq_len", d.seq_len, c.seq_len),
+        ("corpus.heldout_fraction", d.heldout_fraction, c.heldout_fraction),
+        ("corpus.validation_fraction", d.validation_fraction, c.validation_fraction),
+    ):
         if cached != wanted and spec.task == "causal_lm":
             found.append(f"{name}: the cache has {cached!r}, the spec gives {wanted!r}")
     return found
@@ -460,7 +530,8 @@ class Sources:
             corpus_rows = self.corpus.splits[split] if online else None
             self._scored[key] = (
                 teacher_heldout(p, corpus_rows[:rows] if rows else corpus_rows)
-                if online else read_split(p.cache_uri, self.manifest, split, rows)
+                if online
+                else read_split(p.cache_uri, self.manifest, split, rows)
             )
         return self._scored[key]
 
@@ -475,9 +546,13 @@ class Sources:
         metrics = heldout.as_dict()
         if self.has_validation(online):
             v = _evaluate(p, model, self.scored(p, online, "validation"))
-            metrics.update(validation_ce=v.heldout_ce, teacher_validation_ce=v.teacher_heldout_ce,
-                           validation_top1_agreement=v.top1_agreement, validation_accuracy=v.accuracy,
-                           teacher_validation_accuracy=v.teacher_accuracy)
+            metrics.update(
+                validation_ce=v.heldout_ce,
+                teacher_validation_ce=v.teacher_heldout_ce,
+                validation_top1_agreement=v.top1_agreement,
+                validation_accuracy=v.accuracy,
+                teacher_validation_accuracy=v.teacher_accuracy,
+            )
         return metrics, heldout.row_ce
 
     def training_data(self, p: Prepared, online: bool):
@@ -507,15 +582,19 @@ def teacher_heldout(p: Prepared, rows: list) -> Any:
             ids = torch.from_numpy(np.asarray(row, dtype=np.int64))
             logits = teacher(input_ids=ids[None]).logits[0, :, : len(p.tokenizer)]
             labels = next_token_labels(ids[None])[0]
-            out = extract_row("topk", logits, labels, temperature=1.0, num_samples=0, k=1, seed=0, sid="", with_top1=True)
+            out = extract_row(
+                "topk", logits, labels, temperature=1.0, num_samples=0, k=1, seed=0, sid="", with_top1=True
+            )
             nll.append(out["teacher_nll"])
             top1.append(out["teacher_top1"])
-    return pa.table({
-        "seq_id": [seq_id(r) for r in rows],
-        "input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32())),
-        "teacher_nll": pa.array(nll, type=pa.float32()),
-        "teacher_top1": pa.array(top1, type=pa.list_(pa.int32())),
-    })
+    return pa.table(
+        {
+            "seq_id": [seq_id(r) for r in rows],
+            "input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32())),
+            "teacher_nll": pa.array(nll, type=pa.float32()),
+            "teacher_top1": pa.array(top1, type=pa.list_(pa.int32())),
+        }
+    )
 
 
 def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
@@ -527,9 +606,11 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
     ensure_ray(spec.ray)
     m = sources.manifest
     problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if m is not None else []
-    problems += [(f"students.{i}.train", f"{len(sources.corpus.train)} training rows are too few for its batch")
-                 for i, s in enumerate(spec.students)
-                 if s.targets == "online" and steps_per_epoch(len(sources.corpus.train), s.train) < 1]
+    problems += [
+        (f"students.{i}.train", f"{len(sources.corpus.train)} training rows are too few for its batch")
+        for i, s in enumerate(spec.students)
+        if s.targets == "online" and steps_per_epoch(len(sources.corpus.train), s.train) < 1
+    ]
     if problems:
         raise ConfigError(spec.name, problems)
     write_teacher_layer_inits(p)
@@ -539,31 +620,61 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         online = s.targets == "online"
         heldout = sources.scored(p, online)
         cfg = p.student_configs[s.name]
-        run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name})
+        run_id = tracker.start_child(
+            f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name}
+        )
         try:
             if not online:
                 tracker.log_cache(run_id, m, p.cache_uri, context="training")
-            tracker.log_params(run_id, {
-                "student": s.name, "init": s.init, "targets": s.targets, "parameters": count_parameters(cfg, p.task),
-                **{f"arch.{k}": v for k, v in describe(cfg).items()},
-                **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
-                **{f"train.{k}": v for k, v in s.train.model_dump().items()},
-                "teacher": spec.teacher.name,
-                **({} if online else {"teacher_fingerprint": m.teacher.fingerprint,
-                                      "tokenizer_fingerprint": m.tokenizer.fingerprint, "cache_uri": p.cache_uri}),
-            })
+            tracker.log_params(
+                run_id,
+                {
+                    "student": s.name,
+                    "init": s.init,
+                    "targets": s.targets,
+                    "parameters": count_parameters(cfg, p.task),
+                    **{f"arch.{k}": v for k, v in describe(cfg).items()},
+                    **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
+                    **{f"train.{k}": v for k, v in s.train.model_dump().items()},
+                    "teacher": spec.teacher.name,
+                    **(
+                        {}
+                        if online
+                        else {
+                            "teacher_fingerprint": m.teacher.fingerprint,
+                            "tokenizer_fingerprint": m.tokenizer.fingerprint,
+                            "cache_uri": p.cache_uri,
+                        }
+                    ),
+                },
+            )
             seed = s.train.seed if s.train.seed is not None else spec.seed
             untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout).as_dict()
-            result = train_student(spec, s, cfg, sources.training_data(p, online), p.student_dir(s.name), tracker.uri,
-                                   run_id, p.init_uri(s), table_arrays(heldout, p.task.input_columns), p.task.describe())
+            result = train_student(
+                spec,
+                s,
+                cfg,
+                sources.training_data(p, online),
+                p.student_dir(s.name),
+                tracker.uri,
+                run_id,
+                p.init_uri(s),
+                table_arrays(heldout, p.task.input_columns),
+                p.task.describe(),
+            )
             metrics, row_ce = sources.evaluate(p, load_exported(hf_folder(result), p.task), online)
             check_finite(s.name, metrics)
             export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
-            tracker.log_metrics(run_id, {
-                **metric_names(metrics),
-                "heldout/ce_untrained": untrained["heldout_ce"], "train/seconds": result.seconds,
-                "train/tokens_per_second": _tokens_per_second(result.epochs),
-            }, step=result.steps)
+            tracker.log_metrics(
+                run_id,
+                {
+                    **metric_names(metrics),
+                    "heldout/ce_untrained": untrained["heldout_ce"],
+                    "train/seconds": result.seconds,
+                    "train/tokens_per_second": _tokens_per_second(result.epochs),
+                },
+                step=result.steps,
+            )
             log_student_plots(tracker, run_id, s.name, result, metrics, untrained["heldout_ce"])
             registered = tracker.register(run_id, export_uri, s.name, lineage_tags(p, sources, online))
             tracker.end(run_id)
@@ -591,8 +702,9 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             "evals": result.evals,
             "mlflow_run_id": run_id,
             "cache_id": None if online else m.cache_id,
-            "registered_model": None if registered is None else {"name": registered.name,
-                                                                 "version": registered.version},
+            "registered_model": None
+            if registered is None
+            else {"name": registered.name, "version": registered.version},
         }
         if registered is not None:
             say(f"Student {s.name}: registered as MLflow model {registered.name} version {registered.version}")
@@ -633,11 +745,21 @@ def lineage_tags(p: Prepared, sources: Sources, online: bool) -> dict[str, str]:
         from kdscale.models.teacher import teacher_identity
 
         teacher = teacher_identity(p.spec.teacher, len(p.tokenizer), p.spec.seed)
-        return {TEACHER_TAG: teacher.fingerprint, TOKENIZER_TAG: tokenizer_fingerprint(p.tokenizer),
-                CONTENT_HASH_TAG: sources.corpus.content_hash(), "kdscale.targets": "online"}
+        return {
+            TEACHER_TAG: teacher.fingerprint,
+            TOKENIZER_TAG: tokenizer_fingerprint(p.tokenizer),
+            CONTENT_HASH_TAG: sources.corpus.content_hash(),
+            "kdscale.targets": "online",
+        }
     m = sources.manifest
-    return {CACHE_ID_TAG: m.cache_id, TEACHER_TAG: m.teacher.fingerprint, TOKENIZER_TAG: m.tokenizer.fingerprint,
-            CONTENT_HASH_TAG: m.dataset.content_hash, "kdscale.targets": "cache", "kdscale.cache_uri": p.cache_uri}
+    return {
+        CACHE_ID_TAG: m.cache_id,
+        TEACHER_TAG: m.teacher.fingerprint,
+        TOKENIZER_TAG: m.tokenizer.fingerprint,
+        CONTENT_HASH_TAG: m.dataset.content_hash,
+        "kdscale.targets": "cache",
+        "kdscale.cache_uri": p.cache_uri,
+    }
 
 
 def write_teacher_layer_inits(p: Prepared) -> None:
@@ -727,9 +849,18 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     tracker = Tracker(spec)
     command = "run" if stages == STAGES else "+".join(stages)
     parent = tracker.start_job(command)
-    write_summary(p.workdir, {"job": spec.name, "workdir": p.workdir,
-                              "mlflow": {"tracking_uri": redact_text(tracker.uri), "experiment": spec.experiment_name(),
-                                         "parent_run_id": parent}})
+    write_summary(
+        p.workdir,
+        {
+            "job": spec.name,
+            "workdir": p.workdir,
+            "mlflow": {
+                "tracking_uri": redact_text(tracker.uri),
+                "experiment": spec.experiment_name(),
+                "parent_run_id": parent,
+            },
+        },
+    )
     try:
         if plan is not None:
             sources.manifest = stage_precompute(p, tracker, plan, reuse)

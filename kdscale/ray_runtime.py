@@ -3,6 +3,7 @@ own progress output, and a tiny counter actor that lets workers report progress 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -35,8 +36,12 @@ def ensure_ray(spec: RaySpec) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or spec.address
         kwargs = {"address": address} if address else {"num_cpus": spec.num_cpus, "include_dashboard": False}
-        ray.init(logging_level="warning", log_to_driver=spec.log_to_driver,
-                 runtime_env={"env_vars": worker_env()}, **kwargs)
+        ray.init(
+            logging_level=logging.WARNING,
+            log_to_driver=spec.log_to_driver,
+            runtime_env={"env_vars": worker_env()},
+            **kwargs,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -56,9 +61,13 @@ def capacity(spec: RaySpec) -> Capacity:
     ensure_ray(spec)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
-    return Capacity(float(total.get("CPU", 0)), float(total.get("GPU", 0)),
-                    max((float(n.get("CPU", 0)) for n in nodes), default=0.0),
-                    max((float(n.get("GPU", 0)) for n in nodes), default=0.0), "the Ray cluster")
+    return Capacity(
+        float(total.get("CPU", 0)),
+        float(total.get("GPU", 0)),
+        max((float(n.get("CPU", 0)) for n in nodes), default=0.0),
+        max((float(n.get("GPU", 0)) for n in nodes), default=0.0),
+        "the Ray cluster",
+    )
 
 
 def cluster_cpus() -> float:
@@ -78,9 +87,6 @@ class Counter:
 
     def add(self, key: str, amount: float) -> None:
         self.values[key] = self.values.get(key, 0.0) + amount
-
-    def set(self, key: str, value: float) -> None:
-        self.values[key] = value
 
     def get(self) -> dict[str, float]:
         return dict(self.values)

@@ -72,8 +72,12 @@ def student_row(name: str, st: dict[str, Any], cache: dict[str, Any], base: dict
         delta = st["heldout_ce"] - base["heldout_ce"]
         paired = paired_difference(st.get("heldout_row_ce") or [], base.get("heldout_row_ce") or [])
         se = paired[1] if paired else None
-        row.update(delta=delta, delta_pct=100 * delta / base["heldout_ce"], delta_se=se,
-                   verdict="baseline" if st is base else verdict(delta, se))
+        row.update(
+            delta=delta,
+            delta_pct=100 * delta / base["heldout_ce"],
+            delta_se=se,
+            verdict="baseline" if st is base else verdict(delta, se),
+        )
     return row
 
 
@@ -126,12 +130,21 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers += ["B/token", "train tokens", "train s"]
     cells = []
     for r in report["students"]:
-        row = [r["student"], str(r["targets"]), _fmt(r["alpha"], "g"), _fmt(r["heldout_ce"], ".4f"),
-               _fmt(r["validation_ce"], ".4f"), _fmt(r["perplexity"], ".1f"), _fmt(r["top1_agreement"], ".3f")]
+        row = [
+            r["student"],
+            str(r["targets"]),
+            _fmt(r["alpha"], "g"),
+            _fmt(r["heldout_ce"], ".4f"),
+            _fmt(r["validation_ce"], ".4f"),
+            _fmt(r["perplexity"], ".1f"),
+            _fmt(r["top1_agreement"], ".3f"),
+        ]
         if has_base:
             se = "" if r.get("delta_se") is None else f" ± {2 * r['delta_se']:.4f}"
-            row += ["–" if r["verdict"] == "baseline" else f"{r['delta']:+.4f}{se} ({r['delta_pct']:+.2f}%)",
-                    r["verdict"]]
+            row += [
+                "–" if r["verdict"] == "baseline" else f"{r['delta']:+.4f}{se} ({r['delta_pct']:+.2f}%)",
+                r["verdict"],
+            ]
         row += [_fmt(r["bytes_per_token"], ".1f"), _fmt(r["train_tokens"], ","), _fmt(r["train_seconds"], ".0f")]
         cells.append(row)
     return headers, cells
@@ -139,9 +152,12 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def markdown(report: dict[str, Any]) -> str:
     headers, cells = table_rows(report)
-    lines = [f"# Students of job {report['job']}", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = [f"# Students of job {report['job']}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", f"Teacher held-out CE {_fmt(report['teacher_heldout_ce'], '.4f')}. Δ: held-out CE minus the "
-              f"baseline's (± two paired standard errors); a verdict is given when {report['noise_rule']}.", ""]
+    lines += [
+        "",
+        f"Teacher held-out CE {_fmt(report['teacher_heldout_ce'], '.4f')}. Δ: held-out CE minus the "
+        f"baseline's (± two paired standard errors); a verdict is given when {report['noise_rule']}.",
+        "",
+    ]
     return "\n".join(lines)

@@ -33,15 +33,27 @@ def teacher_problems(spec: JobSpec, cap: Capacity) -> list[tuple[str, str]]:
     t = spec.teacher
     actors = t.replicas * t.shards
     problems = []
-    for name, each, node, total in (("num_cpus", t.num_cpus, cap.node_cpus, cap.cpus),
-                                    ("num_gpus", t.num_gpus, cap.node_gpus, cap.gpus)):
+    for name, each, node, total in (
+        ("num_cpus", t.num_cpus, cap.node_cpus, cap.cpus),
+        ("num_gpus", t.num_gpus, cap.node_gpus, cap.gpus),
+    ):
         if each > node:
-            problems.append((f"teacher.{name}", f"each teacher actor asks for {each:g} "
-                             f"{name.removeprefix('num_').upper()}, but no node of {cap.where} has more than {node:g}"))
+            problems.append(
+                (
+                    f"teacher.{name}",
+                    f"each teacher actor asks for {each:g} "
+                    f"{name.removeprefix('num_').upper()}, but no node of {cap.where} has more than {node:g}",
+                )
+            )
         elif each * actors > total:
-            problems.append((f"teacher.{name}", f"{t.replicas} replicas x {t.shards} shards = {actors} actors x "
-                             f"{each:g} = {each * actors:g} {name.removeprefix('num_').upper()}, but {cap.where} "
-                             f"has {total:g}; lower teacher.replicas or teacher.{name}"))
+            problems.append(
+                (
+                    f"teacher.{name}",
+                    f"{t.replicas} replicas x {t.shards} shards = {actors} actors x "
+                    f"{each:g} = {each * actors:g} {name.removeprefix('num_').upper()}, but {cap.where} "
+                    f"has {total:g}; lower teacher.replicas or teacher.{name}",
+                )
+            )
     return problems
 
 
@@ -52,12 +64,23 @@ def student_problems(spec: JobSpec, index: int, cap: Capacity) -> list[tuple[str
     problems = []
     need = s.train.num_workers * s.train.cpus_per_worker + DATA_CPUS
     if s.train.cpus_per_worker > cap.node_cpus:
-        problems.append((f"{where_}.cpus_per_worker", f"{s.train.cpus_per_worker:g} CPUs per worker, but no node of "
-                         f"{cap.where} has more than {cap.node_cpus:g}"))
+        problems.append(
+            (
+                f"{where_}.cpus_per_worker",
+                f"{s.train.cpus_per_worker:g} CPUs per worker, but no node of "
+                f"{cap.where} has more than {cap.node_cpus:g}",
+            )
+        )
     elif need > cap.cpus:
-        problems.append((f"{where_}.num_workers", f"{s.train.num_workers} workers x {s.train.cpus_per_worker:g} CPU + "
-                         f"{DATA_CPUS:g} CPU for reading the cache = {need:g} CPUs, but {cap.where} has {cap.cpus:g}"))
+        problems.append(
+            (
+                f"{where_}.num_workers",
+                f"{s.train.num_workers} workers x {s.train.cpus_per_worker:g} CPU + "
+                f"{DATA_CPUS:g} CPU for reading the cache = {need:g} CPUs, but {cap.where} has {cap.cpus:g}",
+            )
+        )
     if s.train.use_gpu and s.train.num_workers > cap.gpus:
-        problems.append((f"{where_}.use_gpu", f"{s.train.num_workers} GPU workers, but {cap.where} has "
-                         f"{cap.gpus:g} GPUs"))
+        problems.append(
+            (f"{where_}.use_gpu", f"{s.train.num_workers} GPU workers, but {cap.where} has {cap.gpus:g} GPUs")
+        )
     return problems

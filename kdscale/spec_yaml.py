@@ -27,7 +27,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 line = key_node.start_mark.line + 1
-                raise SpecYamlError(f"duplicate key {key!r} at line {line} (first at line {seen[key].start_mark.line + 1})")
+                raise SpecYamlError(
+                    f"duplicate key {key!r} at line {line} (first at line {seen[key].start_mark.line + 1})"
+                )
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
@@ -52,15 +54,17 @@ def load_spec_yaml(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SpecYamlError(f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise SpecYamlError(f"not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
     loader = _UniqueKeyLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
-            raise SpecYamlError(f"anchors and aliases expand to more than {MAX_EXPANDED_NODES:,} nodes; "
-                                "a job spec is far smaller (refusing an alias bomb)")
+            raise SpecYamlError(
+                f"anchors and aliases expand to more than {MAX_EXPANDED_NODES:,} nodes; "
+                "a job spec is far smaller (refusing an alias bomb)"
+            )
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise SpecYamlError(f"not valid YAML: {e}") from None

@@ -52,7 +52,9 @@ def s3_endpoint():
 
     port = _free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -104,8 +106,13 @@ def ray_session(s3_endpoint):
     if not ray.is_initialized():
         from kdscale.ray_runtime import worker_env
 
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 runtime_env={"env_vars": worker_env()})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="warning",
+            log_to_driver=False,
+            runtime_env={"env_vars": worker_env()},
+        )
     yield ray
     ray.shutdown()
 

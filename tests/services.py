@@ -40,8 +40,19 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "60", "start",
-                  "-o", f"-p {port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
+        self._run(
+            "pg_ctl",
+            "-D",
+            self.data,
+            "-l",
+            os.path.join(self.dir, "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run(_as_postgres_user([str(self.bin / tool), *args]), check=True, capture_output=True)
@@ -51,8 +62,9 @@ class Postgres:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"  # psycopg2-binary is in the dev extra
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres_user([str(self.bin / "pg_ctl"), "-D", self.data, "-m", "fast", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_postgres_user([str(self.bin / "pg_ctl"), "-D", self.data, "-m", "fast", "stop"]), capture_output=True
+        )
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -75,9 +87,22 @@ def start_mlflow_server(backend_uri: str, artifacts: str, port: int, log_path: s
     exe = Path(sys.executable).with_name("mlflow")
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(exe),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(f"http://127.0.0.1:{port}/health", 180, proc)

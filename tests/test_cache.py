@@ -30,7 +30,7 @@ from kdscale.cache.writer import (
     write_rank_file,
 )
 from kdscale.config import load_job
-from kdscale.data.corpus import split_of, pack_corpus, seq_id
+from kdscale.data.corpus import pack_corpus, seq_id, split_of
 from kdscale.models.teacher import load_tokenizer
 from kdscale.precompute.plan import build_plan
 from kdscale.precompute.worker import TeacherWorker
@@ -97,14 +97,23 @@ def build_cache(tmp, **overrides):
     uri = str(tmp / "cache")
     start_or_check_plan(uri, plan.cache_id)
     id_coding = write_rank_file(uri, plan.rank_order)
-    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank)
+    worker = TeacherWorker(
+        spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank
+    )
     records = []
     for task in plan.tasks:
         rec = worker.run(task)
         write_ledger_entry(uri, rec)
         records.append(rec)
-    manifest = build_manifest(cache_id=plan.cache_id, targets=plan.targets, teacher=plan.teacher, tokenizer=plan.tokenizer,
-                              dataset=plan.dataset, id_coding=id_coding, shards=records)
+    manifest = build_manifest(
+        cache_id=plan.cache_id,
+        targets=plan.targets,
+        teacher=plan.teacher,
+        tokenizer=plan.tokenizer,
+        dataset=plan.dataset,
+        id_coding=id_coding,
+        shards=records,
+    )
     commit(uri, manifest)
     return uri, plan, tok, worker
 
@@ -133,14 +142,17 @@ def test_every_kind_reconstructs_the_teacher(tmp_path, targets):
         torch.testing.assert_close(t.logprobs, logp)
         # a full cache holds the whole distribution: any temperature is exact
         hot = batch_targets(table, m, load_rank_order(uri, m), temperature=3.0)
-        torch.testing.assert_close(hot.logprobs, torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)})
-                                                                   / 3.0, dim=-1))
+        torch.testing.assert_close(
+            hot.logprobs, torch.log_softmax(worker.logits({"input_ids": batch_input_ids(table)}) / 3.0, dim=-1)
+        )
     elif targets["kind"] == "topk":
         torch.testing.assert_close(t.probs, logp.exp().gather(-1, t.ids))
         top = logp.exp().topk(targets["k"], dim=-1).values
         torch.testing.assert_close(t.tail_mass, (1 - top.sum(-1)).clamp_min(0))
     else:
-        stored = table.column("target_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
+        stored = (
+            table.column("target_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
+        )
         mask = t.probs > 0
         # ids come back per position in the stored (rank) order, so are the log-probs
         torch.testing.assert_close(torch.from_numpy(stored), logp.gather(-1, t.ids)[mask])
@@ -236,8 +248,12 @@ def test_padded_teacher_vocab_is_sliced_to_the_tokenizer(tmp_path):
     """A teacher whose LM head is wider than its tokenizer (e.g. 152,064 vs 151,936 in Qwen):
     the cache records both sizes and never stores an id past the true vocabulary."""
     uri, plan, tok, worker = build_cache(
-        tmp_path, **{"teacher.architecture.vocab_size": 520, "corpus.max_tokens": 2048,
-                     "cache.targets": {"kind": "topk", "k": 8}}
+        tmp_path,
+        **{
+            "teacher.architecture.vocab_size": 520,
+            "corpus.max_tokens": 2048,
+            "cache.targets": {"kind": "topk", "k": 8},
+        },
     )
     m = open_manifest(uri)
     assert (m.tokenizer.vocab_size, m.tokenizer.logit_width) == (len(tok), 520) == (512, 520)
@@ -257,7 +273,9 @@ def test_loss_temperature_must_match_sparse_caches_only(tiny_cache, tmp_path):
     uri, _, _, _ = tiny_cache
     m = open_manifest(uri)
     spec = load_job(write_job(tmp_path, **{"students.0.loss.temperature": 2.0}))
-    found = cache_problems(spec, 0, m.targets, m.dataset.rows["train"])  # sampled at T=1: the draws cannot be re-tempered
+    found = cache_problems(
+        spec, 0, m.targets, m.dataset.rows["train"]
+    )  # sampled at T=1: the draws cannot be re-tempered
     assert [f for f, _ in found] == ["students.0.loss.temperature"] and "cannot be re-tempered" in found[0][1]
     full = m.model_copy(update={"targets": m.targets.model_copy(update={"kind": "full"})})
     assert cache_problems(spec, 0, full.targets, full.dataset.rows["train"]) == []

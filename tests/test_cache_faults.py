@@ -34,21 +34,30 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdscale.cli", "precompute", str(job), "--workdir", str(killed)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
     )
     ledger = killed / "cache" / LEDGER_DIR
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         # only committed entries: a ledger entry is written to a temp name first, then renamed
-        if ledger.exists() and len([p for p in os.listdir(ledger) if p.startswith("train-") and p.endswith(".json")]) >= 3:
+        if (
+            ledger.exists()
+            and len([p for p in os.listdir(ledger) if p.startswith("train-") and p.endswith(".json")]) >= 3
+        ):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"precompute ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "cache" / MANIFEST).exists()
-    finished = {p.replace(".json", ".parquet") for p in os.listdir(ledger)
-                if p.endswith(".json") and p not in ("plan.json", "lease.json")}
+    finished = {
+        p.replace(".json", ".parquet")
+        for p in os.listdir(ledger)
+        if p.endswith(".json") and p not in ("plan.json", "lease.json")
+    }
     assert len(finished) >= 3
     mtimes = {p: (killed / "cache" / p).stat().st_mtime_ns for p in finished}
 
@@ -132,5 +141,7 @@ def test_precompute_refuses_to_overwrite_another_cache(committed, tmp_path, mlfl
     result = CliRunner().invoke(app, ["precompute", str(other), "--workdir", str(work)])
     assert result.exit_code == 1
     assert "already holds another cache" in " ".join(result.output.split())
-    assert json.loads((work / "cache" / MANIFEST).read_text())["cache_id"] == open_manifest(str(work / "cache")).cache_id
+    assert (
+        json.loads((work / "cache" / MANIFEST).read_text())["cache_id"] == open_manifest(str(work / "cache")).cache_id
+    )
     assert fs.exists(str(work / "cache" / MANIFEST))

@@ -57,7 +57,9 @@ def test_every_problem_is_listed_with_its_field(tmp_path):
 
 def test_missing_gguf_file_and_uninstalled_package(tmp_path):
     path = write_job(tmp_path, teacher={"name": "t", "path": "pkg:definitely_not_installed_pkg", "gguf_file": "x.gguf"})
-    with pytest.raises(ConfigError, match=r"teacher.path: Python package 'definitely_not_installed_pkg' is not installed"):
+    with pytest.raises(
+        ConfigError, match=r"teacher.path: Python package 'definitely_not_installed_pkg' is not installed"
+    ):
         load_job(path)
     (tmp_path / "model").mkdir()
     path = write_job(tmp_path, teacher={"name": "t", "path": str(tmp_path / "model"), "gguf_file": "missing.gguf"})

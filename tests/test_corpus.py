@@ -29,7 +29,9 @@ def _spec(paths, **kw):
 
 def test_same_documents_as_jsonl_and_parquet_pack_identically(tmp_path, tok):
     texts = [d.read_text() for d in DOCS]
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": t, "n": i}) for i, t in enumerate(texts[:3])) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"body": t, "n": i}) for i, t in enumerate(texts[:3])) + "\n"
+    )
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts[3:]) + "\n")
     pq.write_table(pa.table({"body": texts[:3]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"body": texts[3:]}), tmp_path / "b.parquet")

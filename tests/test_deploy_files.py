@@ -127,9 +127,9 @@ def pip_installs() -> list[tuple[int, list[str]]]:
     for idx, words in run_commands():
         for k in range(len(words) - 1):
             if Path(words[k]).name in ("pip", "pip3") and words[k + 1] == "install":
-                found.append((idx, words[k + 2:]))
+                found.append((idx, words[k + 2 :]))
             elif words[k] == "-m" and words[k + 1 : k + 3] == ["pip", "install"]:
-                found.append((idx, words[k + 3:]))
+                found.append((idx, words[k + 3 :]))
     return found
 
 
@@ -194,8 +194,25 @@ def test_every_deploy_file_exists():
 
 
 def test_dockerfile_parses_into_known_instructions():
-    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "USER", "WORKDIR", "EXPOSE", "CMD", "ENTRYPOINT",
-             "LABEL", "HEALTHCHECK", "SHELL", "VOLUME", "STOPSIGNAL", "ONBUILD"}
+    known = {
+        "FROM",
+        "ARG",
+        "ENV",
+        "RUN",
+        "COPY",
+        "ADD",
+        "USER",
+        "WORKDIR",
+        "EXPOSE",
+        "CMD",
+        "ENTRYPOINT",
+        "LABEL",
+        "HEALTHCHECK",
+        "SHELL",
+        "VOLUME",
+        "STOPSIGNAL",
+        "ONBUILD",
+    }
     assert INSTRUCTIONS and INSTRUCTIONS[0]["cmd"] in ("FROM", "ARG")
     assert {i["cmd"] for i in INSTRUCTIONS} <= known
 
@@ -379,14 +396,22 @@ def test_compose_services_are_wired_together():
     mlflow = services["mlflow"]
     command = mlflow["command"] if isinstance(mlflow["command"], str) else " ".join(mlflow["command"])
     assert command.startswith("mlflow server")
-    for part in ("--host 0.0.0.0", "--port 5000", "--backend-store-uri postgresql+psycopg2://", "@postgres:5432/mlflow",
-                 "--artifacts-destination s3://mlflow-artifacts", "--serve-artifacts"):
+    for part in (
+        "--host 0.0.0.0",
+        "--port 5000",
+        "--backend-store-uri postgresql+psycopg2://",
+        "@postgres:5432/mlflow",
+        "--artifacts-destination s3://mlflow-artifacts",
+        "--serve-artifacts",
+    ):
         assert part in command, part
     assert environment(mlflow)["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:5000"
     buckets = json.dumps(services["s3-buckets"]["command"])
     assert "mlflow-artifacts" in buckets
     # Buckets the compose instructions write to must be created by the s3-buckets service.
-    for bucket in set(re.findall(r"s3://([a-z0-9.-]+)/", (REPO / "infra" / "README.md").read_text() + COMPOSE.read_text())):
+    for bucket in set(
+        re.findall(r"s3://([a-z0-9.-]+)/", (REPO / "infra" / "README.md").read_text() + COMPOSE.read_text())
+    ):
         assert bucket in buckets, f"bucket {bucket} is used but never created"
 
     head, worker = services["ray-head"], services["ray-worker"]
@@ -505,8 +530,10 @@ def test_rayjob_runs_a_job_from_the_repo():
 def command_callbacks() -> tuple[dict, dict[str, dict]]:
     """kdscale's commands and command groups as registered with typer: name -> callback."""
     commands = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
-    groups = {g.name: {c.name or c.callback.__name__: c.callback for c in g.typer_instance.registered_commands}
-              for g in app.registered_groups}
+    groups = {
+        g.name: {c.name or c.callback.__name__: c.callback for c in g.typer_instance.registered_commands}
+        for g in app.registered_groups
+    }
     return commands, groups
 
 
@@ -570,10 +597,10 @@ def parse_invocation(args: list[str]) -> dict:
         else:
             free.append(token)
     if len(free) > len(positionals):
-        raise InvocationError(f"unexpected arguments {free[len(positionals):]}")
-    for (pname, required), token in zip(positionals, free):
+        raise InvocationError(f"unexpected arguments {free[len(positionals) :]}")
+    for (pname, _required), token in zip(positionals, free):
         values[pname] = token
-    missing = [pname for pname, required in positionals[len(free):] if required]
+    missing = [pname for pname, required in positionals[len(free) :] if required]
     if missing:
         raise InvocationError(f"missing argument(s) {missing}")
     return values
@@ -725,6 +752,12 @@ def test_job_spec_fields_named_in_docs_exist():
 def test_readmes_document_required_environment():
     for readme in READMES:
         text = readme.read_text()
-        for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3",
-                    "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS"):
+        for var in (
+            "MLFLOW_TRACKING_URI",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL_S3",
+            "MLFLOW_S3_ENDPOINT_URL",
+            "RAY_ADDRESS",
+        ):
             assert var in text, f"{readme.relative_to(REPO)} does not mention {var}"

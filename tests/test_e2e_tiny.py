@@ -27,8 +27,13 @@ def tiny_run(ray_session, tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
-    yield {"result": result, "job": job, "workdir": workdir, "uri": uri,
-           "summary": json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else None}
+    yield {
+        "result": result,
+        "job": job,
+        "workdir": workdir,
+        "uri": uri,
+        "summary": json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else None,
+    }
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -162,7 +167,8 @@ def test_student_is_registered_and_lineage_prints(tiny_run):
     assert result.exit_code == 0, result.output
     for text in ("tiny-tiny-student", s["cache"]["cache_id"], "tiny-random-llama", "content_hash"):
         assert text in result.output
-    by_cache = CliRunner().invoke(app, ["lineage", "--cache", str(tiny_run["workdir"] / "cache"),
-                                        "--tracking-uri", tiny_run["uri"]])
+    by_cache = CliRunner().invoke(
+        app, ["lineage", "--cache", str(tiny_run["workdir"] / "cache"), "--tracking-uri", tiny_run["uri"]]
+    )
     assert by_cache.exit_code == 0, by_cache.output
     assert "student tiny-student" in by_cache.output and "tiny-tiny-student v1" in by_cache.output

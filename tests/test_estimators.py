@@ -14,8 +14,8 @@ from kdscale.cache.format import DatasetInfo, Manifest, TargetsInfo
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest, read_split
 from kdscale.cache.verify import problems
 from kdscale.cache.writer import code_ids, rows_to_table
-from kdscale.models.task import table_arrays
 from kdscale.config import ConfigError, load_job
+from kdscale.models.task import table_arrays
 from tests.conftest import write_job
 
 VOCAB = 12
@@ -26,9 +26,19 @@ def _decoded(kind: str, logits: torch.Tensor, epochs=(0,), **params) -> list[tor
     loss does, and return the dense [positions, vocab] estimate for each epoch."""
     info = TargetsInfo(kind=kind, temperature=1.0, seed=0, **params)
     row = {"seq_id": "s", "input_ids": np.zeros(logits.shape[0], dtype=np.int32)}
-    row.update(targets.extract_row(kind, logits, torch.zeros(logits.shape[0], dtype=torch.long), temperature=1.0,
-                                   num_samples=params.get("num_samples", 0), k=params.get("k", 0), seed=0, sid="s",
-                                   draws=params.get("draws", 1)))
+    row.update(
+        targets.extract_row(
+            kind,
+            logits,
+            torch.zeros(logits.shape[0], dtype=torch.long),
+            temperature=1.0,
+            num_samples=params.get("num_samples", 0),
+            k=params.get("k", 0),
+            seed=0,
+            sid="s",
+            draws=params.get("draws", 1),
+        )
+    )
     order = np.arange(VOCAB, dtype=np.int32)
     table = rows_to_table([code_ids(row, kind, order)], kind, "train")
     dataset = DatasetInfo.model_construct(seq_len=logits.shape[0])
@@ -94,16 +104,28 @@ def test_one_draw_consumes_the_generator_as_before():
     logits = torch.randn(40, VOCAB)
     gen = targets.row_generator(3, "x")
     expected = torch.multinomial(torch.softmax(logits[:16], -1), 50, replacement=True, generator=gen)
-    out = targets.extract_row("sampled", logits, torch.zeros(40, dtype=torch.long), temperature=1.0, num_samples=50,
-                              k=0, seed=3, sid="x")
+    out = targets.extract_row(
+        "sampled", logits, torch.zeros(40, dtype=torch.long), temperature=1.0, num_samples=50, k=0, seed=3, sid="x"
+    )
     first = np.unique(expected[0].numpy())
     np.testing.assert_array_equal(out["target_ids"][: len(first)], first)
     assert TargetsInfo(kind="sampled", temperature=1.0, num_samples=50, seed=0).params() == {
-        "kind": "sampled", "temperature": 1.0, "num_samples": 50, "k": None, "store_logprobs": False, "seed": 0}
+        "kind": "sampled",
+        "temperature": 1.0,
+        "num_samples": 50,
+        "k": None,
+        "store_logprobs": False,
+        "seed": 0,
+    }
 
 
-@pytest.mark.parametrize("spec", [{"kind": "stratified", "k": 4, "num_samples": 12, "temperature": 1.0},
-                                  {"kind": "sampled", "num_samples": 16, "temperature": 1.0, "draws": 2}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "stratified", "k": 4, "num_samples": 12, "temperature": 1.0},
+        {"kind": "sampled", "num_samples": 16, "temperature": 1.0, "draws": 2},
+    ],
+)
 def test_new_kinds_through_the_teacher_worker(tmp_path, spec):
     from tests.test_cache import build_cache
 
@@ -142,8 +164,9 @@ def test_bad_estimator_settings_are_refused(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [{"kind": "stratified", "k": 4, "num_samples": 12},
-                                  {"kind": "sampled", "num_samples": 16, "draws": 2}])
+@pytest.mark.parametrize(
+    "spec", [{"kind": "stratified", "k": 4, "num_samples": 12}, {"kind": "sampled", "num_samples": 16, "draws": 2}]
+)
 def test_students_train_from_the_new_kinds_end_to_end(ray_session, tmp_path, mlflow_uri, spec):
     import json
 

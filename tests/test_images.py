@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kdscale.cache.reader import open_manifest, read_split
 from kdscale.cache.verify import problems
 from kdscale.cli import app
-from kdscale.config import CorpusSpec, ConfigError, load_job
+from kdscale.config import ConfigError, CorpusSpec, load_job
 from kdscale.data.images import IdxError, load_images, read_idx
 from kdscale.models.task import ImageClassification, table_arrays
 from tests.conftest import write_job
@@ -56,9 +56,21 @@ def image_files(folder: Path, train: int = 320, test: int = 80) -> dict[str, lis
     }
 
 
-TEACHER = {"name": "random-resnet", "init": "random", "replicas": 2, "num_cpus": 0.5, "batch_size": 64,
-           "architecture": {"model_type": "resnet", "num_channels": 1, "embedding_size": 8, "hidden_sizes": [8, 16],
-                            "depths": [1, 1], "id2label": {i: f"quadrant-{i}" for i in range(CLASSES)}}}
+TEACHER = {
+    "name": "random-resnet",
+    "init": "random",
+    "replicas": 2,
+    "num_cpus": 0.5,
+    "batch_size": 64,
+    "architecture": {
+        "model_type": "resnet",
+        "num_channels": 1,
+        "embedding_size": 8,
+        "hidden_sizes": [8, 16],
+        "depths": [1, 1],
+        "id2label": {i: f"quadrant-{i}" for i in range(CLASSES)},
+    },
+}
 
 
 def image_job(tmp_path: Path, **overrides) -> Path:
@@ -68,10 +80,14 @@ def image_job(tmp_path: Path, **overrides) -> Path:
         "teacher": copy.deepcopy(TEACHER),
         "cache.rows_per_shard": 64,
         "corpus.validation_fraction": 0.0,  # all 320 synthetic images train (the real job's split: tested below)
-        "students.0.train.epochs": 3, "students.1.train.epochs": 3,
-        "students.0.train.micro_batch_size": 16, "students.1.train.micro_batch_size": 16,
-        "students.0.train.eval_every_steps": 5, "students.1.train.eval_every_steps": 5,
-        "students.0.train.lr": 5.0e-3, "students.1.train.lr": 5.0e-3,
+        "students.0.train.epochs": 3,
+        "students.1.train.epochs": 3,
+        "students.0.train.micro_batch_size": 16,
+        "students.1.train.micro_batch_size": 16,
+        "students.0.train.eval_every_steps": 5,
+        "students.1.train.eval_every_steps": 5,
+        "students.0.train.lr": 5.0e-3,
+        "students.1.train.lr": 5.0e-3,
         "students.0.architecture": {"embedding_size": 8, "hidden_sizes": [8], "depths": [1]},
         "students.1.architecture": {"embedding_size": 8, "hidden_sizes": [8], "depths": [1]},
         "eval.batch_size": 32,
@@ -122,8 +138,16 @@ def test_image_task_normalises_as_declared():
 
 
 def test_image_job_problems_are_listed_by_field(tmp_path):
-    job = image_job(tmp_path, **{"corpus.labels": [], "students.1.targets": "online", "teacher.shards": 2,
-                                 "students.0.init": "teacher_layers", "students.0.architecture": {}})
+    job = image_job(
+        tmp_path,
+        **{
+            "corpus.labels": [],
+            "students.1.targets": "online",
+            "teacher.shards": 2,
+            "students.0.init": "teacher_layers",
+            "students.0.architecture": {},
+        },
+    )
     with pytest.raises(ConfigError) as err:
         load_job(job)
     fields = {f for f, _ in err.value.problems}
@@ -220,7 +244,8 @@ def test_image_cache_inspect_and_eval(image_run):
     assert again.exit_code == 0, again.output
     summary = json.loads((image_run["work"] / "summary.json").read_text())
     assert summary["students"]["distilled"]["accuracy"] == pytest.approx(
-        image_run["summary"]["students"]["distilled"]["accuracy"])
+        image_run["summary"]["students"]["distilled"]["accuracy"]
+    )
 
 
 # The real data (Debian's dataset-fashion-mnist, installed by `infra/setup.sh test`) ---------
@@ -233,7 +258,11 @@ def test_fashion_mnist_files_read_as_the_job_names_them():
     spec = load_job(Path(__file__).parent.parent / "jobs" / "fashion_mnist.yaml", check_resources=False)
     corpus = load_images(spec.corpus)
     assert (len(corpus.train) + len(corpus.validation), len(corpus.heldout), corpus.height, corpus.width) == (
-        60000, 10000, 28, 28)
+        60000,
+        10000,
+        28,
+        28,
+    )
     assert 0.09 < len(corpus.validation) / 60000 < 0.11  # validation_fraction 0.1 of the training images
     counts = np.bincount([label for _, label in corpus.train + corpus.validation], minlength=10)
     assert counts.tolist() == [6000] * 10  # Fashion-MNIST is balanced

@@ -34,15 +34,24 @@ def two_jobs(ray_session, mlflow_server, tmp_path_factory):
         run_a = CliRunner().invoke(app, ["run", str(job_a), "--workdir", str(tmp / "a" / "work")])
         assert run_a.exit_code == 0, run_a.output
         cache = str(tmp / "a" / "work" / "cache")
-        student_b = {"name": STUDENT_B, "architecture": {"hidden_size": 32, "intermediate_size": 64,
-                                                         "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                         "num_key_value_heads": 1},
-                     "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4}}
+        student_b = {
+            "name": STUDENT_B,
+            "architecture": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+            "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4},
+        }
         job_b = write_job(tmp / "b", name="lineage-b", students=[student_b], **{"cache.uri": cache})
         run_b = CliRunner().invoke(app, ["run", str(job_b), "--workdir", str(tmp / "b" / "work")])
         assert run_b.exit_code == 0, run_b.output
         yield {
-            "uri": mlflow_server, "cache": cache, "output": run_a.output + run_b.output,
+            "uri": mlflow_server,
+            "cache": cache,
+            "output": run_a.output + run_b.output,
             "a": json.loads((tmp / "a" / "work" / "summary.json").read_text()),
             "b": json.loads((tmp / "b" / "work" / "summary.json").read_text()),
         }
@@ -84,8 +93,12 @@ def test_model_lineage_walks_back_to_teacher_and_corpus(two_jobs):
     assert info["cache"]["manifest"]["tokens"] == m.totals["tokens"]
     # the run that *wrote* the cache (job A's), not job B's run that found it already there
     assert info["precompute_run"]["run_id"] == a["mlflow"]["precompute_run_id"]
-    assert info["teacher"] == {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint,
-                               "dtype": m.teacher.dtype, "source": m.teacher.source}
+    assert info["teacher"] == {
+        "name": m.teacher.name,
+        "fingerprint": m.teacher.fingerprint,
+        "dtype": m.teacher.dtype,
+        "source": m.teacher.source,
+    }
     assert info["corpus"]["content_hash"] == m.dataset.content_hash and info["corpus"]["sources"]
     assert info["checks"] == []
     latest = _lineage(two_jobs["uri"], registered["name"])

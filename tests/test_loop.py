@@ -16,6 +16,7 @@ def _epochs(log: list):
         for i in range(3):
             log.append((threading.current_thread().name, epoch, i))
             yield epoch, i
+
     return make_epoch
 
 
@@ -96,8 +97,14 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     tunables, faults = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "glibc.malloc.hugetlb=1" in tunables

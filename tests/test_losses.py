@@ -39,7 +39,12 @@ def _grad(fn, logits):
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
 def test_dense_matches_reference(T, chunk):
     logits, teacher, ids = _inputs()
-    parts, grad = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.3, temperature=T, chunk_positions=chunk), logits)
+    parts, grad = _grad(
+        lambda x: distillation_loss(
+            x, next_token_labels(ids), DenseTargets(teacher), alpha=0.3, temperature=T, chunk_positions=chunk
+        ),
+        logits,
+    )
     x = logits.clone().requires_grad_(True)
     total, kl, ce = _reference(x, teacher, ids, 0.3, T)
     total.backward()
@@ -57,8 +62,18 @@ def test_sparse_over_full_support_equals_dense(chunk):
     sparse_ids = torch.cat([perm.expand(B, L, V), torch.zeros(B, L, 3, dtype=torch.long)], dim=-1)
     probs = torch.cat([teacher.exp()[..., perm], torch.zeros(B, L, 3)], dim=-1)
     sparse = SparseTargets(sparse_ids, probs)
-    p1, g1 = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.5, temperature=1.0, chunk_positions=chunk), logits)
-    p2, g2 = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=1.0, chunk_positions=1000), logits)
+    p1, g1 = _grad(
+        lambda x: distillation_loss(
+            x, next_token_labels(ids), sparse, alpha=0.5, temperature=1.0, chunk_positions=chunk
+        ),
+        logits,
+    )
+    p2, g2 = _grad(
+        lambda x: distillation_loss(
+            x, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=1.0, chunk_positions=1000
+        ),
+        logits,
+    )
     torch.testing.assert_close(p1.total, p2.total)
     torch.testing.assert_close(g1, g2)
 
@@ -87,8 +102,16 @@ def test_chunked_sparse_equals_unchunked_with_gradients():
     logits, _, ids = _inputs(4)
     g = torch.Generator().manual_seed(5)
     sparse = SparseTargets(torch.randint(0, V, (B, L, 6), generator=g), torch.rand(B, L, 6, generator=g) / 6)
-    a, ga = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=2), logits)
-    b, gb = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=10_000), logits)
+    a, ga = _grad(
+        lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=2),
+        logits,
+    )
+    b, gb = _grad(
+        lambda x: distillation_loss(
+            x, next_token_labels(ids), sparse, alpha=0.7, temperature=2.0, chunk_positions=10_000
+        ),
+        logits,
+    )
     torch.testing.assert_close(a.total, b.total)
     torch.testing.assert_close(ga, gb)
 
@@ -101,8 +124,10 @@ def test_alpha_zero_is_plain_cross_entropy():
 
 def _reference_divergence(name, p, q, beta=0.5, skew=0.1):
     """Textbook definitions over the last dimension, summed over rows (independent code)."""
+
     def kl(a, b):
         return (a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum()
+
     if name == "forward_kl":
         return kl(p, q)
     if name == "reverse_kl":
@@ -122,8 +147,18 @@ def _reference_divergence(name, p, q, beta=0.5, skew=0.1):
 def test_every_divergence_dense_matches_textbook(name, T):
     logits, teacher, ids = _inputs(7)
     div = Divergence(name, beta=0.3, skew=0.2)
-    parts, grad = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.6, temperature=T,
-                                                    chunk_positions=3, divergence_spec=div), logits)
+    parts, grad = _grad(
+        lambda x: distillation_loss(
+            x,
+            next_token_labels(ids),
+            DenseTargets(teacher),
+            alpha=0.6,
+            temperature=T,
+            chunk_positions=3,
+            divergence_spec=div,
+        ),
+        logits,
+    )
     x = logits.clone().requires_grad_(True)
     q = torch.softmax(x / T, dim=-1)
     kd = _reference_divergence(name, teacher.exp(), q, beta=0.3, skew=0.2) / (B * L)
@@ -139,13 +174,29 @@ def test_every_divergence_dense_matches_textbook(name, T):
 def test_every_divergence_sparse_full_support_equals_dense(name):
     logits, teacher, ids = _inputs(8)
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(9))
-    sparse = SparseTargets(torch.cat([perm.expand(B, L, V), torch.zeros(B, L, 2, dtype=torch.long)], -1),
-                           torch.cat([teacher.exp()[..., perm], torch.zeros(B, L, 2)], -1))
+    sparse = SparseTargets(
+        torch.cat([perm.expand(B, L, V), torch.zeros(B, L, 2, dtype=torch.long)], -1),
+        torch.cat([teacher.exp()[..., perm], torch.zeros(B, L, 2)], -1),
+    )
     div = Divergence(name)
-    a, ga = _grad(lambda x: distillation_loss(x, next_token_labels(ids), sparse, alpha=0.8, temperature=1.5, chunk_positions=4,
-                                              divergence_spec=div), logits)
-    b, gb = _grad(lambda x: distillation_loss(x, next_token_labels(ids), DenseTargets(teacher), alpha=0.8, temperature=1.5,
-                                              chunk_positions=1000, divergence_spec=div), logits)
+    a, ga = _grad(
+        lambda x: distillation_loss(
+            x, next_token_labels(ids), sparse, alpha=0.8, temperature=1.5, chunk_positions=4, divergence_spec=div
+        ),
+        logits,
+    )
+    b, gb = _grad(
+        lambda x: distillation_loss(
+            x,
+            next_token_labels(ids),
+            DenseTargets(teacher),
+            alpha=0.8,
+            temperature=1.5,
+            chunk_positions=1000,
+            divergence_spec=div,
+        ),
+        logits,
+    )
     torch.testing.assert_close(a.total, b.total)
     torch.testing.assert_close(ga, gb)
     assert torch.isfinite(ga).all()
@@ -157,8 +208,15 @@ def test_every_divergence_on_topk_buckets(name):
     k = 3
     top_p, top_i = teacher.exp().topk(k, dim=-1)
     tail = 1 - top_p.sum(-1)
-    parts = distillation_loss(logits, next_token_labels(ids), SparseTargets(top_i, top_p, tail), alpha=1.0, temperature=1.0,
-                              chunk_positions=2, divergence_spec=Divergence(name))
+    parts = distillation_loss(
+        logits,
+        next_token_labels(ids),
+        SparseTargets(top_i, top_p, tail),
+        alpha=1.0,
+        temperature=1.0,
+        chunk_positions=2,
+        divergence_spec=Divergence(name),
+    )
     q = torch.softmax(logits, dim=-1)
     qk = q.gather(-1, top_i)
     pb = torch.cat([top_p, tail.unsqueeze(-1)], -1)
@@ -169,6 +227,10 @@ def test_every_divergence_on_topk_buckets(name):
 def test_no_grad_path_equals_grad_path():
     logits, teacher, ids = _inputs(11)
     with torch.no_grad():
-        a = distillation_loss(logits, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0, chunk_positions=3)
-    b = distillation_loss(logits.clone().requires_grad_(True), next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0)
+        a = distillation_loss(
+            logits, next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0, chunk_positions=3
+        )
+    b = distillation_loss(
+        logits.clone().requires_grad_(True), next_token_labels(ids), DenseTargets(teacher), alpha=0.5, temperature=2.0
+    )
     torch.testing.assert_close(a.total, b.total.detach())

@@ -19,9 +19,18 @@ from tests.conftest import write_job
 def hf_teacher(folder, layers: int = 4, tokenizer_dir=None):
     """A tiny random Llama saved as safetensors with its tokenizer, like a downloaded model."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                               max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(3)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -33,9 +42,17 @@ def _hf_job(tmp_path, dest="hf.yaml", teacher_overrides=None, **overrides):
     folder = tmp_path / "teacher"
     if not folder.exists():
         hf_teacher(folder, tokenizer_dir=tmp_path / "assets" / "tiny-tokenizer")
-    teacher = {"name": "tiny-hf", "path": str(folder), "replicas": 1, "batch_size": 4, "num_cpus": 0.5,
-               **(teacher_overrides or {})}
-    return write_job(tmp_path, dest=dest, teacher=teacher, **{"cache.targets": {"kind": "topk", "k": 8}, **overrides}), job
+    teacher = {
+        "name": "tiny-hf",
+        "path": str(folder),
+        "replicas": 1,
+        "batch_size": 4,
+        "num_cpus": 0.5,
+        **(teacher_overrides or {}),
+    }
+    return write_job(
+        tmp_path, dest=dest, teacher=teacher, **{"cache.targets": {"kind": "topk", "k": 8}, **overrides}
+    ), job
 
 
 @pytest.mark.ray

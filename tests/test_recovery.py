@@ -87,8 +87,13 @@ def test_killed_driver_resumes_from_checkpoints_on_rerun(ray_session, tmp_path, 
     job = _prepared(tmp_path)
     workdir = tmp_path / "w"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "kdscale.cli", "train", str(job), "--workdir", str(workdir)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdscale.cli", "train", str(job), "--workdir", str(workdir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     _wait_for_checkpoint(workdir, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

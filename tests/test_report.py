@@ -19,14 +19,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _student(ce: float, alpha: float, rows: list[float], tokens: int = 1000) -> dict:
-    return {"heldout_ce": ce, "validation_ce": ce + 0.01, "perplexity": 2.718 ** ce, "top1_agreement": 0.1,
-            "teacher_heldout_ce": 2.0, "loss": {"alpha": alpha}, "targets": "cache", "init": "config",
-            "heldout_row_ce": rows, "train_tokens": tokens, "train_seconds": 10.0, "steps": 4,
-            "evals": [{"step": 2, "tokens": tokens // 2, "heldout_ce": ce + 1}]}
+    return {
+        "heldout_ce": ce,
+        "validation_ce": ce + 0.01,
+        "perplexity": 2.718**ce,
+        "top1_agreement": 0.1,
+        "teacher_heldout_ce": 2.0,
+        "loss": {"alpha": alpha},
+        "targets": "cache",
+        "init": "config",
+        "heldout_row_ce": rows,
+        "train_tokens": tokens,
+        "train_seconds": 10.0,
+        "steps": 4,
+        "evals": [{"step": 2, "tokens": tokens // 2, "heldout_ce": ce + 1}],
+    }
 
 
 SUMMARY = {
-    "job": "j", "workdir": "/w", "cache": {"cache_id": "c" * 32, "bytes_per_token": 27.5},
+    "job": "j",
+    "workdir": "/w",
+    "cache": {"cache_id": "c" * 32, "bytes_per_token": 27.5},
     "students": {
         "kd": _student(5.0, 0.5, [4.9, 5.0, 5.1, 5.0]),  # 0.2 below the twin on every row
         "ce": _student(5.2, 0.0, [5.1, 5.2, 5.3, 5.2]),
@@ -73,12 +86,33 @@ def test_report_of_a_job_with_a_ce_twin(ray_session, tmp_path, mlflow_uri):
     with the report (files in the workdir and on the MLflow parent run); `kdscale report` re-makes
     it with any baseline; validation CE sits beside held-out CE."""
     write_job(tmp_path)
-    twin = {"name": "twin", "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                             "num_attention_heads": 2, "num_key_value_heads": 1},
-            "loss": {"alpha": 0.0}, "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 3,
-                                              "micro_batch_size": 4, "lr": 3.0e-3, "checkpoint_every_epochs": 2}}
-    job = write_job(tmp_path, **{"corpus.validation_fraction": 0.15, "students.0.train.epochs": 3,
-                                 "students.0.train.checkpoint_every_epochs": 2})
+    twin = {
+        "name": "twin",
+        "architecture": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        "loss": {"alpha": 0.0},
+        "train": {
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "epochs": 3,
+            "micro_batch_size": 4,
+            "lr": 3.0e-3,
+            "checkpoint_every_epochs": 2,
+        },
+    }
+    job = write_job(
+        tmp_path,
+        **{
+            "corpus.validation_fraction": 0.15,
+            "students.0.train.epochs": 3,
+            "students.0.train.checkpoint_every_epochs": 2,
+        },
+    )
     import yaml
 
     spec = yaml.safe_load(job.read_text())
@@ -106,10 +140,21 @@ def test_report_of_a_job_with_a_ce_twin(ray_session, tmp_path, mlflow_uri):
     assert rows["twin"]["delta"] == pytest.approx(ce["heldout_ce"] - kd["heldout_ce"])
     assert rows["twin"]["verdict"] in ("better", "worse", "within noise")
     assert rows["tiny-student"]["verdict"] == "baseline"
-    for key in ("heldout_ce", "validation_ce", "perplexity", "top1_agreement", "bytes_per_token", "train_tokens",
-                "train_seconds", "delta_pct", "delta_se"):
+    for key in (
+        "heldout_ce",
+        "validation_ce",
+        "perplexity",
+        "top1_agreement",
+        "bytes_per_token",
+        "train_tokens",
+        "train_seconds",
+        "delta_pct",
+        "delta_se",
+    ):
         assert key in rows["twin"]
-    assert rows["twin"]["bytes_per_token"] is None and rows["tiny-student"]["bytes_per_token"] == cache["bytes_per_token"]
+    assert (
+        rows["twin"]["bytes_per_token"] is None and rows["tiny-student"]["bytes_per_token"] == cache["bytes_per_token"]
+    )
     assert rows["twin"]["train_tokens"] == rows["tiny-student"]["train_tokens"] > 0
 
     from mlflow import MlflowClient
@@ -118,8 +163,10 @@ def test_report_of_a_job_with_a_ce_twin(ray_session, tmp_path, mlflow_uri):
     parent = summary["mlflow"]["parent_run_id"]
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {"report/report.json", "report/report.md", "report/report.png"}
-    assert json.loads(Path(client.download_artifacts(parent, "report/report.json", str(tmp_path))).read_text())[
-        "baseline"] == "tiny-student"  # re-logged by `kdscale report --baseline`
+    assert (
+        json.loads(Path(client.download_artifacts(parent, "report/report.json", str(tmp_path))).read_text())["baseline"]
+        == "tiny-student"
+    )  # re-logged by `kdscale report --baseline`
     student_run = client.get_run(kd["mlflow_run_id"])
     assert student_run.data.metrics["validation/validation_ce"] == pytest.approx(kd["validation_ce"])
 
@@ -128,12 +175,30 @@ def test_report_of_a_job_with_a_ce_twin(ray_session, tmp_path, mlflow_uri):
 
 
 def _result(arm: str, seed: int, heldout: float, validation: float, bpt: float | None) -> dict:
-    return {"regime": "long", "arm": arm, "seed": seed, "heldout_ce": heldout, "validation_ce": validation,
-            "other_genre_ce": heldout + 1, "top1_agreement": 0.1, "bytes_per_token": bpt, "alpha": 1.0,
-            "targets": "x", "init": "config", "seconds": 100.0, "train_seconds": 90.0, "tokens_per_second": 1000.0,
-            "train_tokens": 540672, "steps": 264, "curve": [[270336, heldout + 0.5], [540672, heldout]],
-            "teacher_heldout_ce": 2.8, "teacher_validation_ce": 2.9, "rows_by_split": {}, "cache_reused": False,
-            "code": "abc"}
+    return {
+        "regime": "long",
+        "arm": arm,
+        "seed": seed,
+        "heldout_ce": heldout,
+        "validation_ce": validation,
+        "other_genre_ce": heldout + 1,
+        "top1_agreement": 0.1,
+        "bytes_per_token": bpt,
+        "alpha": 1.0,
+        "targets": "x",
+        "init": "config",
+        "seconds": 100.0,
+        "train_seconds": 90.0,
+        "tokens_per_second": 1000.0,
+        "train_tokens": 540672,
+        "steps": 264,
+        "curve": [[270336, heldout + 0.5], [540672, heldout]],
+        "teacher_heldout_ce": 2.8,
+        "teacher_validation_ce": 2.9,
+        "rows_by_split": {},
+        "cache_reused": False,
+        "code": "abc",
+    }
 
 
 def test_quality_report_regenerates_from_result_files_alone(tmp_path):
@@ -142,20 +207,34 @@ def test_quality_report_regenerates_from_result_files_alone(tmp_path):
     name)."""
     results = tmp_path / "docs" / "results"
     (results / "long").mkdir(parents=True)
-    runs = [_result("ce_only", 0, 5.0, 5.1, None), _result("ce_only", 1, 5.2, 5.3, None),
-            _result("sampled", 0, 4.5, 4.6, 29.0), _result("sampled", 1, 4.6, 4.7, 29.0),
-            _result("ce_only", 2, 5.1, 5.2, None), _result("sampled", 2, 4.9, 4.9, 29.0),
-            _result("online_full", 0, 4.4, 4.5, None)]
+    runs = [
+        _result("ce_only", 0, 5.0, 5.1, None),
+        _result("ce_only", 1, 5.2, 5.3, None),
+        _result("sampled", 0, 4.5, 4.6, 29.0),
+        _result("sampled", 1, 4.6, 4.7, 29.0),
+        _result("ce_only", 2, 5.1, 5.2, None),
+        _result("sampled", 2, 4.9, 4.9, 29.0),
+        _result("online_full", 0, 4.4, 4.5, None),
+    ]
     for r in runs:
-        (results / "long" / f"{r['arm']}{'' if r['seed'] == 0 else '-seed' + str(r['seed'])}.json").write_text(json.dumps(r))
+        (results / "long" / f"{r['arm']}{'' if r['seed'] == 0 else '-seed' + str(r['seed'])}.json").write_text(
+            json.dumps(r)
+        )
     (results / "_teacher_other_genre.json").write_text(json.dumps({"ce": 3.3}))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--report", "--results", str(results)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--report", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     sampled = line["regimes"]["long"]["sampled"]
-    assert sampled["vs_ce_only_by_seed"] == [[0, pytest.approx(-10.0)], [1, pytest.approx(100 * (4.6 / 5.2 - 1))],
-                                             [2, pytest.approx(100 * (4.9 / 5.1 - 1))]]
+    assert sampled["vs_ce_only_by_seed"] == [
+        [0, pytest.approx(-10.0)],
+        [1, pytest.approx(100 * (4.6 / 5.2 - 1))],
+        [2, pytest.approx(100 * (4.9 / 5.1 - 1))],
+    ]
     assert sampled["vs_full_pct"] == pytest.approx(100 * (4.5 / 4.4 - 1))
     assert line["goals"]["best_cached"] == "sampled"
     assert line["goals"]["best_cached_beats_ce_by_5pct_every_seed"] is False  # seed 2: -3.9%
@@ -164,7 +243,11 @@ def test_quality_report_regenerates_from_result_files_alone(tmp_path):
     assert (tmp_path / "docs" / "results.png").stat().st_size > 1000
     for f in (results / "long").glob("*-seed2.json"):
         f.unlink()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--report", "--results", str(results)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--report", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     goals = json.loads(proc.stdout.strip().splitlines()[-1])["goals"]
     assert goals["best_cached_beats_ce_by_5pct_every_seed"] is None  # 2 of the 3 seeds: not decided

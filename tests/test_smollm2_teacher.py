@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_dry_run_plans_without_work(tmp_path):
-    result = CliRunner().invoke(app, ["run", str(JOBS / "quickstart.yaml"), "--workdir", str(tmp_path / "w"), "--dry-run"])
+    result = CliRunner().invoke(
+        app, ["run", str(JOBS / "quickstart.yaml"), "--workdir", str(tmp_path / "w"), "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["teacher"]["vocab_size"] == plan["teacher"]["logit_width"] == 49152
@@ -38,7 +40,9 @@ def test_gguf_teacher_gives_sane_targets_on_python_docs(tmp_path):
     task = shard_tasks("heldout", packed.train[:2], 2)[0]
     targets = TargetsInfo(kind="sampled", temperature=1.0, num_samples=50, seed=0)
     rank = idcodec.inverse(idcodec.rank_table(task.input_ids, len(tok)))
-    worker = TeacherWorker(spec.teacher, vocab_size=len(tok), seed=0, targets=targets, cache_uri=str(tmp_path), rank=rank)
+    worker = TeacherWorker(
+        spec.teacher, vocab_size=len(tok), seed=0, targets=targets, cache_uri=str(tmp_path), rank=rank
+    )
     rows = worker.rows(task)
     ce = sum(r["teacher_nll"] for r in rows) / (len(rows) * (spec.corpus.seq_len - 1))
     assert ce < 4.0  # a real language model on English/code text (measured ~2.7), not random (~10.8)
@@ -57,7 +61,9 @@ def test_sharded_smollm2_equals_unsharded():
     spec = load_job(JOBS / "quickstart.yaml")
     tok = load_tokenizer(spec.teacher)
     model = load_teacher(spec.teacher, len(tok), 0)
-    ids = tok("The bisect module provides support for maintaining a list in sorted order.", return_tensors="pt").input_ids
+    ids = tok(
+        "The bisect module provides support for maintaining a list in sorted order.", return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         reference = model(input_ids=ids).logits
         ranges = layer_ranges(model.config, 2)

@@ -16,13 +16,27 @@ from kdscale.config import load_job
 from kdscale.models.teacher import load_teacher, load_tokenizer
 from tests.conftest import write_job
 
-TRAIN = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4, "lr": 3.0e-3,
-         "eval_every_steps": 3}
+TRAIN = {
+    "num_workers": 2,
+    "cpus_per_worker": 0.5,
+    "epochs": 1,
+    "micro_batch_size": 4,
+    "lr": 3.0e-3,
+    "eval_every_steps": 3,
+}
 
 
 def _pretrained(folder, vocab):
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=256)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(5)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     return str(folder)
@@ -33,13 +47,32 @@ def _pretrained(folder, vocab):
 def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
     write_job(tmp_path)
     students = [
-        {"name": "fresh", "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                           "num_attention_heads": 2, "num_key_value_heads": 1},
-         "loss": {"alpha": 0.5, "divergence": "jsd"}, "train": {**TRAIN, "zero_stage": 2}},
-        {"name": "distil", "init": "teacher_layers", "teacher_layers": [1],
-         "loss": {"alpha": 0.8, "divergence": "reverse_kl"}, "train": {**TRAIN, "zero_stage": 3}},
-        {"name": "warm", "init": "pretrained", "path": _pretrained(tmp_path / "pre", 512),
-         "loss": {"alpha": 1.0, "divergence": "tvd"}, "train": {**TRAIN, "zero_stage": 0}},
+        {
+            "name": "fresh",
+            "architecture": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+            "loss": {"alpha": 0.5, "divergence": "jsd"},
+            "train": {**TRAIN, "zero_stage": 2},
+        },
+        {
+            "name": "distil",
+            "init": "teacher_layers",
+            "teacher_layers": [1],
+            "loss": {"alpha": 0.8, "divergence": "reverse_kl"},
+            "train": {**TRAIN, "zero_stage": 3},
+        },
+        {
+            "name": "warm",
+            "init": "pretrained",
+            "path": _pretrained(tmp_path / "pre", 512),
+            "loss": {"alpha": 1.0, "divergence": "tvd"},
+            "train": {**TRAIN, "zero_stage": 0},
+        },
     ]
     job = write_job(tmp_path, students=students)
     workdir = tmp_path / "w"
@@ -115,8 +148,13 @@ def test_online_student_beside_a_cache_student(ray_session, tmp_path, mlflow_uri
     """Online KD (teacher inside the training workers) and cache KD in one job: same rows, same
     held-out split, same teacher statistics; only the cache student is linked to the cache."""
     write_job(tmp_path)
-    arch = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1}
+    arch = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     students = [
         {"name": "cached", "architecture": arch, "train": {**TRAIN, "epochs": 2}},
         {"name": "online", "targets": "online", "architecture": arch, "train": {**TRAIN, "epochs": 2}},

@@ -14,16 +14,25 @@ from tests.conftest import _free_port, write_job  # a port nothing listens on
 
 
 def test_secret_values_come_from_credential_like_variables():
-    env = {"AWS_SECRET_ACCESS_KEY": "abcdefgh1234", "MLFLOW_TRACKING_TOKEN": "tok-123456789", "HOME": "/root",
-           "DB_PASSWORD": "short", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_SECRET_ACCESS_KEY": "abcdefgh1234",
+        "MLFLOW_TRACKING_TOKEN": "tok-123456789",
+        "HOME": "/root",
+        "DB_PASSWORD": "short",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     assert set(secret_values(env)) == {"abcdefgh1234", "tok-123456789"}  # "short" is too short to mask safely
 
 
 def test_redact_masks_env_secrets_and_uri_passwords_anywhere():
     secrets = ["abcdefgh1234"]
-    spec = {"tracking": {"uri": "https://alice:hunter2@mlflow.example.com"},
-            "backend": "postgresql://mlflow:pa55word@db:5432/mlflow",
-            "paths": ["s3://bucket/key?token=abcdefgh1234"], "n": 3, "note": None}
+    spec = {
+        "tracking": {"uri": "https://alice:hunter2@mlflow.example.com"},
+        "backend": "postgresql://mlflow:pa55word@db:5432/mlflow",
+        "paths": ["s3://bucket/key?token=abcdefgh1234"],
+        "n": 3,
+        "note": None,
+    }
     out = redact(spec, secrets)
     assert out["tracking"]["uri"] == f"https://alice:{MASK}@mlflow.example.com"
     assert out["backend"] == f"postgresql://mlflow:{MASK}@db:5432/mlflow"

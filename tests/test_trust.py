@@ -32,8 +32,13 @@ def _edit_manifest(cache, edit, fix_cache_id: bool = False) -> None:
     if fix_cache_id:  # an editor who also recomputes the cache_id to match
         m = raw
         params = {k: v for k, v in m["targets"].items() if not (k == "draws" and v == 1)}
-        raw["cache_id"] = make_cache_id(m["teacher"]["fingerprint"], m["tokenizer"]["fingerprint"],
-                                        m["dataset"]["content_hash"], params, m["format_version"])
+        raw["cache_id"] = make_cache_id(
+            m["teacher"]["fingerprint"],
+            m["tokenizer"]["fingerprint"],
+            m["dataset"]["content_hash"],
+            params,
+            m["format_version"],
+        )
     (cache / MANIFEST).write_text(json.dumps(raw))
 
 
@@ -66,19 +71,30 @@ def test_run_refuses_a_reused_cache_with_swapped_shards(committed, tmp_path, mlf
 # 2. the manifest is checked against its own fields and its shards ------------------------------
 
 
-@pytest.mark.parametrize("name, edit, fix_id, expect", [
-    ("zero cache_id", lambda m: m.update(cache_id="0" * 32), False, "cache_id"),
-    ("num_samples 50 -> 1", lambda m: m["targets"].update(num_samples=1), False, "cache_id"),
-    ("num_samples 50 -> 1, cache_id recomputed", lambda m: m["targets"].update(num_samples=1), True,
-     "draw counts per position sum to [50]"),
-    ("shard path outside the cache", lambda m: m["shards"][0].update(path="../outside.parquet"), False,
-     "not the plain name"),
-    ("kind edited", lambda m: m["targets"].update(kind="topk", k=12, num_samples=None), True, "columns"),
-    ("seq_len edited", lambda m: m["dataset"].update(seq_len=32), False, "tokens for"),
-    ("rows.train 10^12", lambda m: m["dataset"]["rows"].update(train=10**12), False, "dataset.rows"),
-    ("totals edited", lambda m: m["totals"].update(tokens=1), False, "totals.tokens"),
-    ("no shards", lambda m: m.update(shards=[]), False, "no shards"),
-])
+@pytest.mark.parametrize(
+    "name, edit, fix_id, expect",
+    [
+        ("zero cache_id", lambda m: m.update(cache_id="0" * 32), False, "cache_id"),
+        ("num_samples 50 -> 1", lambda m: m["targets"].update(num_samples=1), False, "cache_id"),
+        (
+            "num_samples 50 -> 1, cache_id recomputed",
+            lambda m: m["targets"].update(num_samples=1),
+            True,
+            "draw counts per position sum to [50]",
+        ),
+        (
+            "shard path outside the cache",
+            lambda m: m["shards"][0].update(path="../outside.parquet"),
+            False,
+            "not the plain name",
+        ),
+        ("kind edited", lambda m: m["targets"].update(kind="topk", k=12, num_samples=None), True, "columns"),
+        ("seq_len edited", lambda m: m["dataset"].update(seq_len=32), False, "tokens for"),
+        ("rows.train 10^12", lambda m: m["dataset"]["rows"].update(train=10**12), False, "dataset.rows"),
+        ("totals edited", lambda m: m["totals"].update(tokens=1), False, "totals.tokens"),
+        ("no shards", lambda m: m.update(shards=[]), False, "no shards"),
+    ],
+)
 def test_edited_manifest_is_refused(committed, tmp_path, name, edit, fix_id, expect):
     cache = _copy_cache(committed, tmp_path / "copy")
     _edit_manifest(cache, edit, fix_id)
@@ -111,11 +127,14 @@ def test_training_from_an_edited_manifest_registers_nothing(committed, tmp_path,
 # 4. impossible teacher resources fail before any work ------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"teacher.num_cpus": 64}, "teacher.num_cpus"),
-    ({"teacher.num_gpus": 1}, "teacher.num_gpus"),
-    ({"teacher.replicas": 4, "teacher.shards": 2, "teacher.num_cpus": 1}, "teacher.num_cpus"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"teacher.num_cpus": 64}, "teacher.num_cpus"),
+        ({"teacher.num_gpus": 1}, "teacher.num_gpus"),
+        ({"teacher.replicas": 4, "teacher.shards": 2, "teacher.num_cpus": 1}, "teacher.num_cpus"),
+    ],
+)
 def test_impossible_teacher_resources_are_refused_before_work(ray_session, tmp_path, mlflow_uri, overrides, field):
     job = write_job(tmp_path, **overrides)
     for args in (["run", str(job), "--dry-run"], ["run", str(job), "--workdir", str(tmp_path / "w")]):
@@ -151,8 +170,15 @@ def test_student_whose_loss_goes_non_finite_is_not_exported_or_registered(commit
 
     work = tmp_path / "w"
     _copy_cache(committed, work / "cache")
-    job = write_job(tmp_path, **{"students.0.train.lr": 1e30, "students.0.train.epochs": 1,
-                                 "students.0.train.warmup_ratio": 0.0, "students.0.train.grad_clip": 0.0})
+    job = write_job(
+        tmp_path,
+        **{
+            "students.0.train.lr": 1e30,
+            "students.0.train.epochs": 1,
+            "students.0.train.warmup_ratio": 0.0,
+            "students.0.train.grad_clip": 0.0,
+        },
+    )
     result = CliRunner().invoke(app, ["train", str(job), "--workdir", str(work)])
     assert result.exit_code == 1, result.output
     assert "loss is" in _flat(result.output) and "nothing is exported" in _flat(result.output)
@@ -189,8 +215,14 @@ def test_checkpoint_key_follows_the_effective_seed(tmp_path):
 # 7. credentials ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["postgresql://kd:pa/ss@word@db.internal:5432/mlflow",
-                                 "http://kd:s3cr3t/@x@127.0.0.1:5000", "https://kd:plain@host/x"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql://kd:pa/ss@word@db.internal:5432/mlflow",
+        "http://kd:s3cr3t/@x@127.0.0.1:5000",
+        "https://kd:plain@host/x",
+    ],
+)
 def test_passwords_with_slash_or_at_are_masked(uri):
     from kdscale.tracking.redact import redact_text
 
@@ -253,10 +285,13 @@ def test_abandoned_running_runs_are_failed_by_the_next_invocation(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = Tracker(load_job(write_job(tmp_path)), uri)
-    dead = tracker.client.create_run(tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(),
-                                                                  PID_TAG: "999999999"}).info.run_id
-    live = tracker.client.create_run(tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(),
-                                                                  PID_TAG: str(__import__("os").getpid())}).info.run_id
+    dead = tracker.client.create_run(
+        tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(), PID_TAG: "999999999"}
+    ).info.run_id
+    live = tracker.client.create_run(
+        tracker.experiment_id,
+        tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(), PID_TAG: str(__import__("os").getpid())},
+    ).info.run_id
     tracker.start_job("run")
     client = MlflowClient(uri)
     assert client.get_run(dead).info.status == "FAILED" and client.get_run(live).info.status == "RUNNING"
@@ -272,8 +307,9 @@ def test_a_second_precompute_on_a_leased_cache_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "_ledger").mkdir()
-        (tmp_path / "_ledger" / "lease.json").write_text(json.dumps(
-            {"host": __import__("socket").gethostname(), "pid": holder.pid, "renewed": 0}))
+        (tmp_path / "_ledger" / "lease.json").write_text(
+            json.dumps({"host": __import__("socket").gethostname(), "pid": holder.pid, "renewed": 0})
+        )
         with pytest.raises(CacheFormatError, match="another precompute"):
             acquire_lease(str(tmp_path))
     finally:
@@ -292,8 +328,11 @@ def test_cache_verify_names_a_deleted_shard_as_missing(committed, tmp_path):
 
 
 def test_manifest_unreadable_forms_are_refused(committed, tmp_path):
-    for name, damage in (("invalid", lambda p: p.write_text("{not json")), ("empty", lambda p: p.write_text("")),
-                         ("directory", lambda p: (p.unlink(), p.mkdir()))):
+    for name, damage in (
+        ("invalid", lambda p: p.write_text("{not json")),
+        ("empty", lambda p: p.write_text("")),
+        ("directory", lambda p: (p.unlink(), p.mkdir())),
+    ):
         cache = _copy_cache(committed, tmp_path / name)
         damage(cache / MANIFEST)
         result = CliRunner().invoke(app, ["cache", "inspect", str(cache)])

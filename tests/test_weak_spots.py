@@ -5,8 +5,8 @@ traceback, and nothing is written."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from typer.testing import CliRunner
@@ -20,12 +20,14 @@ def _spec_text(text: bytes) -> Callable[[Path], list[str]]:
         path = tmp / "bad.yaml"
         path.write_bytes(text)
         return ["run", str(path), "--dry-run"]
+
     return setup
 
 
 def _job(command: str, *extra: str, **overrides) -> Callable[[Path], list[str]]:
     def setup(tmp: Path) -> list[str]:
         return [command, str(write_job(tmp, **overrides)), *extra]
+
     return setup
 
 
@@ -34,8 +36,22 @@ def _gguf_teacher(data: bytes) -> Callable[[Path], list[str]]:
         folder = tmp / "teacher"
         folder.mkdir()
         (folder / "model.gguf").write_bytes(data)
-        return ["run", str(write_job(tmp, teacher={"name": "t", "path": str(folder), "gguf_file": "model.gguf",
-                                                   "tokenizer": "assets/tiny-tokenizer"})), "--dry-run"]
+        return [
+            "run",
+            str(
+                write_job(
+                    tmp,
+                    teacher={
+                        "name": "t",
+                        "path": str(folder),
+                        "gguf_file": "model.gguf",
+                        "tokenizer": "assets/tiny-tokenizer",
+                    },
+                )
+            ),
+            "--dry-run",
+        ]
+
     return setup
 
 
@@ -51,8 +67,12 @@ def _hf_teacher(config: dict, weights: str) -> Callable[[Path], list[str]]:
             save_file({"w": torch.zeros(2)}, str(folder / weights))
         else:
             (folder / weights).write_bytes(b"\x80\x04not really a pickle")
-        return ["run", str(write_job(tmp, teacher={"name": "t", "path": str(folder),
-                                                   "tokenizer": "assets/tiny-tokenizer"})), "--dry-run"]
+        return [
+            "run",
+            str(write_job(tmp, teacher={"name": "t", "path": str(folder), "tokenizer": "assets/tiny-tokenizer"})),
+            "--dry-run",
+        ]
+
     return setup
 
 
@@ -81,22 +101,38 @@ def _unreachable_s3(tmp: Path) -> list[str]:
 
 
 BOMB = b'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + b"".join(
-    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n".encode() for p, n in zip("abcde", "bcdef"))
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n".encode() for p, n in zip("abcde", "bcdef")
+)
 
 CASES = {
     "non-UTF-8 spec": (_spec_text(b"name: caf\xe9\n"), 2, "not UTF-8"),
     "duplicate YAML keys": (_spec_text(b"name: a\nname: b\n"), 2, "duplicate key 'name'"),
     "YAML alias bomb": (_spec_text(BOMB), 2, "alias bomb"),
     "seed beyond 64 bits": (_job("run", "--dry-run", seed=2**64), 2, "seed"),
-    "heads do not divide hidden": (_job("run", "--dry-run", **{"students.0.architecture.num_attention_heads": 3,
-                                                                "students.0.architecture.num_key_value_heads": 1}),
-                                   2, "not a multiple of the number of attention heads"),
-    "random teacher architecture typo": (_job("run", "--dry-run", **{"teacher.architecture.hiden_size": 8}), 2,
-                                         "teacher.architecture: unknown llama config field(s): hiden_size"),
-    "GGUF truncated after a good magic": (_gguf_teacher(b"GGUF" + (3).to_bytes(4, "little") + b"\x05" * 40), 2,
-                                          "corrupt weights file"),
-    "auto_map without trust_remote_code": (_hf_teacher({"auto_map": {"AutoModelForCausalLM": "m.M"}},
-                                                       "model.safetensors"), 2, "needs custom model code"),
+    "heads do not divide hidden": (
+        _job(
+            "run",
+            "--dry-run",
+            **{"students.0.architecture.num_attention_heads": 3, "students.0.architecture.num_key_value_heads": 1},
+        ),
+        2,
+        "not a multiple of the number of attention heads",
+    ),
+    "random teacher architecture typo": (
+        _job("run", "--dry-run", **{"teacher.architecture.hiden_size": 8}),
+        2,
+        "teacher.architecture: unknown llama config field(s): hiden_size",
+    ),
+    "GGUF truncated after a good magic": (
+        _gguf_teacher(b"GGUF" + (3).to_bytes(4, "little") + b"\x05" * 40),
+        2,
+        "corrupt weights file",
+    ),
+    "auto_map without trust_remote_code": (
+        _hf_teacher({"auto_map": {"AutoModelForCausalLM": "m.M"}}, "model.safetensors"),
+        2,
+        "needs custom model code",
+    ),
     "pickle-only weights": (_hf_teacher({}, "pytorch_model.bin"), 2, "only pickle weights"),
     "workdir is a file": (_workdir_is_a_file, 2, "is a file, not a folder"),
     "cache.uri is a file": (_cache_is_a_file, 2, "cache.uri"),
@@ -126,15 +162,24 @@ def test_weak_spot_is_refused_before_work(case, tmp_path, mlflow_uri, monkeypatc
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("case, corpus, expected", [
-    ("JSONL line without the field", b'{"text": "fine"}\n{"title": "no text"}\n', "docs.jsonl:2: no string field 'text'"),
-    ("mostly not UTF-8", bytes(range(128, 256)) * 40, "are not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "case, corpus, expected",
+    [
+        (
+            "JSONL line without the field",
+            b'{"text": "fine"}\n{"title": "no text"}\n',
+            "docs.jsonl:2: no string field 'text'",
+        ),
+        ("mostly not UTF-8", bytes(range(128, 256)) * 40, "are not UTF-8"),
+    ],
+)
 def test_bad_corpus_is_refused_with_its_file_and_line(ray_session, case, corpus, expected, tmp_path, mlflow_uri):
     name = "docs.jsonl" if case.startswith("JSONL") else "docs.txt"
     (tmp_path / name).write_bytes(corpus)
-    job = write_job(tmp_path, **{"corpus.paths": [str(tmp_path / name)],
-                                 "corpus.format": "jsonl" if name.endswith("jsonl") else "text"})
+    job = write_job(
+        tmp_path,
+        **{"corpus.paths": [str(tmp_path / name)], "corpus.format": "jsonl" if name.endswith("jsonl") else "text"},
+    )
     result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
     assert isinstance(result.exception, SystemExit) and not (tmp_path / "w").exists()  # our message, no traceback

@@ -58,7 +58,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LEDGER_DIR = "_ledger"
 PLAN = "plan.json"
-SPLITS = ("train", "heldout", "validation")  # the order shards are listed in
+Split = Literal["train", "heldout", "validation"]
+SPLITS: tuple[Split, ...] = ("train", "heldout", "validation")  # the order shards are listed in
 EVAL_SPLITS = ("heldout", "validation")  # scored, never trained on; validation is optional
 
 ID_CODING_SCHEME = "rank-delta"
@@ -134,8 +135,10 @@ class TokenizerInfo(_Model):
 
 
 class DatasetInfo(_Model):
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": "causal_lm"},
-                                 description="The task and, for images, input shape, normalisation and label names.")
+    task: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "causal_lm"},
+        description="The task and, for images, input shape, normalisation and label names.",
+    )
     sources: list[str]
     patterns: list[str]
     documents: int
@@ -157,7 +160,7 @@ class DatasetInfo(_Model):
 
 class ShardRecord(_Model):
     path: str = Field(..., description="File name relative to the cache folder.")
-    split: Literal["train", "heldout", "validation"]
+    split: Split
     index: int
     rows: int
     tokens: int

@@ -37,8 +37,7 @@ def describe(m: Manifest) -> dict[str, Any]:
         "tokenizer": m.tokenizer.model_dump(),
         "id_coding": m.id_coding["scheme"],
         "dataset_content_hash": m.dataset.content_hash,
-        "corpus": {"patterns": m.dataset.patterns, "documents": m.dataset.documents,
-                   "sources": len(m.dataset.sources)},
+        "corpus": {"patterns": m.dataset.patterns, "documents": m.dataset.documents, "sources": len(m.dataset.sources)},
         "created_at": m.created_at,
         "kdscale_version": m.kdscale_version,
     }

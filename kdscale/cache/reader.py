@@ -62,7 +62,9 @@ def load_rank_order(cache_uri: str, manifest: Manifest) -> np.ndarray:
         raise CacheFormatError(f"corrupted cache: {coding['rank_file']} does not match its sha256 in the manifest")
     order = pq.read_table(io.BytesIO(data)).column("token_id").to_numpy()
     if len(order) != manifest.tokenizer.vocab_size:
-        raise CacheFormatError(f"{cache_uri}: rank table has {len(order)} entries, vocab is {manifest.tokenizer.vocab_size}")
+        raise CacheFormatError(
+            f"{cache_uri}: rank table has {len(order)} entries, vocab is {manifest.tokenizer.vocab_size}"
+        )
     return order.astype(np.int64)
 
 
@@ -148,12 +150,16 @@ def _merge_segments(a_len: np.ndarray, b_len: np.ndarray) -> tuple[np.ndarray, n
     total = a_len + b_len
     starts = idcodec.segment_starts(total)
 
-    return (np.repeat(starts, a_len) + _offsets_within(a_len), np.repeat(starts + a_len, b_len) + _offsets_within(b_len),
-            total)
+    return (
+        np.repeat(starts, a_len) + _offsets_within(a_len),
+        np.repeat(starts + a_len, b_len) + _offsets_within(b_len),
+        total,
+    )
 
 
-def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch: int = 0,
-                  temperature: float | None = None) -> SparseTargets | DenseTargets:
+def batch_targets(
+    batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch: int = 0, temperature: float | None = None
+) -> SparseTargets | DenseTargets:
     """Rebuild the teacher's per-position distribution from a batch of stored rows.
 
     ``order`` is the cache's rank table (:func:`load_rank_order`), needed to decode ids. With
@@ -186,8 +192,9 @@ def batch_targets(batch: pa.Table, manifest: Manifest, order: np.ndarray, epoch:
         ids[at_head] = idcodec.decode(_flat(batch.column("target_ids")), head_len, order)
         probs[at_head] = np.exp(_flat(batch.column("target_logprobs")))
         ids[at_tail] = idcodec.decode(_flat(batch.column("tail_ids")), tail_len, order)
-        probs[at_tail] = (_flat(batch.column("tail_counts")).astype(np.float32)
-                          * np.repeat(tail_mass / manifest.targets.num_samples, tail_len))
+        probs[at_tail] = _flat(batch.column("tail_counts")).astype(np.float32) * np.repeat(
+            tail_mass / manifest.targets.num_samples, tail_len
+        )
         ids, probs = _pad_segments([ids, probs], total, [0, 0.0])
         return SparseTargets(  # head exact + weighted tail draws: an estimate of the whole distribution
             torch.from_numpy(ids.astype(np.int64)).view(b, seq_len, -1), torch.from_numpy(probs).view(b, seq_len, -1)

@@ -40,7 +40,7 @@ class RowDistribution:
     shifted: torch.Tensor  # z - max z (T = 1)
 
     @classmethod
-    def of(cls, logits: torch.Tensor, temperature: float) -> "RowDistribution":
+    def of(cls, logits: torch.Tensor, temperature: float) -> RowDistribution:
         maxima, top1 = logits.float().max(dim=-1, keepdim=True)
         shifted = logits.float() - maxima
         scaled = shifted if temperature == 1.0 else shifted / temperature
@@ -85,16 +85,18 @@ def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return draws.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
 
 
-def _sampled(d: RowDistribution, num_samples: int, generator: torch.Generator, store_logprobs: bool,
-             draws: int = 1) -> dict[str, np.ndarray]:
+def _sampled(
+    d: RowDistribution, num_samples: int, generator: torch.Generator, store_logprobs: bool, draws: int = 1
+) -> dict[str, np.ndarray]:
     """``draws`` independent N-draws per position, stored position-major (position 0's draws,
     then position 1's, ...). With one draw the generator is consumed exactly as before draws
     existed, so those caches are reproduced byte for byte."""
     if draws == 1:
         samples = torch.multinomial(d.weights, num_samples, replacement=True, generator=generator)
     else:
-        per_draw = [torch.multinomial(d.weights, num_samples, replacement=True, generator=generator)
-                    for _ in range(draws)]
+        per_draw = [
+            torch.multinomial(d.weights, num_samples, replacement=True, generator=generator) for _ in range(draws)
+        ]
         samples = torch.stack(per_draw, dim=1).reshape(-1, num_samples)
     ids, counts, lengths = _unique_counts(samples)
     out = {
@@ -156,10 +158,6 @@ def sampled(
 def topk(logits: torch.Tensor, temperature: float, k: int) -> dict[str, np.ndarray]:
     """The k most likely ids with their log-probs, and the tail mass they leave uncovered."""
     return _concat([_topk(d, k) for _, d in _chunks(logits, temperature)])
-
-
-def full(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
-    return _concat([{"target_logprobs": d.logprobs().reshape(-1).numpy()} for _, d in _chunks(logits, temperature)])
 
 
 def extract_row(

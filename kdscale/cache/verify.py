@@ -37,8 +37,10 @@ def open_cache(cache_uri: str, *, checksums: bool, tokenizer: tuple[str, int] | 
     if found:
         shown = "\n".join(f"  - {p}" for p in found[:MAX_LISTED])
         more = f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
-        raise CacheFormatError(f"refusing the cache at {cache_uri} ({len(found)} problem{'s' * (len(found) > 1)}; "
-                               f"recompute it with `kdscale precompute` into an empty folder):\n{shown}{more}")
+        raise CacheFormatError(
+            f"refusing the cache at {cache_uri} ({len(found)} problem{'s' * (len(found) > 1)}; "
+            f"recompute it with `kdscale precompute` into an empty folder):\n{shown}{more}"
+        )
     if tokenizer is not None:
         check_tokenizer(manifest, *tokenizer)
     return manifest
@@ -69,11 +71,14 @@ def manifest_problems(m: Manifest) -> list[str]:
 
 def _identity_problems(m: Manifest) -> list[str]:
     found = []
-    expected = make_cache_id(m.teacher.fingerprint, m.tokenizer.fingerprint, m.dataset.content_hash,
-                             m.targets.params(), FORMAT_VERSION)
+    expected = make_cache_id(
+        m.teacher.fingerprint, m.tokenizer.fingerprint, m.dataset.content_hash, m.targets.params(), FORMAT_VERSION
+    )
     if m.cache_id != expected:
-        found.append(f"cache_id {m.cache_id} is not the one its teacher, tokenizer, data and targets give ({expected}): "
-                     "the manifest was edited")
+        found.append(
+            f"cache_id {m.cache_id} is not the one its teacher, tokenizer, data and targets give ({expected}): "
+            "the manifest was edited"
+        )
     t = m.targets
     need = {"sampled": ("num_samples",), "topk": ("k",), "stratified": ("k", "num_samples"), "full": ()}[t.kind]
     for name in ("num_samples", "k"):
@@ -99,8 +104,10 @@ def _shard_list_problems(m: Manifest) -> list[str]:
         return ["the manifest lists no shards"]
     for s in m.shards:
         if s.path != shard_name(s.split, s.index):
-            found.append(f"shard path {s.path!r} is not the plain name {shard_name(s.split, s.index)!r} its split "
-                         "and index give (a shard must be a file inside the cache)")
+            found.append(
+                f"shard path {s.path!r} is not the plain name {shard_name(s.split, s.index)!r} its split "
+                "and index give (a shard must be a file inside the cache)"
+            )
     for split in SPLITS:
         indexes = sorted(s.index for s in m.shards_of(split))
         if indexes != list(range(len(indexes))):
@@ -120,16 +127,19 @@ def _sum_problems(m: Manifest) -> list[str]:
     rows = {split: sum(s.rows for s in m.shards_of(split)) for split in present_splits(list(m.shards))}
     if m.dataset.rows != rows:
         found.append(f"dataset.rows {m.dataset.rows} are not the shards' rows {rows}")
-    columns = {split: shard_columns(m.targets.kind, split, m.targets.store_logprobs, m.dataset.task_name)
-               for split in rows}
+    columns = {
+        split: shard_columns(m.targets.kind, split, m.targets.store_logprobs, m.dataset.task_name) for split in rows
+    }
     if m.columns != columns:
         found.append(f"columns {m.columns} are not those of kind {m.targets.kind}: {columns}")
     totals = manifest_totals(m.targets, m.dataset, list(m.shards))
     for key, value in totals.items():
         recorded = m.totals.get(key)
         same = (recorded is None and value is None) or (
-            isinstance(recorded, (int, float)) and value is not None and math.isclose(recorded, value, rel_tol=1e-9,
-                                                                                      abs_tol=1e-9))
+            isinstance(recorded, (int, float))
+            and value is not None
+            and math.isclose(recorded, value, rel_tol=1e-9, abs_tol=1e-9)
+        )
         if not same:
             found.append(f"totals.{key} is {recorded!r}; its shards sum to {value!r}")
     return found
@@ -211,8 +221,10 @@ def footer_problems(uri: str, m: Manifest, record) -> list[str]:
     leaves = _leaf_counts(meta)
     for column, want in expected_leaf_counts(m, record.rows).items():
         if column in leaves and leaves[column] != want:
-            found.append(f"shard {record.path}: column {column} holds {leaves[column]} values; {record.rows} rows of "
-                         f"kind {m.targets.kind}, seq_len {m.dataset.seq_len} need {want}")
+            found.append(
+                f"shard {record.path}: column {column} holds {leaves[column]} values; {record.rows} rows of "
+                f"kind {m.targets.kind}, seq_len {m.dataset.seq_len} need {want}"
+            )
     return found
 
 
@@ -239,7 +251,8 @@ def content_problems(cache_uri: str, m: Manifest, rows: int = 4) -> list[str]:
         lengths = table.column("target_lengths").combine_chunks().flatten().to_numpy().astype(np.int64)
         sums = np.add.reduceat(counts, idcodec.segment_starts(lengths)) if len(lengths) else counts
         if len(sums) and not (sums == m.targets.num_samples).all():
-            found.append(f"draw counts per position sum to {sorted(set(sums.tolist()))[:5]}, the manifest says "
-                         f"num_samples {m.targets.num_samples}")
+            found.append(
+                f"draw counts per position sum to {sorted(set(sums.tolist()))[:5]}, the manifest says "
+                f"num_samples {m.targets.num_samples}"
+            )
     return found
-

@@ -19,18 +19,19 @@ import pyarrow.parquet as pq
 from kdscale import __version__, fs
 from kdscale.cache import idcodec
 from kdscale.cache.format import (
-    FORMAT_VERSION,
-    ID_CODING_SCHEME,
     EVAL_SPLITS,
+    FORMAT_VERSION,
     HELDOUT_EXTRA_COLUMNS,
-    SPLITS,
+    ID_CODING_SCHEME,
     LEDGER_DIR,
     MANIFEST,
     PLAN,
+    SPLITS,
     CacheFormatError,
     DatasetInfo,
     Manifest,
     ShardRecord,
+    Split,
     TargetsInfo,
     TeacherInfo,
     TokenizerInfo,
@@ -44,8 +45,17 @@ ROWS_PER_ROW_GROUP = 32
 # noisy low bytes: splitting the byte streams lets zstd find the mostly-zero high bytes. On the
 # quickstart cache (sampled N=50) this took the whole shard from 36.2 to 26.8 bytes/token
 # (ids 25.2 -> 20.0 with rank-delta coding, counts 6.6 -> 4.8, lengths 1.0 -> 0.7).
-BYTE_STREAM_SPLIT_COLUMNS = ("target_ids", "target_counts", "target_lengths", "target_logprobs", "tail_mass", "teacher_nll",
-                             "tail_ids", "tail_counts", "tail_lengths")
+BYTE_STREAM_SPLIT_COLUMNS = (
+    "target_ids",
+    "target_counts",
+    "target_lengths",
+    "target_logprobs",
+    "tail_mass",
+    "teacher_nll",
+    "tail_ids",
+    "tail_counts",
+    "tail_lengths",
+)
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "seq_id": pa.string(),
@@ -84,10 +94,14 @@ def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(typ.value_type.to_pandas_dtype(), copy=False)))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values.astype(typ.value_type.to_pandas_dtype(), copy=False))
+    )
 
 
-def _code(row: dict[str, Any], ids_col: str, lengths: np.ndarray, companions: tuple[str, ...], rank: np.ndarray) -> dict:
+def _code(
+    row: dict[str, Any], ids_col: str, lengths: np.ndarray, companions: tuple[str, ...], rank: np.ndarray
+) -> dict:
     deltas, perm = idcodec.encode(row[ids_col], lengths, rank)
     return {ids_col: deltas, **{c: row[c][perm] for c in companions if c in row}}
 
@@ -107,8 +121,9 @@ def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]
     return dict(row, **coded)
 
 
-def rows_to_table(rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False,
-                  task: str = "causal_lm") -> pa.Table:
+def rows_to_table(
+    rows: list[dict[str, Any]], kind: str, split: str, store_logprobs: bool = False, task: str = "causal_lm"
+) -> pa.Table:
     schema = shard_schema(kind, split, store_logprobs, task)
     columns = []
     for name in schema.names:
@@ -135,7 +150,9 @@ def encode_shard(table: pa.Table, compression_level: int = DEFAULT_ZSTD_LEVEL) -
         compression="zstd",
         compression_level=compression_level,
         use_dictionary=False,
-        column_encoding={_leaf(table, c): "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names},
+        column_encoding={
+            _leaf(table, c): "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names
+        },
         write_page_checksum=True,
         row_group_size=ROWS_PER_ROW_GROUP,
         write_statistics=False,
@@ -159,7 +176,7 @@ def target_bytes(data: bytes, kind: str, store_logprobs: bool = False) -> int:
 def write_shard(
     cache_uri: str,
     name: str,
-    split: str,
+    split: Split,
     index: int,
     rows: list[dict[str, Any]],
     targets: TargetsInfo,
@@ -187,7 +204,9 @@ def write_shard(
         sha256=hashlib.sha256(data).hexdigest(),
         target_bytes=target_bytes(data, kind, targets.store_logprobs),
         unique_ids=int(sum(lengths)),
-        tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows)) if "tail_mass" in table.column_names else 0.0,
+        tail_mass_sum=float(sum(float(np.sum(r["tail_mass"])) for r in rows))
+        if "tail_mass" in table.column_names
+        else 0.0,
         teacher_nll_sum=float(sum(r["teacher_nll"] for r in rows)),
     )
 
@@ -246,13 +265,16 @@ def acquire_lease(cache_uri: str) -> None:
         if _lease_live(held):
             raise CacheFormatError(
                 f"another precompute (pid {held.get('pid')} on {held.get('host')}) is computing the cache at "
-                f"{cache_uri}; wait for it to commit (a rerun then reuses the cache), or stop it")
+                f"{cache_uri}; wait for it to commit (a rerun then reuses the cache), or stop it"
+            )
     renew_lease(cache_uri)
 
 
 def renew_lease(cache_uri: str) -> None:
-    fs.write_json(fs.join(cache_uri, LEDGER_DIR, LEASE),
-                  {"host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()})
+    fs.write_json(
+        fs.join(cache_uri, LEDGER_DIR, LEASE),
+        {"host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()},
+    )
 
 
 def release_lease(cache_uri: str) -> None:
@@ -322,8 +344,9 @@ def build_manifest(
         teacher=teacher,
         tokenizer=tokenizer,
         dataset=dataset,
-        columns={split: shard_columns(targets.kind, split, targets.store_logprobs, dataset.task_name)
-                 for split in splits},
+        columns={
+            split: shard_columns(targets.kind, split, targets.store_logprobs, dataset.task_name) for split in splits
+        },
         id_coding=id_coding,
         shards=shards,
         totals=manifest_totals(targets, dataset, shards),
@@ -354,7 +377,9 @@ def manifest_totals(targets: TargetsInfo, dataset: DatasetInfo, shards: list[Sha
         "bytes_per_token": total_bytes / tokens if tokens else 0.0,
         "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
         "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
-        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens if targets.kind in ("topk", "stratified") and tokens else None,
+        "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens
+        if targets.kind in ("topk", "stratified") and tokens
+        else None,
         "teacher_heldout_ce": teacher_ce("heldout"),
         **({"teacher_validation_ce": teacher_ce("validation")} if "validation" in present_splits(shards) else {}),
     }

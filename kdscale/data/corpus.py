@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -103,8 +103,10 @@ def decode_text(uri: str, data: bytes) -> str:
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if bad and bad > MAX_REPLACEMENT_SHARE * len(text):
-        raise CorpusError(f"{uri}: {bad:,} of {len(text):,} characters ({bad / len(text):.0%}) are not UTF-8; "
-                          "a binary or wrongly encoded file (convert it to UTF-8 or drop it from corpus.paths)")
+        raise CorpusError(
+            f"{uri}: {bad:,} of {len(text):,} characters ({bad / len(text):.0%}) are not UTF-8; "
+            "a binary or wrongly encoded file (convert it to UTF-8 or drop it from corpus.paths)"
+        )
     return text
 
 

@@ -112,7 +112,9 @@ def _pairs(images: list[str], labels: list[str]) -> tuple[list[tuple[np.ndarray,
     for img_uri, lab_uri in zip(images, labels):
         x, y = read_idx(img_uri), read_idx(lab_uri)
         if x.ndim != 3 or y.ndim != 1:
-            raise IdxError(f"{img_uri} / {lab_uri}: expected images [n, h, w] and labels [n], got {x.shape} / {y.shape}")
+            raise IdxError(
+                f"{img_uri} / {lab_uri}: expected images [n, h, w] and labels [n], got {x.shape} / {y.shape}"
+            )
         if len(x) != len(y):
             raise IdxError(f"{img_uri} has {len(x)} images but {lab_uri} has {len(y)} labels")
         shape = shape or (x.shape[1], x.shape[2])
@@ -126,9 +128,9 @@ def _expand(patterns: list[str] | None) -> list[str]:
 
 def load_images(spec: CorpusSpec) -> ImageCorpus:
     """Read the spec's IDX image/label files. With ``heldout_paths`` those files are the held-out
-    split (e.g. an official test set); otherwise rows are split by content hash, as is the
-validation split (``validation_fraction`` of ``paths``) in both cases. ``max_tokens``
-    caps the training images (one position each); ``eval.max_heldout_rows`` caps evaluation."""
+        split (e.g. an official test set); otherwise rows are split by content hash, as is the
+    validation split (``validation_fraction`` of ``paths``) in both cases. ``max_tokens``
+        caps the training images (one position each); ``eval.max_heldout_rows`` caps evaluation."""
     train_images, heldout_images = corpus_files(spec), _expand(spec.heldout_paths)
     train, (height, width) = _pairs(train_images, _expand(spec.labels))
     corpus = ImageCorpus(sources=train_images + heldout_images, height=height, width=width)

@@ -10,7 +10,8 @@ packed; Ray Data then stops reading.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -36,10 +37,10 @@ def ray_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndar
     files = corpus_files(spec)
     if not files:
         return
-    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, len(files) // FILES_PER_TASK))
-    ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(
-        _tokenize_batch,
+    items = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, len(files) // FILES_PER_TASK))
+    items.context.execution_options.preserve_order = True
+    ds = items.map_batches(
+        _tokenize_batch,  # type: ignore[arg-type]  # fn_kwargs fill the extra parameters
         batch_size=FILES_PER_TASK,
         batch_format="numpy",
         fn_kwargs={"fmt": spec.format, "field": spec.field, "tokenizer": tokenizer},

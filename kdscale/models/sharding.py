@@ -101,12 +101,12 @@ class TeacherStage(nn.Module):
             hidden = self.base(input_ids=x, use_cache=False).last_hidden_state
         else:
             hidden = self.base(inputs_embeds=x, use_cache=False).last_hidden_state
-        return self.lm_head(hidden) if self.last else hidden
+        return self.lm_head(hidden) if self.last else hidden  # type: ignore[operator]  # a Module when last
 
 
 def _tied(model: nn.Module) -> bool:
     emb = getattr(model.model, "embed_tokens", None)
-    return emb is not None and model.lm_head.weight is emb.weight
+    return emb is not None and model.lm_head.weight is emb.weight  # type: ignore[union-attr]
 
 
 def split(model: nn.Module, start: int, end: int) -> TeacherStage:

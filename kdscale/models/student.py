@@ -4,13 +4,17 @@ transformers configs accept any keyword silently, which would hide a typo like `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdscale import fs
 from kdscale.config import StudentSpec
 from kdscale.models.task import CausalLM, Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 from kdscale.models.teacher import architecture_dict, shape_problems, unknown_fields
 
 # Derived from other fields unless the user sets them explicitly: head_dim from hidden_size /
@@ -81,7 +85,7 @@ def build_student(config, seed: int, path: str | None = None, task: Task = Causa
     return auto.from_config(config, dtype=torch.float32)
 
 
-def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> torch.nn.Module:
+def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> PreTrainedModel:
     """A student holding copies of the teacher's embeddings, the chosen decoder layers, final
     norm and head (DistilBERT's initialisation), sliced to the true vocabulary."""
     from transformers import AutoModelForCausalLM
@@ -95,7 +99,7 @@ def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> 
             prefix = ".".join(key.split(".")[:3]) + "."
             if prefix not in rename:
                 continue
-            key = rename[prefix] + key[len(prefix):]
+            key = rename[prefix] + key[len(prefix) :]
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
             value = value[:vocab]
         state[key] = value.detach().float().clone()

@@ -124,8 +124,13 @@ class ImageClassification:
         return model(**inputs).logits[:, None, :]  # one position per image
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape), "mean": list(self.mean),
-                "std": list(self.std), "labels": list(self.labels_names)}
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "labels": list(self.labels_names),
+        }
 
     # The task plays the tokenizer's part for images: it fixes the output vocabulary (the label
     # names) and how inputs are encoded, so the cache fingerprints it and exports carry it.
@@ -145,19 +150,27 @@ class ImageClassification:
         try:  # the PIL backend needs no torchvision (recent transformers; older ones have only this one)
             from transformers import ViTImageProcessorPil as ViTImageProcessor
         except ImportError:
-            from transformers import ViTImageProcessor
+            from transformers import ViTImageProcessor  # type: ignore[assignment]
 
         c, h, w = self.input_shape
-        ViTImageProcessor(do_resize=True, size={"height": h, "width": w}, do_rescale=True, rescale_factor=1 / 255,
-                          do_normalize=True, image_mean=list(self.mean), image_std=list(self.std),
-                          do_convert_rgb=c == 3).save_pretrained(folder)
+        ViTImageProcessor(
+            do_resize=True,
+            size={"height": h, "width": w},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+            do_convert_rgb=c == 3,
+        ).save_pretrained(folder)
 
 
 Task = CausalLM | ImageClassification
 
 
 TASK_CLASSES: dict[str, type[CausalLM] | type[ImageClassification]] = {
-    CausalLM.name: CausalLM, ImageClassification.name: ImageClassification,
+    CausalLM.name: CausalLM,
+    ImageClassification.name: ImageClassification,
 }
 
 
@@ -168,4 +181,3 @@ def task_from_dict(d: dict[str, Any]) -> Task:
     if d["name"] == ImageClassification.name:
         return ImageClassification(tuple(d["input_shape"]), tuple(d["mean"]), tuple(d["std"]), tuple(d["labels"]))
     raise ValueError(f"unknown task {d['name']!r} (known: {', '.join(TASK_CLASSES)})")
-

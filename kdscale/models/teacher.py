@@ -17,7 +17,14 @@ from kdscale.fingerprint import digest, tensors_fingerprint
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 # Config fields that describe how a checkpoint was stored, not the architecture a student inherits.
-NON_ARCH_FIELDS = ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+NON_ARCH_FIELDS = (
+    "quantization_config",
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+)
 
 
 def teacher_folder(spec: TeacherSpec) -> str | None:
@@ -110,8 +117,9 @@ def auto_model(task: str):
     return TASK_CLASSES[task].auto_model()
 
 
-def load_teacher(spec: TeacherSpec, vocab_size: int | None, seed: int, device: str | torch.device = "cpu",
-                 task: str = "causal_lm") -> torch.nn.Module:
+def load_teacher(
+    spec: TeacherSpec, vocab_size: int | None, seed: int, device: str | torch.device = "cpu", task: str = "causal_lm"
+) -> torch.nn.Module:
     """Load the teacher in eval mode on ``device`` with the spec's dtype."""
     auto = auto_model(task)
     dtype = DTYPES[spec.dtype]
@@ -162,9 +170,11 @@ def weight_problems(spec: TeacherSpec) -> list[str]:
     problems = code_problems(teacher_folder(spec), spec.trust_remote_code)
     if all(f.endswith(PICKLE_SUFFIXES) for f in files):
         names = ", ".join(sorted(f.rsplit("/", 1)[-1] for f in files))
-        problems.append(f"{teacher_folder(spec)} holds only pickle weights ({names}); "
-                        "kdscale never unpickles model files (they can run code): convert them to safetensors "
-                        "(model.save_pretrained(folder, safe_serialization=True) in a process you trust)")
+        problems.append(
+            f"{teacher_folder(spec)} holds only pickle weights ({names}); "
+            "kdscale never unpickles model files (they can run code): convert them to safetensors "
+            "(model.save_pretrained(folder, safe_serialization=True) in a process you trust)"
+        )
     for uri in files:
         try:
             if uri.endswith(".safetensors"):
@@ -220,8 +230,10 @@ def code_problems(folder: str | None, trust_remote_code: bool) -> list[str]:
     except ValueError as e:
         return [f"unreadable config.json in {folder}: {e}"]
     if isinstance(config, dict) and config.get("auto_map"):
-        return [f"{folder} needs custom model code (config.json auto_map: {sorted(config['auto_map'])}); kdscale "
-                "does not run code from model folders unless trust_remote_code: true"]
+        return [
+            f"{folder} needs custom model code (config.json auto_map: {sorted(config['auto_map'])}); kdscale "
+            "does not run code from model folders unless trust_remote_code: true"
+        ]
     return []
 
 

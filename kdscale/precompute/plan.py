@@ -6,12 +6,22 @@ produces the same shard names, the same rows per shard, and the same cache_id.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdscale.cache import idcodec
-from kdscale.cache.format import FORMAT_VERSION, DatasetInfo, TargetsInfo, TeacherInfo, TokenizerInfo, shard_name
+from kdscale.cache.format import (
+    FORMAT_VERSION,
+    DatasetInfo,
+    Split,
+    TargetsInfo,
+    TeacherInfo,
+    TokenizerInfo,
+    shard_name,
+)
 from kdscale.config import JobSpec
 from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
 from kdscale.fingerprint import cache_id as make_cache_id
@@ -20,13 +30,16 @@ from kdscale.models.sharding import layer_ranges
 from kdscale.models.teacher import load_teacher_config, teacher_identity
 from kdscale.tracking.redact import redact
 
+if TYPE_CHECKING:
+    from kdscale.data.images import ImageCorpus
+
 MAX_FULL_VOCAB = 4096
 
 
 @dataclass
 class ShardTask:
     name: str
-    split: str
+    split: Split
     index: int
     columns: dict[str, np.ndarray]  # the rows' inputs: input_ids [rows, seq_len]; or pixels + labels
     seq_ids: list[str]
@@ -60,10 +73,6 @@ class PrecomputePlan:
     def rank(self) -> np.ndarray:
         return idcodec.inverse(self.rank_order)
 
-    @property
-    def tokens(self) -> int:
-        return sum(t.tokens for t in self.tasks)
-
 
 class PlanError(ValueError):
     """The spec is well-formed but cannot be run (e.g. the corpus yields no sequences)."""
@@ -94,13 +103,21 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
         problems.append(("corpus.seq_len", f"{spec.corpus.seq_len} exceeds the teacher's context length {context}"))
     if spec.cache.targets.kind == "full" and vocab_size > MAX_FULL_VOCAB:
         problems.append(
-            ("cache.targets.kind", f"'full' stores every log-prob ({vocab_size} per token); use sampled or topk above {MAX_FULL_VOCAB}")
+            (
+                "cache.targets.kind",
+                f"'full' stores every log-prob ({vocab_size} per token); use sampled or topk above {MAX_FULL_VOCAB}",
+            )
         )
     if spec.cache.targets.kind == "topk" and spec.cache.targets.k > vocab_size:
         problems.append(("cache.targets.k", f"k={spec.cache.targets.k} exceeds the vocabulary {vocab_size}"))
     if spec.cache.targets.kind == "stratified" and spec.cache.targets.k >= vocab_size:
-        problems.append(("cache.targets.k", f"stratified needs a tail to sample: k={spec.cache.targets.k} must be "
-                                            f"below the vocabulary {vocab_size}"))
+        problems.append(
+            (
+                "cache.targets.k",
+                f"stratified needs a tail to sample: k={spec.cache.targets.k} must be "
+                f"below the vocabulary {vocab_size}",
+            )
+        )
     if spec.teacher.shards > 1:
         problems += _sharding_problems(spec, teacher_config)
     return problems
@@ -128,17 +145,25 @@ def _sharding_problems(spec: JobSpec, teacher_config) -> list[tuple[str, str]]:
     return []
 
 
-def shard_tasks(split: str, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
+def shard_tasks(split: Split, rows: list[np.ndarray], per_shard: int) -> list[ShardTask]:
     """Cut one split into consecutive shards of `per_shard` rows (deterministic names)."""
     tasks = []
     for index, start in enumerate(range(0, len(rows), per_shard)):
         block = np.stack(rows[start : start + per_shard]).astype(np.int32)
-        tasks.append(ShardTask(shard_name(split, index), split, index, {"input_ids": block}, [seq_id(r) for r in block],
-                               int(block.size)))
+        tasks.append(
+            ShardTask(
+                shard_name(split, index),
+                split,
+                index,
+                {"input_ids": block},
+                [seq_id(r) for r in block],
+                int(block.size),
+            )
+        )
     return tasks
 
 
-def image_shard_tasks(split: str, examples: list[tuple[np.ndarray, int]], per_shard: int) -> list[ShardTask]:
+def image_shard_tasks(split: Split, examples: list[tuple[np.ndarray, int]], per_shard: int) -> list[ShardTask]:
     """Cut one split of (pixels, label) examples into shards of `per_shard` images."""
     from kdscale.data.images import example_id
 
@@ -147,8 +172,16 @@ def image_shard_tasks(split: str, examples: list[tuple[np.ndarray, int]], per_sh
         chunk = examples[start : start + per_shard]
         pixels = np.stack([x for x, _ in chunk]).astype(np.uint8)
         labels = np.asarray([[y] for _, y in chunk], dtype=np.int32)
-        tasks.append(ShardTask(shard_name(split, index), split, index, {"pixels": pixels, "labels": labels},
-                               [example_id(x, y) for x, y in chunk], len(chunk)))
+        tasks.append(
+            ShardTask(
+                shard_name(split, index),
+                split,
+                index,
+                {"pixels": pixels, "labels": labels},
+                [example_id(x, y) for x, y in chunk],
+                len(chunk),
+            )
+        )
     return tasks
 
 
@@ -165,7 +198,7 @@ def targets_info(spec: JobSpec) -> TargetsInfo:
     )
 
 
-def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> PrecomputePlan:
+def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | None = None) -> PrecomputePlan:
     """``tokenizer``: the teacher's tokenizer, or for images the image task (its label space)."""
     images = spec.task == "image_classification"
     teacher_config = load_teacher_config(spec.teacher, len(tokenizer), spec.task)
@@ -187,8 +220,9 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     if not corpus.train:
         raise PlanError(
             f"the corpus yields no training sequences of {spec.corpus.seq_len} tokens "
-            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})" if not images else
-            f"no training images in {spec.corpus.paths}"
+            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})"
+            if not images
+            else f"no training images in {spec.corpus.paths}"
         )
     if not corpus.heldout:
         raise PlanError(
@@ -225,9 +259,12 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | None = None) -> 
     targets = targets_info(spec)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
-    cut = image_shard_tasks if images else shard_tasks
+    cut: Callable[..., list[ShardTask]] = image_shard_tasks if images else shard_tasks
     tasks = [task for split, rows in corpus.splits.items() for task in cut(split, rows, per_shard)]
     # id coding ranks the output ids by frequency: tokens in the corpus, or the images' labels
-    everything = corpus.all_labels() if images else np.concatenate([r for rows in corpus.splits.values() for r in rows])
+    if images:
+        everything = corpus.all_labels()  # type: ignore[union-attr]  # an ImageCorpus
+    else:
+        everything = np.concatenate([r for rows in corpus.splits.values() for r in rows])
     order = idcodec.rank_table(everything, tok.vocab_size)
     return PrecomputePlan(cid, targets, teacher, tok, dataset, order, ranges, tasks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -29,7 +30,7 @@ from kdscale.cache.writer import (
     write_rank_file,
 )
 from kdscale.config import JobSpec
-from kdscale.precompute.plan import PrecomputePlan
+from kdscale.precompute.plan import PrecomputePlan, ShardTask
 from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
 
@@ -43,7 +44,6 @@ class PrecomputeResult:
     reused: bool
     seconds: float  # wall time of the stage, teacher loading included
     tokens_computed: int
-    shards_skipped: int
     compute_seconds: float = 0.0  # from the first task submitted to the last shard written
 
     @property
@@ -67,14 +67,18 @@ def existing_cache(cache_uri: str, cache_id: str, checksums: bool) -> Manifest |
     return open_cache(cache_uri, checksums=checksums)
 
 
-def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, reuse: Manifest | None = None) -> PrecomputeResult:
+def run_precompute(
+    spec: JobSpec, plan: PrecomputePlan, cache_uri: str, reuse: Manifest | None = None
+) -> PrecomputeResult:
     """Compute the plan's shards and commit the cache; ``reuse``: this job's cache, already
     committed and verified (:func:`existing_cache`), which is returned untouched."""
     started = time.perf_counter()
-    manifest = reuse if reuse is not None else existing_cache(cache_uri, plan.cache_id, spec.cache.verify_before_training)
+    manifest = (
+        reuse if reuse is not None else existing_cache(cache_uri, plan.cache_id, spec.cache.verify_before_training)
+    )
     if manifest is not None:
         say(f"[green]Cache {plan.cache_id} already complete at {cache_uri} and verified: reusing it, no teacher work.")
-        return PrecomputeResult(cache_uri, manifest, True, 0.0, 0, len(manifest.shards))
+        return PrecomputeResult(cache_uri, manifest, True, 0.0, 0)
 
     fs.makedirs(cache_uri)
     start_or_check_plan(cache_uri, plan.cache_id)
@@ -110,9 +114,7 @@ def run_precompute(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, reuse: M
         f"[green]Cache {plan.cache_id} committed: {manifest.totals['tokens']:,} tokens, "
         f"{manifest.totals['bytes_per_token']:.1f} B/token, at {cache_uri}"
     )
-    return PrecomputeResult(
-        cache_uri, manifest, False, time.perf_counter() - started, tokens_todo, len(done), compute_seconds
-    )
+    return PrecomputeResult(cache_uri, manifest, False, time.perf_counter() - started, tokens_todo, compute_seconds)
 
 
 class _LastStage(TeacherWorker):
@@ -127,8 +129,8 @@ class _LastStage(TeacherWorker):
 class _Pipeline:
     """One teacher replica: a single actor, or S stage actors (first .. last)."""
 
-    stages: list  # StageWorker actors, first to second-to-last
-    last: object  # the TeacherWorker actor that writes shards
+    stages: list[Any]  # StageWorker actor handles, first to second-to-last
+    last: Any  # the TeacherWorker actor handle that writes shards
     batch_size: int = 1
 
     def submit(self, task) -> ray.ObjectRef:
@@ -152,12 +154,18 @@ def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replic
     options = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_restarts": 0}
     common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed}
     ranges = plan.layer_ranges
-    last_kwargs = {**common, "targets": plan.targets, "cache_uri": cache_uri, "rank": plan.rank,
-                   "compression_level": spec.cache.compression_level, "task": plan.dataset.task}
+    last_kwargs = {
+        **common,
+        "targets": plan.targets,
+        "cache_uri": cache_uri,
+        "rank": plan.rank,
+        "compression_level": spec.cache.compression_level,
+        "task": plan.dataset.task,
+    }
     pipelines = []
     for _ in range(replicas):
         if len(ranges) == 1:
-            last = ray.remote(TeacherWorker).options(**options).remote(t, **last_kwargs)
+            last: Any = ray.remote(TeacherWorker).options(**options).remote(t, **last_kwargs)
             pipelines.append(_Pipeline([], last, t.batch_size))
             continue
         stages = [ray.remote(StageWorker).options(**options).remote(t, **common, layer_range=r) for r in ranges[:-1]]
@@ -182,7 +190,8 @@ def _wait_ready(spec: JobSpec, actors: list) -> None:
             f"{len(actors)} teacher actors ({t.num_cpus:g} CPU, {t.num_gpus:g} GPU each) were not all placed and "
             f"loaded within teacher.start_timeout_s = {t.start_timeout_s:g} s; the cluster has "
             f"{ray.available_resources().get('CPU', 0):g} CPUs and {ray.available_resources().get('GPU', 0):g} GPUs "
-            "free. Lower teacher.replicas / num_cpus / num_gpus, or add nodes") from None
+            "free. Lower teacher.replicas / num_cpus / num_gpus, or add nodes"
+        ) from None
 
 
 def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
@@ -194,7 +203,7 @@ def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens
     actors = [a for p in pipelines for a in p.actors()]
     records = {}
     queue = list(todo)
-    in_flight: dict[ray.ObjectRef, tuple[_Pipeline, object]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[_Pipeline, ShardTask]] = {}
     shape = f"{replicas} x {len(plan.layer_ranges)} stages" if len(plan.layer_ranges) > 1 else f"x{replicas}"
     with bar("tok") as progress:
         task_id = progress.add_task(f"teacher {shape} ({t.name})", total=tokens_todo, rate=0.0)

@@ -6,7 +6,8 @@ The replica writes its shards itself, so target tensors never travel back throug
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load(teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None,
-          task: str = "causal_lm"):
+def _load(
+    teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None, task: str = "causal_lm"
+):
     """The whole teacher, or one pipeline stage of it, on this process's device."""
     if teacher.num_cpus >= 1:
         torch.set_num_threads(int(teacher.num_cpus))
@@ -83,7 +85,7 @@ class TeacherWorker:
         """Teacher logits [rows, positions, vocab] sliced to the true vocabulary (padded heads
         have extra columns). ``x``: a micro-batch's columns, or the previous stage's hidden
         states for a last stage."""
-        if self.sharded:
+        if isinstance(x, torch.Tensor):  # a sharded last stage: the upstream hidden states
             out = self.model(x.to(self.device))
         else:
             out = self.task.logits(self.model, self.task.model_inputs(x, self.device))
@@ -91,10 +93,12 @@ class TeacherWorker:
 
     def micro_batches(self, task: ShardTask) -> list[dict[str, np.ndarray]]:
         """The shard's rows in micro-batches of the spec's batch size (columns sliced alike)."""
-        return [{name: col[start : start + self.batch_size] for name, col in task.columns.items()}
-                for start in range(0, task.rows, self.batch_size)]
+        return [
+            {name: col[start : start + self.batch_size] for name, col in task.columns.items()}
+            for start in range(0, task.rows, self.batch_size)
+        ]
 
-    def rows(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    def rows(self, task: ShardTask, inputs: Iterable[Any] | None = None) -> list[dict[str, Any]]:
         """Targets for every row of ``task``; ``inputs`` are the micro-batches' model inputs when
         they come from an upstream stage (default: the task's own columns)."""
         t = self.targets
@@ -129,8 +133,15 @@ class TeacherWorker:
 
     def run(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> ShardRecord:
         return write_shard(
-            self.cache_uri, task.name, task.split, task.index, self.rows(task, inputs), self.targets, self.rank,
-            self.compression_level, self.task.name,
+            self.cache_uri,
+            task.name,
+            task.split,
+            task.index,
+            self.rows(task, inputs),
+            self.targets,
+            self.rank,
+            self.compression_level,
+            self.task.name,
         )
 
     def ready(self) -> bool:

@@ -67,7 +67,8 @@ def make_engine(model: torch.nn.Module, train: TrainSpec, total_steps: int, devi
 
     precision = resolve_precision(train, device)
     model = model.to(device)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(

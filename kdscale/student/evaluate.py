@@ -95,4 +95,3 @@ def export(hf_dir: str, tokenizer, export_uri: str) -> str:
 
 def exported(export_uri: str) -> bool:
     return fs.exists(fs.join(export_uri, "config.json"))
-

@@ -18,7 +18,8 @@ import queue
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -73,7 +74,9 @@ def heldout_ce(engine, task: Task, heldout: dict, rank: int, world: int, batch_s
     for i in range(rounds):
         batch = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in mine.items()}
         empty = len(next(iter(batch.values()))) == 0
-        logits = task.logits(engine, task.model_inputs({k: v[:1] for k, v in heldout.items()} if empty else batch, device))
+        logits = task.logits(
+            engine, task.model_inputs({k: v[:1] for k, v in heldout.items()} if empty else batch, device)
+        )
         if not empty:
             n, c = nll_sum(logits, task.labels(batch, device))
             nll, count = nll + n, count + c
@@ -254,8 +257,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             micro += 1
             window.append([parts.total.item(), parts.kd.item(), parts.ce.item()])
             if not math.isfinite(window[-1][0]):
-                raise NonFiniteLoss(f"the loss is {window[-1][0]} at step {state['step'] + 1} (epoch {epoch}, kd "
-                                    f"{window[-1][1]}, ce {window[-1][2]}); training stopped, nothing is exported")
+                raise NonFiniteLoss(
+                    f"the loss is {window[-1][0]} at step {state['step'] + 1} (epoch {epoch}, kd "
+                    f"{window[-1][1]}, ce {window[-1][2]}); training stopped, nothing is exported"
+                )
             if counter is not None:
                 counter.add.remote("tokens", tokens_per_micro)
             if micro % train.grad_accum == 0:
@@ -263,30 +268,57 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if state["step"] % log_every == 0 or micro == micro_per_epoch:
                     total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
                     window = []
-                    record = {"step": state["step"], "epoch": epoch, "loss": total, "kd": kd, "ce": ce,
-                              "lr": engine.get_lr()[0]}
+                    record = {
+                        "step": state["step"],
+                        "epoch": epoch,
+                        "loss": total,
+                        "kd": kd,
+                        "ce": ce,
+                        "lr": engine.get_lr()[0],
+                    }
                     state["history"].append(record)
                     if rank == 0 and cfg.get("run_id"):
-                        log_step_metrics(cfg["tracking_uri"], cfg["run_id"],
-                                         {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
-                                         state["step"])
-                if heldout is not None and (state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps):
-                    point = {"step": state["step"], "tokens": state["step"] * tokens_per_step,
-                             "heldout_ce": heldout_ce(engine, task, heldout, rank, world, train.micro_batch_size, device)}
+                        log_step_metrics(
+                            cfg["tracking_uri"],
+                            cfg["run_id"],
+                            {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
+                            state["step"],
+                        )
+                if heldout is not None and (
+                    state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps
+                ):
+                    point = {
+                        "step": state["step"],
+                        "tokens": state["step"] * tokens_per_step,
+                        "heldout_ce": heldout_ce(engine, task, heldout, rank, world, train.micro_batch_size, device),
+                    }
                     state.setdefault("evals", []).append(point)
                     if rank == 0 and cfg.get("run_id"):
-                        log_step_metrics(cfg["tracking_uri"], cfg["run_id"], {"eval/heldout_ce": point["heldout_ce"]},
-                                         state["step"])
+                        log_step_metrics(
+                            cfg["tracking_uri"], cfg["run_id"], {"eval/heldout_ce": point["heldout_ce"]}, state["step"]
+                        )
         state["epoch"] = epoch + 1
         seconds = time.perf_counter() - started
         tokens = micro * tokens_per_micro * world
-        state.setdefault("epochs", []).append({"epoch": epoch, "seconds": seconds, "tokens": tokens,
-                                                "data_seconds": clock.waited, "first_batch_seconds": clock.first})
-        metrics = {"epoch": epoch, "step": state["step"], "tokens_per_second": tokens / max(seconds, 1e-9),
-                   "precision": precision}
+        state.setdefault("epochs", []).append(
+            {
+                "epoch": epoch,
+                "seconds": seconds,
+                "tokens": tokens,
+                "data_seconds": clock.waited,
+                "first_batch_seconds": clock.first,
+            }
+        )
+        metrics = {
+            "epoch": epoch,
+            "step": state["step"],
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "precision": precision,
+        }
         if (epoch + 1) % train.checkpoint_every_epochs and epoch + 1 < train.epochs:
             ray.train.report(metrics)  # the same decision on every rank: no collective save is left waiting
             continue
         folder = _save_checkpoint(engine, cfg, state, rank, student_config, task)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         delete_local_checkpoint_after_upload=True)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), delete_local_checkpoint_after_upload=True
+        )

@@ -2,7 +2,8 @@
 
 ``loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, label)``
 
-with the label the next token (causal LM) or the class (image classification), and D one of forward KL, reverse KL, generalized JSD(beta), total variation, or skew KL.
+with the label the next token (causal LM) or the class (image classification),
+and D one of forward KL, reverse KL, generalized JSD(beta), total variation, or skew KL.
 
 Sparse targets (sampled / top-k) are compared as *bucket* distributions: one bucket per stored id
 plus an "other" bucket holding what the ids do not cover — the teacher's tail mass (top-k; zero
@@ -101,7 +102,11 @@ def _chunk_loss(logits, target, labels, temperature: float, div: Divergence):
 def _chunk_targets(targets, n: int, sl: slice, device):
     if isinstance(targets, SparseTargets):
         tail = None if targets.tail_mass is None else targets.tail_mass.reshape(n)[sl].to(device, torch.float32)
-        return (targets.ids.reshape(n, -1)[sl].to(device), targets.probs.reshape(n, -1)[sl].to(device, torch.float32), tail)
+        return (
+            targets.ids.reshape(n, -1)[sl].to(device),
+            targets.probs.reshape(n, -1)[sl].to(device, torch.float32),
+            tail,
+        )
     return targets.logprobs.reshape(n, -1)[sl].to(device, torch.float32)
 
 
@@ -161,10 +166,12 @@ def distillation_loss(
             logits, targets, labels, alpha, temperature, divergence_spec, chunk_positions, n_labelled
         )
         return LossParts(total=total, kd=kd, ce=ce)
-    kd_sum = ce_sum = 0.0
+    kd_sum = ce_sum = torch.zeros((), device=logits.device)
     for start in range(0, n, chunk_positions):
         sl = slice(start, min(start + chunk_positions, n))
-        kd, ce = _chunk_loss(logits[sl], _chunk_targets(targets, n, sl, logits.device), labels[sl], temperature, divergence_spec)
+        kd, ce = _chunk_loss(
+            logits[sl], _chunk_targets(targets, n, sl, logits.device), labels[sl], temperature, divergence_spec
+        )
         kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
     kd_mean, ce_mean = kd_sum / n, ce_sum / n_labelled
     return LossParts(alpha * temperature**2 * kd_mean + (1.0 - alpha) * ce_mean, kd_mean, ce_mean)

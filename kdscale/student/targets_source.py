@@ -29,7 +29,9 @@ class CachedTargets:
         # a cache with several draws per position gives each epoch its own draw
         self.varies_by_epoch = manifest.targets.draws > 1
 
-    def __call__(self, batch: pa.Table, inputs: dict[str, torch.Tensor], epoch: int = 0) -> SparseTargets | DenseTargets:
+    def __call__(
+        self, batch: pa.Table, inputs: dict[str, torch.Tensor], epoch: int = 0
+    ) -> SparseTargets | DenseTargets:
         return batch_targets(batch, self.manifest, self.order, epoch, self.temperature)
 
 

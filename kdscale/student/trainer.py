@@ -22,6 +22,7 @@ from kdscale.progress import bar, say
 from kdscale.ray_runtime import Counter
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
 
+
 @dataclass
 class TrainResult:
     checkpoint_dir: str  # local folder holding the final checkpoint (hf/ + state)
@@ -42,26 +43,41 @@ def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: 
     # a full cache is re-tempered exactly to any loss temperature; sampled/top-k ids were chosen at one
     if targets.kind != "full" and abs(s.loss.temperature - targets.temperature) > 1e-9:
         problems.append(
-            (f"{where}.loss.temperature", f"{s.loss.temperature} differs from the cache's capture temperature "
-             f"{targets.temperature}; the stored targets are softmax(z/{targets.temperature}) "
-             f"({targets.kind} targets cannot be re-tempered; a full cache can)")
+            (
+                f"{where}.loss.temperature",
+                f"{s.loss.temperature} differs from the cache's capture temperature "
+                f"{targets.temperature}; the stored targets are softmax(z/{targets.temperature}) "
+                f"({targets.kind} targets cannot be re-tempered; a full cache can)",
+            )
         )
     if steps_per_epoch(train_rows, s.train) < 1:
         problems.append(
-            (f"{where}.train", f"{train_rows} training rows are too few for {s.train.num_workers} workers x "
-             f"micro_batch_size {s.train.micro_batch_size} x grad_accum {s.train.grad_accum}")
+            (
+                f"{where}.train",
+                f"{train_rows} training rows are too few for {s.train.num_workers} workers x "
+                f"micro_batch_size {s.train.micro_batch_size} x grad_accum {s.train.grad_accum}",
+            )
         )
     return problems
 
 
-def training_run_name(student: StudentSpec, data_key: str, seed: int, init_path: str | None,
-                      student_config: dict[str, Any]) -> str:
+def training_run_name(
+    student: StudentSpec, data_key: str, seed: int, init_path: str | None, student_config: dict[str, Any]
+) -> str:
     """Checkpoints live under a name keyed by everything that shapes the training, so rerunning
     the same student resumes (or reuses) its checkpoints, while a changed spec or cache starts
     afresh instead of silently continuing another run. ``seed`` is the effective one (the job's
     when the student sets none: a seed-1 job once reused a seed-0 job's checkpoint)."""
-    return "ray-" + digest({"student": student.model_dump(mode="json"), "data": data_key, "seed": seed,
-                            "init": init_path, "config": student_config}, 16)
+    return "ray-" + digest(
+        {
+            "student": student.model_dump(mode="json"),
+            "data": data_key,
+            "seed": seed,
+            "init": init_path,
+            "config": student_config,
+        },
+        16,
+    )
 
 
 def _arrow_filesystem(uri: str):
@@ -97,7 +113,9 @@ def cache_data(cache_uri: str, manifest: Manifest) -> TrainingData:
         [_strip(u) for u in uris], filesystem=_arrow_filesystem(cache_uri), columns=columns, shuffle=None
     )
     worker_cfg = {"manifest": manifest.model_dump(mode="json"), "cache_uri": cache_uri}
-    return TrainingData(dataset, manifest.dataset.rows["train"], manifest.dataset.seq_len, worker_cfg, manifest.cache_id)
+    return TrainingData(
+        dataset, manifest.dataset.rows["train"], manifest.dataset.seq_len, worker_cfg, manifest.cache_id
+    )
 
 
 def online_data(spec: JobSpec, rows: list, vocab_size: int, content_hash: str) -> TrainingData:
@@ -106,8 +124,12 @@ def online_data(spec: JobSpec, rows: list, vocab_size: int, content_hash: str) -
     import pyarrow as pa
 
     table = pa.table({"input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32()))})
-    worker_cfg = {"online": True, "teacher": spec.teacher.model_dump(mode="json"), "vocab_size": vocab_size,
-                  "teacher_seed": spec.seed}
+    worker_cfg = {
+        "online": True,
+        "teacher": spec.teacher.model_dump(mode="json"),
+        "vocab_size": vocab_size,
+        "teacher_seed": spec.seed,
+    }
     return TrainingData(ray.data.from_arrow(table), len(rows), len(rows[0]), worker_cfg, "online-" + content_hash)
 
 
@@ -131,7 +153,7 @@ def train_student(
 
     t = student.train
     per_epoch = steps_per_epoch(data.train_rows, t)
-    counter = Counter.remote()
+    counter = Counter.remote()  # type: ignore[attr-defined]  # a Ray actor class
     cfg = {
         **data.worker_cfg,
         "train": t.model_dump(),
@@ -182,11 +204,13 @@ def train_student(
     thread.start()
     done = 0.0
     with bar("tok") as progress:
-        task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
+        bar_task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
         while thread.is_alive():
             thread.join(timeout=0.5)
             done = ray.get(counter.get.remote()).get("tokens", 0.0)
-            progress.update(task, completed=min(done, total_tokens), rate=done / max(time.perf_counter() - started, 1e-9))
+            progress.update(
+                bar_task, completed=min(done, total_tokens), rate=done / max(time.perf_counter() - started, 1e-9)
+            )
     ray.kill(counter)
     if "error" in outcome:
         raise outcome["error"]
@@ -199,11 +223,15 @@ def train_student(
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
     if done == 0 and state["epoch"] >= t.epochs:
-        say(f"Student {student.name}: already trained ({state['epoch']} epochs) in {fs.join(storage, run_name)}; "
-            "reusing that checkpoint (delete it to train again)")
+        say(
+            f"Student {student.name}: already trained ({state['epoch']} epochs) in {fs.join(storage, run_name)}; "
+            "reusing that checkpoint (delete it to train again)"
+        )
     elif state.get("resumed_at_epochs"):
-        say(f"Student {student.name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} "
-            f"({fs.join(storage, run_name)})")
+        say(
+            f"Student {student.name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} "
+            f"({fs.join(storage, run_name)})"
+        )
     return TrainResult(
         checkpoint_dir=local,
         history=state["history"],

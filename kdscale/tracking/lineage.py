@@ -49,7 +49,7 @@ def local_artifact_root(uri: str, experiment: str) -> str | None:
         return None
     from pathlib import Path
 
-    db = Path(uri[len("sqlite:///"):]).resolve()
+    db = Path(uri[len("sqlite:///") :]).resolve()
     return (db.parent / "mlartifacts" / experiment).as_uri()
 
 
@@ -65,8 +65,10 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     from urllib.parse import urlparse
 
     shown = redact_text(uri)
-    hint = ("start the server, or point MLFLOW_TRACKING_URI / tracking.uri at a reachable one "
-            "(sqlite:///mlflow.db records locally). Nothing was run.")
+    hint = (
+        "start the server, or point MLFLOW_TRACKING_URI / tracking.uri at a reachable one "
+        "(sqlite:///mlflow.db records locally). Nothing was run."
+    )
     scheme = urlparse(uri).scheme
     try:
         if scheme in ("http", "https"):
@@ -74,18 +76,25 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
 
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
             if response.status_code != 200:
-                raise TrackingUnavailable(f"MLflow tracking server {shown} answered /health with HTTP "
-                                          f"{response.status_code}: {hint}")
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {shown} answered /health with HTTP {response.status_code}: {hint}"
+                )
             headers = {}
             token = os.environ.get("MLFLOW_TRACKING_TOKEN")
             if token:
                 headers["Authorization"] = f"Bearer {token}"
-            response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
-                                    params={"max_results": 1}, headers=headers, timeout=timeout)
+            response = requests.get(
+                uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                headers=headers,
+                timeout=timeout,
+            )
             if response.status_code in (401, 403):
-                raise TrackingUnavailable(f"MLflow tracking server {shown} refused the credentials "
-                                          f"(HTTP {response.status_code}): set MLFLOW_TRACKING_TOKEN or "
-                                          "MLFLOW_TRACKING_USERNAME/PASSWORD. Nothing was run.")
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {shown} refused the credentials "
+                    f"(HTTP {response.status_code}): set MLFLOW_TRACKING_TOKEN or "
+                    "MLFLOW_TRACKING_USERNAME/PASSWORD. Nothing was run."
+                )
         elif scheme not in ("databricks", "databricks-uc", "uc"):
             from mlflow import MlflowClient
 
@@ -94,8 +103,9 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         raise
     except Exception as e:  # connection refused, DNS, database down: all the same to the user
         reason = redact_text(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise TrackingUnavailable(f"MLflow tracking store {shown} is unreachable ({type(e).__name__}: "
-                                  f"{reason[:300]}): {hint}") from None
+        raise TrackingUnavailable(
+            f"MLflow tracking store {shown} is unreachable ({type(e).__name__}: {reason[:300]}): {hint}"
+        ) from None
 
 
 def _cache_dataset(manifest: Manifest, cache_uri: str):
@@ -128,7 +138,9 @@ def _cache_dataset(manifest: Manifest, cache_uri: str):
         # MLflow registers its local-file source under two schemes and warns it "could be either".
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(redact_text(cache_uri))
-    return LogitCacheDataset(source=source, name=f"kdscale-cache-{manifest.cache_id[:8]}", digest=manifest.cache_id, schema=schema)
+    return LogitCacheDataset(
+        source=source, name=f"kdscale-cache-{manifest.cache_id[:8]}", digest=manifest.cache_id, schema=schema
+    )
 
 
 class Tracker:
@@ -145,15 +157,19 @@ class Tracker:
         self.spec = spec
         experiment = self.client.get_experiment_by_name(spec.experiment_name())
         self.experiment_id = (
-            experiment.experiment_id if experiment
-            else self.client.create_experiment(spec.experiment_name(), artifact_location=local_artifact_root(self.uri, spec.experiment_name()))
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(
+                spec.experiment_name(), artifact_location=local_artifact_root(self.uri, spec.experiment_name())
+            )
         )
         self.parent_id: str | None = None
 
     def start_job(self, command: str) -> str:
         self.fail_abandoned_runs()
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{self.spec.name}-{command}",
+            self.experiment_id,
+            run_name=f"{self.spec.name}-{command}",
             tags={JOB_TAG: self.spec.name, STAGE_TAG: "job", **owner_tags()},
         )
         self.parent_id = run.info.run_id
@@ -179,7 +195,9 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         dataset = _cache_dataset(manifest, cache_uri)
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])])
+        self.client.log_inputs(
+            run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])]
+        )
         self.client.set_tag(run_id, CACHE_ID_TAG, manifest.cache_id)
 
     def log_manifest(self, run_id: str, manifest: Manifest) -> None:
@@ -203,8 +221,9 @@ class Tracker:
             return None
         name = self.spec.tracking.registered_name(self.spec.name, student)
         all_tags = {JOB_TAG: self.spec.name, STUDENT_TAG: student, **redact(tags)}
-        return register_export(self.client, run_id, export_uri, name, all_tags,
-                               description=f"Student {student} of job {self.spec.name}")
+        return register_export(
+            self.client, run_id, export_uri, name, all_tags, description=f"Student {student} of job {self.spec.name}"
+        )
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
@@ -213,8 +232,11 @@ class Tracker:
         """Mark FAILED this job's runs left RUNNING by a process of this host that no longer
         exists (a SIGKILLed job cannot end its own runs); runs of live or other hosts' processes
         are left alone."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{self.spec.name}' and "
-                                       "attributes.status = 'RUNNING'", max_results=1000)
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{JOB_TAG}` = '{self.spec.name}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
         failed = []
         for run in runs:
             tags = run.data.tags

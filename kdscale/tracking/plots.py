@@ -6,7 +6,8 @@ Pure matplotlib (Agg backend, no display), built from plain numbers; the caller 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +30,15 @@ def loss_curves(history: Sequence[dict[str, Any]], title: str, evals: Sequence[d
     for key, label in (("loss", "total"), ("kd", "KD (T² · divergence)"), ("ce", "CE (hard labels)")):
         ax.plot(steps, [h[key] for h in history], label=label, linewidth=1.4)
     if evals:
-        ax.plot([e["step"] for e in evals], [e["heldout_ce"] for e in evals], "o--", color="black",
-                label="held-out CE", linewidth=1.0, markersize=4)
+        ax.plot(
+            [e["step"] for e in evals],
+            [e["heldout_ce"] for e in evals],
+            "o--",
+            color="black",
+            label="held-out CE",
+            linewidth=1.0,
+            markersize=4,
+        )
     for prev, cur in zip(history, history[1:]):
         if cur["epoch"] != prev["epoch"]:
             ax.axvline(prev["step"] + 0.5, color="0.85", linewidth=0.8, zorder=0)
@@ -45,8 +53,11 @@ def eval_bars(metrics: dict[str, float], untrained_ce: float | None, title: str)
     the student's top-1 agreement with the teacher."""
     fig, (ce_ax, agree_ax) = _figure(2, width=4.2)
     names, values, colours = [], [], []
-    for name, value, colour in (("untrained", untrained_ce, "0.7"), ("student", metrics.get("heldout_ce"), "tab:blue"),
-                                ("teacher", metrics.get("teacher_heldout_ce"), "tab:green")):
+    for name, value, colour in (
+        ("untrained", untrained_ce, "0.7"),
+        ("student", metrics.get("heldout_ce"), "tab:blue"),
+        ("teacher", metrics.get("teacher_heldout_ce"), "tab:green"),
+    ):
         if value is not None:
             names.append(name)
             values.append(value)
@@ -70,28 +81,46 @@ def cache_profile(ids_per_position: np.ndarray, tail_mass: np.ndarray | None, te
     panels = 3 if tail_mass is not None else 2
     fig, axes = _figure(panels, width=4.2)
     axes[0].hist(ids_per_position, bins=min(50, max(int(ids_per_position.max()), 1)), color="tab:blue")
-    axes[0].set(xlabel="stored ids per position", ylabel="positions",
-                title=f"{title}\nmean {ids_per_position.mean():.1f} ids")
+    axes[0].set(
+        xlabel="stored ids per position", ylabel="positions", title=f"{title}\nmean {ids_per_position.mean():.1f} ids"
+    )
     axes[1].hist(teacher_nll, bins=50, color="tab:green")
-    axes[1].set(xlabel="teacher NLL per token, by sequence (nats)", ylabel="sequences",
-                title=f"mean {teacher_nll.mean():.2f} nats")
+    axes[1].set(
+        xlabel="teacher NLL per token, by sequence (nats)",
+        ylabel="sequences",
+        title=f"mean {teacher_nll.mean():.2f} nats",
+    )
     if tail_mass is not None:
         axes[2].hist(tail_mass, bins=50, range=(0, 1), color="tab:orange")
-        axes[2].set(xlabel="tail mass: probability outside the k most likely ids", ylabel="positions",
-                    title=f"mean {tail_mass.mean():.3f}")
+        axes[2].set(
+            xlabel="tail mass: probability outside the k most likely ids",
+            ylabel="positions",
+            title=f"mean {tail_mass.mean():.3f}",
+        )
     fig.tight_layout()
     return fig
 
 
-def student_curves(curves: dict[str, Sequence[tuple[int, float]]], title: str, baseline: str | None = None,
-                   teacher_ce: float | None = None):
+def student_curves(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    title: str,
+    baseline: str | None = None,
+    teacher_ce: float | None = None,
+):
     """Held-out CE against training tokens, one line per student (the baseline dashed), and the
     teacher's CE as a floor."""
     fig, (ax,) = _figure(width=7.0)
     for name, points in curves.items():
         tokens, ce = zip(*points)
-        ax.plot(tokens, ce, "--" if name == baseline else "-", marker="o", markersize=3, linewidth=1.4,
-                label=f"{name} (baseline)" if name == baseline else name)
+        ax.plot(
+            tokens,
+            ce,
+            "--" if name == baseline else "-",
+            marker="o",
+            markersize=3,
+            linewidth=1.4,
+            label=f"{name} (baseline)" if name == baseline else name,
+        )
     if teacher_ce is not None:
         ax.axhline(teacher_ce, color="tab:green", linewidth=0.8, linestyle=":", label="teacher")
     ends = [points[-1][1] for points in curves.values()]

@@ -34,8 +34,13 @@ def _search_runs(client, filter_string: str) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs, token = [], None
     while experiments:
-        page = client.search_runs(experiments, filter_string=filter_string, max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
+        page = client.search_runs(
+            experiments,
+            filter_string=filter_string,
+            max_results=1000,
+            page_token=token,
+            order_by=["attributes.start_time ASC"],
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -57,8 +62,12 @@ def _run_summary(client, run) -> dict[str, Any]:
         "status": run.info.status,
         "started": run.info.start_time,
         "parent_run_id": tags.get("mlflow.parentRunId"),
-        "metrics": {k: v for k, v in data.metrics.items() if k.startswith(("heldout/", "validation/")) or k in
-                    ("tokens", "bytes_per_token", "tokens_per_second", "reused", "train/tokens_per_second")},
+        "metrics": {
+            k: v
+            for k, v in data.metrics.items()
+            if k.startswith(("heldout/", "validation/"))
+            or k in ("tokens", "bytes_per_token", "tokens_per_second", "reused", "train/tokens_per_second")
+        },
     }
 
 
@@ -104,14 +113,35 @@ def _cache_block(client, cache_id: str, cache_uri: str | None) -> dict[str, Any]
         block["cache"]["warning"] = f"the cache now at {cache_uri} is another cache ({m.cache_id})"
         return block
     summary = describe(m)
-    block["cache"]["manifest"] = {k: summary[k] for k in ("kind", "params", "rows", "tokens", "bytes_per_token",
-                                                          "mean_ids_per_position", "teacher_heldout_ce", "seq_len",
-                                                          "created_at", "format_version")}
-    block["teacher"] = {"name": m.teacher.name, "fingerprint": m.teacher.fingerprint, "dtype": m.teacher.dtype,
-                        "source": m.teacher.source}
+    block["cache"]["manifest"] = {
+        k: summary[k]
+        for k in (
+            "kind",
+            "params",
+            "rows",
+            "tokens",
+            "bytes_per_token",
+            "mean_ids_per_position",
+            "teacher_heldout_ce",
+            "seq_len",
+            "created_at",
+            "format_version",
+        )
+    }
+    block["teacher"] = {
+        "name": m.teacher.name,
+        "fingerprint": m.teacher.fingerprint,
+        "dtype": m.teacher.dtype,
+        "source": m.teacher.source,
+    }
     block["tokenizer"] = {"fingerprint": m.tokenizer.fingerprint, "vocab_size": m.tokenizer.vocab_size}
-    block["corpus"] = {"patterns": m.dataset.patterns, "sources": m.dataset.sources, "documents": m.dataset.documents,
-                       "content_hash": m.dataset.content_hash, "tokens": m.dataset.tokens}
+    block["corpus"] = {
+        "patterns": m.dataset.patterns,
+        "sources": m.dataset.sources,
+        "documents": m.dataset.documents,
+        "content_hash": m.dataset.content_hash,
+        "tokens": m.dataset.tokens,
+    }
     return block
 
 
@@ -126,19 +156,29 @@ def model_lineage(client, ref: str) -> dict[str, Any]:
     else:
         matching = [v for v in versions if str(v.version) == version]
         if not matching:
-            raise LineageError(f"model {name!r} has no version {version} (versions: "
-                               f"{', '.join(str(v.version) for v in versions)})")
+            raise LineageError(
+                f"model {name!r} has no version {version} (versions: {', '.join(str(v.version) for v in versions)})"
+            )
         mv = matching[0]
     run = client.get_run(mv.run_id)
     tags = {**run.data.tags, **mv.tags}
     student = _run_summary(client, run)
     student["student"] = tags.get(STUDENT_TAG)
-    student["params"] = {k: v for k, v in run.data.params.items()
-                         if k in ("init", "targets", "parameters") or k.startswith(("loss.", "arch."))
-                         or k in ("train.epochs", "train.num_workers", "train.zero_stage", "train.lr")}
+    student["params"] = {
+        k: v
+        for k, v in run.data.params.items()
+        if k in ("init", "targets", "parameters")
+        or k.startswith(("loss.", "arch."))
+        or k in ("train.epochs", "train.num_workers", "train.zero_stage", "train.lr")
+    }
     out: dict[str, Any] = {
-        "model": {"name": mv.name, "version": str(mv.version), "source": mv.source, "run_id": mv.run_id,
-                  "tags": dict(mv.tags)},
+        "model": {
+            "name": mv.name,
+            "version": str(mv.version),
+            "source": mv.source,
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags),
+        },
         "student_run": student,
     }
     cache_id = tags.get(CACHE_ID_TAG)
@@ -155,9 +195,11 @@ def model_lineage(client, ref: str) -> dict[str, Any]:
 def _consistency(version_tags: dict[str, str], out: dict[str, Any]) -> list[str]:
     """Fingerprints on the model version against the manifest: any difference is a broken chain."""
     problems = []
-    for tag, have in ((TEACHER_TAG, out.get("teacher", {}).get("fingerprint")),
-                      (TOKENIZER_TAG, out.get("tokenizer", {}).get("fingerprint")),
-                      (CONTENT_HASH_TAG, out.get("corpus", {}).get("content_hash"))):
+    for tag, have in (
+        (TEACHER_TAG, out.get("teacher", {}).get("fingerprint")),
+        (TOKENIZER_TAG, out.get("tokenizer", {}).get("fingerprint")),
+        (CONTENT_HASH_TAG, out.get("corpus", {}).get("content_hash")),
+    ):
         want = version_tags.get(tag)
         if want and have and want != have:
             problems.append(f"{tag}: model version says {want}, cache manifest says {have}")
@@ -183,8 +225,9 @@ def cache_lineage(client, cache: str) -> dict[str, Any]:
     for run in _search_runs(client, f"tags.`{CACHE_ID_TAG}` = '{cache_id}' and tags.`{STAGE_TAG}` = 'student'"):
         entry = _run_summary(client, run)
         entry["student"] = run.data.tags.get(STUDENT_TAG)
-        entry["registered"] = [{"name": v.name, "version": str(v.version)}
-                               for v in _versions(client, f"run_id = '{run.info.run_id}'")]
+        entry["registered"] = [
+            {"name": v.name, "version": str(v.version)} for v in _versions(client, f"run_id = '{run.info.run_id}'")
+        ]
         students.append(entry)
     if not students and block["precompute_run"] is None:
         raise LineageError(f"no run in this tracking store wrote or used cache {cache_id}")

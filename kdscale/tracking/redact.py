@@ -19,7 +19,8 @@ MIN_SECRET_LENGTH = 8  # shorter values ("true", "us-east-1") would mask unrelat
 # The password runs to the *last* "@" of the URI (as SQLAlchemy and urllib read an unescaped one), so a
 # password holding "/" or "@" (``postgresql://u:p@ss/w@host/db``) is masked whole.
 _URI_PASSWORD = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<password>[^\s'\"]+)@(?=[^@\s'\"]*(?:[\s'\"]|$))")
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<password>[^\s'\"]+)@(?=[^@\s'\"]*(?:[\s'\"]|$))"
+)
 
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:

@@ -25,8 +25,9 @@ class RegisteredVersion:
     source: str
 
 
-def register_export(client, run_id: str, export_uri: str, name: str, tags: dict[str, str],
-                    description: str | None = None) -> RegisteredVersion:
+def register_export(
+    client, run_id: str, export_uri: str, name: str, tags: dict[str, str], description: str | None = None
+) -> RegisteredVersion:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
