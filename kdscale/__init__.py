@@ -2,6 +2,32 @@
 
 Run a teacher once into a durable Parquet logit cache, then train many students from it with
 Ray Train + DeepSpeed, recording the lineage teacher -> cache -> student in MLflow.
+The Python API is :mod:`kdscale.api`, re-exported here (imports are lazy: ``import kdscale``
+loads neither Ray nor torch).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "JobResult",
+    "LogitCache",
+    "StudentResult",
+    "evaluate",
+    "load_job",
+    "open_cache",
+    "precompute",
+    "run",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from kdscale import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kdscale' has no attribute {name!r}")

@@ -35,6 +35,12 @@ RUN_FAILURES = ("NonFiniteLoss", "NonFiniteStudent", "TeacherStartTimeout", "Cac
 
 JobArg = typer.Argument(..., exists=False, help="Job spec (YAML), e.g. jobs/quickstart.yaml")
 WorkdirOpt = typer.Option(None, "--workdir", help="Where outputs go (default: the spec's workdir or runs/<name>).")
+SetOpt = typer.Option(
+    None,
+    "--set",
+    help="Override a spec field: KEY=VALUE with a dotted key and a YAML value, e.g. "
+    "--set students.0.train.lr=3e-4 (repeatable).",
+)
 DryRunOpt = typer.Option(False, "--dry-run", help="Validate the spec and print the plan; do no work.")
 
 
@@ -43,15 +49,15 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _load(path: Path) -> JobSpec:
+def _load(path: Path, overrides: list[str] | None = None) -> JobSpec:
     try:
-        return load_job(path)
+        return load_job(path, overrides=overrides)
     except ConfigError as e:
         _fail(str(e), 2)
         raise  # unreachable; keeps type checkers happy
 
 
-def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool) -> None:
+def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool, overrides: list[str] | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -62,7 +68,7 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool)
     from kdscale.precompute.plan import PlanError
     from kdscale.tracking.lineage import TrackingUnavailable
 
-    spec = _load(job)
+    spec = _load(job, overrides)
     try:
         if dry_run:
             out.print_json(json.dumps(pipeline.dry_run(spec, stages, workdir)))
@@ -93,27 +99,42 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool)
 
 
 @app.command()
-def run(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def run(
+    job: Path = JobArg,
+    workdir: str | None = WorkdirOpt,
+    dry_run: bool = DryRunOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Precompute the cache, train every student, evaluate and export them."""
-    _run(job, ("precompute", "train", "eval"), workdir, dry_run)
+    _run(job, ("precompute", "train", "eval"), workdir, dry_run, overrides)
 
 
 @app.command()
-def precompute(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def precompute(
+    job: Path = JobArg,
+    workdir: str | None = WorkdirOpt,
+    dry_run: bool = DryRunOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Run the teacher over the corpus into the logit cache (resumes an unfinished one)."""
-    _run(job, ("precompute",), workdir, dry_run)
+    _run(job, ("precompute",), workdir, dry_run, overrides)
 
 
 @app.command()
-def train(job: Path = JobArg, workdir: str | None = WorkdirOpt, dry_run: bool = DryRunOpt) -> None:
+def train(
+    job: Path = JobArg,
+    workdir: str | None = WorkdirOpt,
+    dry_run: bool = DryRunOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Train, evaluate and export the job's students from its committed cache."""
-    _run(job, ("train",), workdir, dry_run)
+    _run(job, ("train",), workdir, dry_run, overrides)
 
 
 @app.command("eval")
-def evaluate(job: Path = JobArg, workdir: str | None = WorkdirOpt) -> None:
+def evaluate(job: Path = JobArg, workdir: str | None = WorkdirOpt, overrides: list[str] | None = SetOpt) -> None:
     """Evaluate the job's exported students on the cache's held-out split."""
-    _run(job, ("eval",), workdir, False)
+    _run(job, ("eval",), workdir, False, overrides)
 
 
 def _print_report(report: dict) -> None:

@@ -504,7 +504,12 @@ def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def load_job(path: str | Path, check_resources: bool = True) -> JobSpec:
+def load_job(
+    path: str | Path, check_resources: bool = True, overrides: dict[str, Any] | list[str] | None = None
+) -> JobSpec:
+    """A validated job spec from a YAML file; ``overrides`` set dotted keys first (``{"seed": 1}``, or
+    the CLI's ``["students.0.train.lr=3e-4"]``, values parsed as YAML), so one ConfigError lists
+    problems of the file and the overrides alike."""
     from kdscale.spec_yaml import SpecYamlError, load_spec_yaml
 
     path = Path(path)
@@ -514,4 +519,42 @@ def load_job(path: str | Path, check_resources: bool = True) -> JobSpec:
         raw = load_spec_yaml(path.read_bytes())
     except SpecYamlError as e:
         raise ConfigError(str(path), [("<file>", str(e))]) from None
+    if overrides:
+        problems = apply_overrides(raw, overrides)
+        if problems:
+            raise ConfigError(str(path), problems)
     return parse_job(raw, str(path), path.parent.resolve(), check_resources)
+
+
+def apply_overrides(raw: Any, overrides: dict[str, Any] | list[str]) -> list[tuple[str, str]]:
+    """Set each dotted key (list items by index) in the raw mapping, in place; returns problems."""
+    from kdscale.spec_yaml import SpecYamlError, load_spec_yaml
+
+    problems: list[tuple[str, str]] = []
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    else:
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                problems.append((item, "an override is KEY=VALUE, e.g. students.0.train.lr=3e-4"))
+                continue
+            try:
+                pairs.append((key.strip(), load_spec_yaml(text.encode())))
+            except SpecYamlError as e:
+                problems.append((key, f"value is not YAML: {e}"))
+    for key, value in pairs:
+        node, *parents, leaf = [raw, *key.split(".")]
+        try:
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(leaf)] = value
+            elif isinstance(node, dict):
+                node[leaf] = value
+            else:
+                raise TypeError
+        except (ValueError, IndexError, TypeError, AttributeError):
+            problems.append((key, "no such place in the spec (a list index out of range, or a value, not a mapping)"))
+    return problems

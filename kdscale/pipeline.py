@@ -27,6 +27,7 @@ from kdscale.tracking.lineage import (
     STUDENT_TAG,
     TEACHER_TAG,
     TOKENIZER_TAG,
+    NullTracker,
     Tracker,
     check_reachable,
     tracking_uri,
@@ -811,7 +812,9 @@ def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any
     return results
 
 
-def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None) -> dict[str, Any]:
+def run(
+    spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None, tracking: bool = True
+) -> dict[str, Any]:
     """Run the given stages in order; returns the merged summary.
 
     Everything that can refuse the job (the spec, the teacher's files, a corpus that yields no
@@ -826,7 +829,8 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
     check_workdir(p)
     if "eval" in stages and "train" not in stages:
         check_exports(p)
-    check_reachable(tracking_uri(spec))
+    if tracking:
+        check_reachable(tracking_uri(spec))
     started = time.perf_counter()
     students_need = "train" in stages or "eval" in stages
     uses_cache = _uses_cache(spec)
@@ -846,7 +850,7 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
         ensure_ray(spec.ray)
         sources.corpus = pack_corpus(spec.corpus, p.tokenizer, ray_token_stream(spec.corpus, p.tokenizer))
     fs.makedirs(p.workdir)
-    tracker = Tracker(spec)
+    tracker = Tracker(spec) if tracking else NullTracker(spec)
     command = "run" if stages == STAGES else "+".join(stages)
     parent = tracker.start_job(command)
     write_summary(
@@ -855,8 +859,8 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
             "job": spec.name,
             "workdir": p.workdir,
             "mlflow": {
-                "tracking_uri": redact_text(tracker.uri),
-                "experiment": spec.experiment_name(),
+                "tracking_uri": redact_text(tracker.uri) if tracker.uri else None,
+                "experiment": spec.experiment_name() if tracking else None,
                 "parent_run_id": parent,
             },
         },
@@ -874,7 +878,8 @@ def run(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = N
             stage_eval(p, tracker, sources)
         if students_need:
             write_report(read_summary(p.workdir))
-            log_report(p.workdir, tracker.uri, parent)
+            if parent is not None:
+                log_report(p.workdir, tracker.uri, parent)
         tracker.end(parent)
     except BaseException:
         tracker.end(parent, "FAILED")

@@ -3,8 +3,10 @@ Train workers, gloo), real MLflow (sqlite), real Parquet cache."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import tempfile
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +15,7 @@ from kdscale import fs
 from kdscale.cache.reader import open_manifest
 from kdscale.cache.verify import problems
 from kdscale.cli import app
+from kdscale.student.loop import CHECKPOINT_PREFIX
 from tests.conftest import write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -46,6 +49,8 @@ def test_run_succeeds_and_lays_out_the_workdir(tiny_run):
     assert (wd / "cache" / "manifest.json").exists()
     assert (wd / "students" / "tiny-student" / "export" / "config.json").exists()
     assert (wd / "students" / "tiny-student" / "checkpoints").is_dir()
+    leftovers = glob.glob(os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}tiny-student-*"))
+    assert leftovers == []  # each epoch's checkpoint folder went to Ray Train's storage, none left in /tmp
     s = tiny_run["summary"]
     for key in ("uri", "cache_id", "tokens", "bytes_per_token"):
         assert key in s["cache"]

@@ -28,6 +28,7 @@ from kdscale.models.task import Task, table_arrays, task_from_dict
 from kdscale.student.losses import Divergence, distillation_loss, nll_sum
 
 STATE_FILE = "kdscale_state.json"
+CHECKPOINT_PREFIX = "kdscale-ckpt-"
 HF_DIR = "hf"
 DS_DIR = "deepspeed"
 
@@ -146,7 +147,9 @@ def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: i
     from kdscale.student.engine import full_state_dict
 
     started = time.perf_counter()
-    folder = tempfile.mkdtemp(prefix="kdscale-ckpt-")
+    # Ray Train moves the folder into the run's storage and deletes it (delete_local_checkpoint_after_upload);
+    # the student's name in it lets a test check that none is left behind.
+    folder = tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{cfg.get('student', 'student')}-")
     engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
     weights = full_state_dict(engine, cfg["train"]["zero_stage"])  # collective under ZeRO-3
     if rank == 0:

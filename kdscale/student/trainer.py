@@ -170,6 +170,7 @@ def train_student(
         "log_every": t.log_every,
         "heldout": heldout if t.eval_every_steps else None,
         "task": task or {"name": "causal_lm"},
+        "student": student.name,
     }
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:

@@ -272,3 +272,42 @@ def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float | None], st
     values = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     if values:
         (client or MlflowClient(uri)).log_batch(run_id, metrics=values)
+
+
+class NullTracker(Tracker):
+    """A Tracker that records nothing: the Python API's ``tracking=False`` (no MLflow needed).
+    Run ids are ``None``; students train, evaluate and export as with tracking, unregistered."""
+
+    def __init__(self, spec: JobSpec):  # no client, no experiment
+        self.uri = None
+        self.spec = spec
+        self.parent_id = None
+
+    def start_job(self, command: str) -> str:
+        return None
+
+    def start_child(self, name: str, stage: str, tags: dict[str, str] | None = None) -> str:
+        return None
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+        return None
+
+    def log_cache(self, run_id: str, manifest: Manifest, cache_uri: str, context: str) -> None:
+        return None
+
+    def log_manifest(self, run_id: str, manifest: Manifest) -> None:
+        return None
+
+    def log_figure(self, run_id: str, figure, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    def register(self, run_id: str, export_uri: str, student: str, tags: dict[str, str]):
+        return None
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        return None
