@@ -62,6 +62,7 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool,
     from transformers.utils import logging as hf_logging
 
     from kdscale import pipeline
+    from kdscale import summary as summary_files
 
     hf_logging.disable_progress_bar()
     from kdscale.data.corpus import CorpusError
@@ -86,10 +87,10 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool,
     mlflow = summary.get("mlflow", {})
     from kdscale import fs
 
-    report_file = fs.join(summary["workdir"], pipeline.REPORT_FILES[0])
+    report_file = fs.join(summary["workdir"], summary_files.REPORT_FILES[0])
     if "students" in summary and fs.exists(report_file):
         _print_report(fs.read_json(report_file))
-    out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], pipeline.SUMMARY)}")
+    out.print(f"[bold green]done[/] summary: {os.path.join(summary['workdir'], summary_files.SUMMARY)}")
     out.print(
         f"MLflow: experiment '{mlflow.get('experiment')}' in {mlflow.get('tracking_uri')} "
         f"(browse: mlflow ui --backend-store-uri {mlflow.get('tracking_uri')})",
@@ -173,23 +174,24 @@ def report(
 
     Writes report.json / report.md / report.png into the workdir and logs them to the job's MLflow
     parent run (MLFLOW_TRACKING_URI, else the URI the job recorded)."""
-    from kdscale import fs, pipeline
+    from kdscale import fs
+    from kdscale import summary as summary_files
     from kdscale.report import ReportError
 
     folder = fs.normalize(workdir)
-    summary = pipeline.read_summary(folder)
+    summary = summary_files.read_summary(folder)
     if not summary:
-        _fail(f"no {pipeline.SUMMARY} in {workdir}: not a job's workdir, or nothing ran there yet", 2)
+        _fail(f"no {summary_files.SUMMARY} in {workdir}: not a job's workdir, or nothing ran there yet", 2)
     summary["workdir"] = folder
     mlflow = summary.get("mlflow", {})
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get("tracking_uri")
     try:
-        rep = pipeline.write_report(summary, baseline)
+        rep = summary_files.write_report(summary, baseline)
     except ReportError as e:
         _fail(str(e), 2)
     try:
         if uri and mlflow.get("parent_run_id"):
-            pipeline.log_report(folder, uri, mlflow["parent_run_id"])
+            summary_files.log_report(folder, uri, mlflow["parent_run_id"])
     except Exception as e:  # the report stands without MLflow; say why it was not logged
         err.print(
             f"[yellow]warning:[/] report not logged to MLflow ({escape(type(e).__name__)}: {escape(str(e))[:200]})"

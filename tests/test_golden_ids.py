@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from kdscale import pipeline
 from kdscale.config import load_job
 from kdscale.precompute.plan import build_plan
+from kdscale.prepare import prepare
 from tests.conftest import JOBS
 
 GOLDEN = {
@@ -29,5 +29,5 @@ GOLDEN = {
 )
 def test_shipped_job_cache_id_is_unchanged(job):
     spec = load_job(JOBS / job)
-    plan = build_plan(spec, pipeline.prepare(spec).tokenizer)  # packs the corpus here, no Ray, no teacher pass
+    plan = build_plan(spec, prepare(spec).tokenizer)  # packs the corpus here, no Ray, no teacher pass
     assert plan.cache_id == GOLDEN[job]

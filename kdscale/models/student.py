@@ -4,12 +4,13 @@ transformers configs accept any keyword silently, which would hide a typo like `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdscale import fs
-from kdscale.config import StudentSpec
+from kdscale.config import JobSpec, StudentSpec
 from kdscale.models.task import CausalLM, Task
 
 if TYPE_CHECKING:
@@ -123,3 +124,31 @@ def describe(config) -> dict[str, Any]:
         return {k: getattr(config, k, None) for k in lm}
     vision = ("model_type", "embedding_size", "hidden_sizes", "depths", "num_labels")
     return {k: getattr(config, k) for k in vision if getattr(config, k, None) is not None}
+
+
+def write_teacher_layer_inits(
+    spec: JobSpec,
+    vocab_size: int,
+    teacher_config,
+    student_configs: dict[str, Any],
+    init_uri: Callable[[StudentSpec], str],
+) -> None:
+    """Build and save (at ``init_uri(student)``) the starting weights of every init=teacher_layers
+    student; the teacher is loaded once, in this process, only when such a student exists."""
+    import tempfile
+
+    from kdscale.models.teacher import load_teacher
+    from kdscale.progress import say
+
+    wanted = [s for s in spec.students if s.init == "teacher_layers"]
+    if not wanted:
+        return
+    teacher = load_teacher(spec.teacher, vocab_size, spec.seed)
+    for s in wanted:
+        layers = selected_layers(s, teacher_config)
+        student = from_teacher_layers(teacher, student_configs[s.name], layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            student.save_pretrained(tmp, safe_serialization=True)
+            fs.remove(init_uri(s))
+            fs.put_dir(tmp, init_uri(s))
+        say(f"Student {s.name}: initialised from teacher layers {layers}")

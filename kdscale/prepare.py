@@ -1,0 +1,313 @@
+"""Everything a job needs that can be known, and every check that can refuse it, before any work:
+the spec's files, the teacher's config and tokenizer, the students' configs, the cluster's
+resources, the workdir and the cache slot. Nothing here writes anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdscale import fs
+from kdscale.cache.format import CacheFormatError, Manifest
+from kdscale.config import ConfigError, JobSpec
+from kdscale.fingerprint import tokenizer_fingerprint
+from kdscale.models.student import count_parameters, describe, student_config
+from kdscale.models.task import CausalLM
+from kdscale.models.teacher import load_teacher_config, load_tokenizer, shape_problems, weight_problems
+from kdscale.precompute.plan import check_teacher_fits, logit_width
+from kdscale.summary import read_summary
+from kdscale.tracking.lineage import (
+    tracking_uri,
+)
+from kdscale.tracking.redact import redact_text
+
+
+@dataclass
+class Prepared:
+    """Everything a job needs that can be known without doing work."""
+
+    spec: JobSpec
+    workdir: str
+    cache_uri: str
+    tokenizer: Any  # the teacher's tokenizer; for images the image task (labels and input encoding)
+    teacher_config: Any
+    task: Any  # the task adapter (kdscale.models.task) every stage uses
+    student_configs: dict[str, Any] = field(default_factory=dict)
+
+    def student_dir(self, name: str) -> str:
+        return fs.join(self.workdir, "students", name)
+
+    def export_uri(self, name: str) -> str:
+        return fs.join(self.student_dir(name), "export")
+
+    def init_uri(self, student) -> str | None:
+        """Where the student's starting weights are read from (None: a seeded fresh init)."""
+        if student.init == "pretrained":
+            return student.path
+        if student.init == "teacher_layers":
+            return fs.join(self.student_dir(student.name), "init")
+        return None
+
+
+def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
+    """Load the tokenizer and the teacher's config (not its weights), derive every student's
+    config, and raise one ConfigError for all problems found. Writes nothing."""
+    wd = spec.resolved_workdir(workdir)
+    problems = location_problems(spec, wd) + [("teacher.path", b) for b in weight_problems(spec.teacher)]
+    problems += [
+        (f"students.{i}.path", b)
+        for i, s in enumerate(spec.students)
+        if s.init == "pretrained"
+        for b in student_file_problems(s.path)
+    ]
+    if problems:
+        raise ConfigError(spec.name, problems)
+    teacher_config, tokenizer = _teacher(spec)
+    vocab = len(tokenizer)
+    task = CausalLM() if spec.task == "causal_lm" else tokenizer  # an image task is its own label space
+    problems = check_teacher_fits(spec, teacher_config, vocab)
+    problems += [
+        ("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
+        for pr in shape_problems(teacher_config)
+    ]
+    configs = {}
+    for i, s in enumerate(spec.students):
+        try:
+            configs[s.name] = student_config(s, teacher_config, vocab, task)
+        except ValueError as e:
+            problems.append(
+                (f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e))
+            )
+            continue
+        size = task.output_size(configs[s.name])
+        if size != vocab:
+            problems.append(
+                (
+                    f"students.{i}",
+                    f"vocabulary {size} differs from the teacher tokenizer's {vocab}"
+                    if spec.task == "causal_lm"
+                    else f"{size} classes differ from the teacher's {vocab}",
+                )
+            )
+    if problems:
+        raise ConfigError(spec.name, problems)
+    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs)
+
+
+def _teacher(spec: JobSpec):
+    """The teacher's config and tokenizer (an image task for classifiers), or a ConfigError saying
+    which field names what could not be read (a bad ``architecture``, an unreadable tokenizer)."""
+    if spec.task != "causal_lm":
+        return _image_task(spec)
+    try:
+        tokenizer = load_tokenizer(spec.teacher)
+    except (OSError, ValueError) as e:
+        field = "teacher.tokenizer" if spec.teacher.tokenizer else "teacher.path"
+        raise ConfigError(spec.name, [(field, f"cannot load the tokenizer: {str(e)[:300]}")]) from None
+    try:
+        return load_teacher_config(spec.teacher, len(tokenizer)), tokenizer
+    except (OSError, ValueError) as e:
+        field = "teacher.architecture" if spec.teacher.init == "random" else "teacher.path"
+        raise ConfigError(spec.name, [(field, str(e)[:400])]) from None
+
+
+def location_problems(spec: JobSpec, workdir: str) -> list[tuple[str, str]]:
+    """A workdir or cache that is a file, or one folder used as both, fails before any work."""
+    cache = spec.resolved_cache_uri(workdir)
+    problems = [
+        (f, f"{uri} is a file, not a folder")
+        for f, uri in (("workdir", workdir), ("cache.uri", cache))
+        if fs.is_file(uri)
+    ]
+    if fs.normalize(cache).rstrip("/") == workdir.rstrip("/"):
+        problems.append(
+            ("cache.uri", f"{cache} is also the workdir; the cache needs its own folder (default <workdir>/cache)")
+        )
+    return problems
+
+
+def student_file_problems(path: str | None) -> list[str]:
+    """A pretrained student's folder: no custom code, no pickle-only weights (as for teachers)."""
+    from kdscale.models.teacher import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, code_problems
+
+    if path is None:
+        return []
+    problems = code_problems(path, trust_remote_code=False)
+    files = [f for f in fs.expand(path) if f.endswith(WEIGHT_SUFFIXES)]
+    if files and all(f.endswith(PICKLE_SUFFIXES) for f in files):
+        problems.append(
+            f"{path} holds only pickle weights; kdscale never unpickles model files: convert them to safetensors"
+        )
+    return problems
+
+
+def _image_task(spec: JobSpec):
+    """An image job's teacher config and task (labels from the teacher, image size from the
+    first IDX file's header), or a ConfigError naming the unreadable file."""
+    from kdscale.data.images import IdxError, image_shape
+    from kdscale.models.teacher import load_image_task
+
+    teacher_config = load_teacher_config(spec.teacher, None, spec.task)
+    if getattr(teacher_config, "num_labels", 0) < 2:
+        raise ConfigError(spec.name, [("teacher", "an image classifier teacher needs num_labels >= 2 in its config")])
+    files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    if not files:
+        raise ConfigError(spec.name, [("corpus.paths", f"no image file matches {spec.corpus.paths}")])
+    try:
+        height, width = image_shape(files[0])
+    except (IdxError, OSError) as e:
+        raise ConfigError(spec.name, [("corpus.paths", str(e))]) from None
+    return teacher_config, load_image_task(spec.teacher, teacher_config, height, width)
+
+
+def describe_plan(p: Prepared) -> dict[str, Any]:
+    """What ``--dry-run`` prints: where things go and what would run."""
+    spec = p.spec
+    files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    return {
+        "job": spec.name,
+        "workdir": p.workdir,
+        "cache_uri": p.cache_uri,
+        "tracking_uri": redact_text(tracking_uri(spec)),
+        "task": p.task.describe(),
+        "teacher": {
+            "name": spec.teacher.name,
+            "replicas": spec.teacher.replicas,
+            "dtype": spec.teacher.dtype,
+            "vocab_size": len(p.tokenizer),
+            "logit_width": logit_width(spec, p.teacher_config),
+        },
+        "corpus": {
+            "files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
+            "seq_len": spec.corpus.seq_len,
+            "max_tokens": spec.corpus.max_tokens,
+            "heldout_fraction": spec.corpus.heldout_fraction,
+            "validation_fraction": spec.corpus.validation_fraction,
+        },
+        "targets": spec.cache.targets.model_dump(),
+        "students": {
+            s.name: {
+                "architecture": describe(p.student_configs[s.name]),
+                "init": s.init,
+                "parameters": count_parameters(p.student_configs[s.name], p.task),
+                "workers": s.train.num_workers,
+                "zero_stage": s.train.zero_stage,
+                "epochs": s.train.epochs,
+                "loss": s.loss.model_dump(),
+            }
+            for s in spec.students
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def check_cluster(spec: JobSpec, stages: tuple[str, ...]) -> None:
+    """Refuse, before any work, teacher actors and student workers the Ray cluster cannot hold."""
+    from kdscale.ray_runtime import capacity
+    from kdscale.resources import student_problems, teacher_problems
+
+    cap = capacity(spec.ray)
+    problems = teacher_problems(spec, cap) if "precompute" in stages and uses_cache(spec) else []
+    if "train" in stages:
+        problems += [pr for i in range(len(spec.students)) for pr in student_problems(spec, i, cap)]
+    if problems:
+        raise ConfigError(spec.name, problems)
+
+
+def uses_cache(spec: JobSpec) -> bool:
+    return any(s.targets == "cache" for s in spec.students)
+
+
+def check_workdir(p: Prepared) -> None:
+    """A workdir whose summary.json belongs to another job is refused before anything in it is touched."""
+    owner = read_summary(p.workdir).get("job")
+    if owner not in (None, p.spec.name):
+        raise ConfigError(
+            p.spec.name,
+            [("workdir", f"{p.workdir} holds the outputs of job {owner!r}; use another workdir (or --workdir)")],
+        )
+
+
+def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple[str, str]]:
+    """Cache students against the targets and training rows they will get (from a plan, before
+    any teacher work, or from a committed manifest)."""
+    from kdscale.student.trainer import cache_problems
+
+    return [
+        pr
+        for i, s in enumerate(spec.students)
+        if s.targets == "cache"
+        for pr in cache_problems(spec, i, targets, train_rows)
+    ]
+
+
+def check_exports(p: Prepared) -> None:
+    from kdscale.student.evaluate import exported
+
+    missing = [
+        (f"students.{i}", f"student {s.name} has no export at {p.export_uri(s.name)}; run `kdscale train` first")
+        for i, s in enumerate(p.spec.students)
+        if not exported(p.export_uri(s.name))
+    ]
+    if missing:
+        raise ConfigError(p.spec.name, missing)
+
+
+def check_cache_slot(p: Prepared, cache_id: str) -> Manifest | None:
+    """Before anything is written: the verified cache to reuse if this job's cache is already
+    committed at the URI (every check, checksums too unless ``cache.verify_before_training`` is
+    off), None if it is absent or unfinished; refuses another job's cache, finished or not."""
+    from kdscale.cache.writer import check_claim
+    from kdscale.precompute.runner import existing_cache
+
+    manifest = existing_cache(p.cache_uri, cache_id, p.spec.cache.verify_before_training)
+    if manifest is None:
+        check_claim(p.cache_uri, cache_id)
+    return manifest
+
+
+def open_cache_for_students(p: Prepared, verify_checksums: bool) -> Manifest:
+    """The committed cache, through the one verification every reader uses (:mod:`kdscale.cache.verify`;
+    ``verify_checksums`` adds every file's sha256), for the students' tokenizer, and, unless the
+    spec names the cache (``cache.uri``), made by this job's spec."""
+    from kdscale.cache.verify import open_cache
+
+    m = open_cache(
+        p.cache_uri, checksums=verify_checksums, tokenizer=(tokenizer_fingerprint(p.tokenizer), len(p.tokenizer))
+    )
+    if not p.spec.cache.uri:
+        mismatch = spec_mismatch(p.spec, m)
+        if mismatch:
+            raise CacheFormatError(
+                f"the cache at {p.cache_uri} (cache_id {m.cache_id}) was not made by this job's spec: "
+                f"{'; '.join(mismatch)}. Run `kdscale precompute` (or `kdscale run`) for this spec, or name the "
+                "cache explicitly with cache.uri to train from it anyway"
+            )
+    return m
+
+
+def spec_mismatch(spec: JobSpec, m: Manifest) -> list[str]:
+    """Where a manifest differs from what the spec would make, among what is known without a pass
+    over the corpus or the teacher's weights: the targets (kind, N, k, temperature, draws, the job
+    seed that seeds the draws) and the packing (seq_len, split fractions). File patterns are not
+    compared: a project moved to another folder still names the same files (the content hash,
+    checked by ``kdscale run``, is the data's identity)."""
+    from kdscale.precompute.plan import targets_info
+
+    want, have = targets_info(spec).params(), m.targets.params()
+    found = [
+        f"targets.{k}: the cache has {have.get(k)!r}, the spec gives {want.get(k)!r}"
+        for k in sorted(set(want) | set(have))
+        if want.get(k) != have.get(k)
+    ]
+    d, c = m.dataset, spec.corpus
+    for name, cached, wanted in (
+        ("corpus.seq_len", d.seq_len, c.seq_len),
+        ("corpus.heldout_fraction", d.heldout_fraction, c.heldout_fraction),
+        ("corpus.validation_fraction", d.validation_fraction, c.validation_fraction),
+    ):
+        if cached != wanted and spec.task == "causal_lm":
+            found.append(f"{name}: the cache has {cached!r}, the spec gives {wanted!r}")
+    return found
