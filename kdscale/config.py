@@ -194,12 +194,6 @@ class TargetsSpec(Strict):
         "trains on draw e mod draws, so re-used data sees fresh noise instead of one fixed draw.",
     )
 
-    @model_validator(mode="after")
-    def _draws_only_for_sampled(self) -> TargetsSpec:
-        if self.draws > 1 and self.kind != "sampled":
-            raise ValueError(f"draws > 1 applies to kind sampled only, not {self.kind}")
-        return self
-
 
 class CacheSpec(Strict):
     uri: str | None = Field(None, description="Cache location (any fsspec URI); defaults to <workdir>/cache.")

@@ -279,3 +279,15 @@ def test_loss_temperature_must_match_sparse_caches_only(tiny_cache, tmp_path):
     assert [f for f, _ in found] == ["students.0.loss.temperature"] and "cannot be re-tempered" in found[0][1]
     full = m.model_copy(update={"targets": m.targets.model_copy(update={"kind": "full"})})
     assert cache_problems(spec, 0, full.targets, full.dataset.rows["train"]) == []
+
+
+def test_every_registered_kind_is_in_the_schemas_and_back():
+    """The YAML and manifest schemas name exactly the registered kinds (kdscale.cache.kinds)."""
+    import typing
+
+    from kdscale.cache.format import TargetsInfo
+    from kdscale.cache.kinds import KINDS
+    from kdscale.config import TargetsSpec
+
+    for model in (TargetsSpec, TargetsInfo):
+        assert set(typing.get_args(model.model_fields["kind"].annotation)) == set(KINDS)

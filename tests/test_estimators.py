@@ -151,10 +151,13 @@ def test_new_kinds_through_the_teacher_worker(tmp_path, spec):
 
 
 def test_bad_estimator_settings_are_refused(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_job(write_job(tmp_path, **{"cache.targets": {"kind": "topk", "k": 4, "draws": 2}}))
-    assert "cache.targets" in str(e.value) and "draws" in str(e.value)
+    """Each kind's own rules (kdscale.cache.kinds), checked with the rest of the spec before any work."""
     from kdscale import pipeline
+
+    topk = load_job(write_job(tmp_path, **{"cache.targets": {"kind": "topk", "k": 4, "draws": 2}}))
+    with pytest.raises(ConfigError) as e:
+        pipeline.prepare(topk, str(tmp_path / "work"))
+    assert "cache.targets.draws" in str(e.value) and "sampled only" in str(e.value)
 
     spec = load_job(write_job(tmp_path, dest="strat.yaml", **{"cache.targets": {"kind": "stratified", "k": 512}}))
     with pytest.raises(ConfigError) as e:

@@ -67,15 +67,9 @@ ID_CODING_SCHEME = "rank-delta"
 
 def target_columns(kind: str, store_logprobs: bool = False) -> tuple[str, ...]:
     """The columns holding a target kind's data (what ``target_bytes`` counts)."""
-    if kind == "sampled":
-        return ("target_ids", "target_counts", "target_lengths") + (("target_logprobs",) if store_logprobs else ())
-    if kind == "topk":
-        return ("target_ids", "target_logprobs", "tail_mass")
-    if kind == "stratified":
-        return ("target_ids", "target_logprobs", "tail_mass", "tail_ids", "tail_counts", "tail_lengths")
-    if kind == "full":
-        return ("target_logprobs",)
-    raise ValueError(f"unknown target kind {kind!r}")
+    from kdscale.cache.kinds import kind as target_kind
+
+    return target_kind(kind).columns(store_logprobs)
 
 
 BASE_COLUMNS = ("seq_id", "input_ids", "teacher_nll")

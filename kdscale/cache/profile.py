@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from kdscale.cache.format import Manifest
-from kdscale.cache.reader import _flat, read_split
+from kdscale.cache.kinds import kind as target_kind
+from kdscale.cache.reader import read_split
+from kdscale.cache.segments import flat
 
 
 def describe(m: Manifest) -> dict[str, Any]:
@@ -54,15 +56,8 @@ def profile(cache_uri: str, m: Manifest, max_rows: int = 256) -> Profile:
     """Statistics over the first ``max_rows`` training rows."""
     table = read_split(cache_uri, m, "train", max_rows)
     positions = table.num_rows * m.dataset.seq_len
-    kind = m.targets.kind
-    if kind == "sampled":  # all draws of a position together: what it costs on disk
-        ids = _flat(table.column("target_lengths")).astype(np.int64).reshape(positions, m.targets.draws).sum(axis=1)
-    elif kind == "topk":
-        ids = np.full(positions, m.targets.k, dtype=np.int64)
-    elif kind == "stratified":
-        ids = m.targets.k + _flat(table.column("tail_lengths")).astype(np.int64)
-    else:
-        ids = np.full(positions, m.tokenizer.vocab_size, dtype=np.int64)
-    tail = _flat(table.column("tail_mass")).astype(np.float64) if kind in ("topk", "stratified") else None
+    kind = target_kind(m.targets.kind)
+    ids = kind.ids_per_position(table, m, positions)
+    tail = flat(table.column("tail_mass")).astype(np.float64) if kind.has_tail_mass else None
     nll = table.column("teacher_nll").to_numpy().astype(np.float64) / max(m.dataset.labelled_per_row(), 1)
     return Profile(ids, tail, nll)

@@ -73,78 +73,6 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
 
 
-def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of ``draws`` [rows, n]: the ascending unique ids, their counts, and how many
-    unique ids each row has (rows concatenated)."""
-    draws, _ = draws.sort(dim=-1)
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    flat_first = first.reshape(-1)
-    starts = flat_first.nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([flat_first.numel()])])
-    return draws.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
-
-
-def _sampled(
-    d: RowDistribution, num_samples: int, generator: torch.Generator, store_logprobs: bool, draws: int = 1
-) -> dict[str, np.ndarray]:
-    """``draws`` independent N-draws per position, stored position-major (position 0's draws,
-    then position 1's, ...). With one draw the generator is consumed exactly as before draws
-    existed, so those caches are reproduced byte for byte."""
-    if draws == 1:
-        samples = torch.multinomial(d.weights, num_samples, replacement=True, generator=generator)
-    else:
-        per_draw = [
-            torch.multinomial(d.weights, num_samples, replacement=True, generator=generator) for _ in range(draws)
-        ]
-        samples = torch.stack(per_draw, dim=1).reshape(-1, num_samples)
-    ids, counts, lengths = _unique_counts(samples)
-    out = {
-        "target_ids": ids.to(torch.int32).numpy(),
-        "target_counts": counts.to(torch.uint8).numpy(),
-        "target_lengths": lengths.to(torch.uint8).numpy(),
-    }
-    if store_logprobs:
-        segment_position = torch.arange(d.scaled.shape[0]).repeat_interleave(draws)
-        positions = torch.repeat_interleave(segment_position, lengths)
-        out["target_logprobs"] = (d.scaled[positions, ids] - d.log_z[positions, 0]).numpy()
-    return out
-
-
-def _stratified(d: RowDistribution, k: int, num_samples: int, generator: torch.Generator) -> dict[str, np.ndarray]:
-    """The k most likely ids with exact log-probs, and ``num_samples`` draws from the teacher's
-    distribution renormalised over the other ids. Weighting each tail draw by tail_mass / N makes
-    the whole an unbiased estimate of the distribution, with no variance on the head where most
-    of the mass is (stratified sampling)."""
-    head = _topk(d, k)
-    tail_weights = d.weights.clone()
-    tail_weights.scatter_(1, torch.from_numpy(head["target_ids"].astype(np.int64)).view(-1, k), 0.0)
-    empty = tail_weights.sum(dim=-1) <= 0  # all mass in the head (tiny vocabularies): nothing to draw
-    tail_weights[empty] = 1.0
-    samples = torch.multinomial(tail_weights, num_samples, replacement=True, generator=generator)
-    ids, counts, lengths = _unique_counts(samples)
-    if bool(empty.any()):
-        keep = ~torch.repeat_interleave(empty, lengths)
-        ids, counts, lengths = ids[keep], counts[keep], lengths.masked_fill(empty, 0)
-    return {
-        **head,
-        "tail_ids": ids.to(torch.int32).numpy(),
-        "tail_counts": counts.to(torch.uint8).numpy(),
-        "tail_lengths": lengths.to(torch.uint8).numpy(),
-    }
-
-
-def _topk(d: RowDistribution, k: int) -> dict[str, np.ndarray]:
-    values, ids = d.scaled.topk(k, dim=-1)
-    logprobs = values - d.log_z
-    tail = (1.0 - logprobs.exp().sum(dim=-1)).clamp_min(0.0)
-    return {
-        "target_ids": ids.to(torch.int32).reshape(-1).numpy(),
-        "target_logprobs": logprobs.reshape(-1).numpy(),
-        "tail_mass": tail.numpy(),
-    }
-
-
 def sampled(
     logits: torch.Tensor, temperature: float, num_samples: int, generator: torch.Generator, store_logprobs: bool = False
 ) -> dict[str, np.ndarray]:
@@ -152,12 +80,30 @@ def sampled(
     ``store_logprobs`` also the teacher's log-prob of each stored id.
 
     ``logits``: [positions, vocab] already sliced to the true vocabulary."""
-    return _concat([_sampled(d, num_samples, generator, store_logprobs) for _, d in _chunks(logits, temperature)])
+    from kdscale.cache.kinds import kind
+
+    sampler = kind("sampled")
+    return _concat(
+        [
+            sampler.extract(
+                d, num_samples=num_samples, k=0, generator=generator, store_logprobs=store_logprobs, draws=1
+            )
+            for _, d in _chunks(logits, temperature)
+        ]
+    )
 
 
 def topk(logits: torch.Tensor, temperature: float, k: int) -> dict[str, np.ndarray]:
     """The k most likely ids with their log-probs, and the tail mass they leave uncovered."""
-    return _concat([_topk(d, k) for _, d in _chunks(logits, temperature)])
+    from kdscale.cache.kinds import kind
+
+    top = kind("topk")
+    return _concat(
+        [
+            top.extract(d, num_samples=0, k=k, generator=None, store_logprobs=False, draws=1)
+            for _, d in _chunks(logits, temperature)
+        ]
+    )
 
 
 def extract_row(
@@ -177,20 +123,18 @@ def extract_row(
     """Everything a cache row stores for one row, from one pass over its logits [positions,
     vocab]: the targets of ``kind``, the teacher's summed NLL (T=1) of ``labels`` (one per
     position, negative where there is none) and, optionally, its argmax."""
-    generator = row_generator(seed, sid) if kind in ("sampled", "stratified") else None
+    from kdscale.cache.kinds import kind as target_kind
+
+    extractor = target_kind(kind)
+    generator = row_generator(seed, sid) if extractor.draws_seeded else None
     parts, top1 = [], []
     nll = 0.0
     for start, d in _chunks(logits, temperature):
-        if kind == "sampled":
-            parts.append(_sampled(d, num_samples, generator, store_logprobs, draws))
-        elif kind == "stratified":
-            parts.append(_stratified(d, k, num_samples, generator))
-        elif kind == "topk":
-            parts.append(_topk(d, k))
-        elif kind == "full":
-            parts.append({"target_logprobs": d.logprobs().reshape(-1).numpy()})
-        else:
-            raise ValueError(f"unknown target kind {kind!r}")
+        parts.append(
+            extractor.extract(
+                d, num_samples=num_samples, k=k, generator=generator, store_logprobs=store_logprobs, draws=draws
+            )
+        )
         nll += d.nll(labels[start : start + d.scaled.shape[0]], temperature)
         top1.append(d.top1)
     out: dict = _concat(parts)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from kdscale import fs
 from kdscale.cache import idcodec
 from kdscale.cache.format import FORMAT_VERSION, SPLITS, CacheFormatError, Manifest, shard_name
+from kdscale.cache.kinds import kind as target_kind
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest
 from kdscale.cache.writer import manifest_totals, present_splits, shard_columns
 from kdscale.fingerprint import cache_id as make_cache_id
@@ -79,13 +80,12 @@ def _identity_problems(m: Manifest) -> list[str]:
             f"cache_id {m.cache_id} is not the one its teacher, tokenizer, data and targets give ({expected}): "
             "the manifest was edited"
         )
-    t = m.targets
-    need = {"sampled": ("num_samples",), "topk": ("k",), "stratified": ("k", "num_samples"), "full": ()}[t.kind]
-    for name in ("num_samples", "k"):
+    t, kind = m.targets, target_kind(m.targets.kind)
+    for name, needed in (("num_samples", kind.uses_num_samples), ("k", kind.uses_k)):
         value = getattr(t, name)
-        if (name in need) != (value is not None) or (value is not None and value < 1):
+        if needed != (value is not None) or (value is not None and value < 1):
             found.append(f"targets.{name} is {value!r}, which kind {t.kind} does not allow")
-    if t.draws < 1 or (t.draws > 1 and t.kind != "sampled"):
+    if t.draws < 1 or (t.draws > 1 and not kind.supports_draws):
         found.append(f"targets.draws is {t.draws}, kind {t.kind}")
     if not (t.temperature > 0 and math.isfinite(t.temperature)):
         found.append(f"targets.temperature is {t.temperature}")
@@ -190,14 +190,7 @@ def expected_leaf_counts(m: Manifest, rows: int) -> dict[str, int]:
         counts["input_ids"] = positions
     else:
         counts["labels"] = rows
-    if t.kind in ("topk", "stratified"):
-        counts.update(target_ids=positions * t.k, target_logprobs=positions * t.k, tail_mass=positions)
-    if t.kind == "stratified":
-        counts["tail_lengths"] = positions
-    if t.kind == "sampled":
-        counts["target_lengths"] = positions * t.draws
-    if t.kind == "full":
-        counts["target_logprobs"] = positions * m.tokenizer.vocab_size
+    counts.update(target_kind(t.kind).leaf_counts(t, positions, m.tokenizer.vocab_size))
     return counts
 
 
@@ -230,7 +223,7 @@ def footer_problems(uri: str, m: Manifest, record) -> list[str]:
 
 def content_problems(cache_uri: str, m: Manifest, rows: int = 4) -> list[str]:
     """Decode the first rows of the first training shard: ids inside the vocabulary, finite
-    probabilities, and (sampled, stratified) draw counts that sum to the manifest's N."""
+    probabilities, and what the kind itself can check (sampled: draw counts that sum to N)."""
     uri = fs.join(cache_uri, m.shards_of("train")[0].path)
     fsys, path = fs.filesystem(uri)
     with fsys.open(path, "rb") as f:
@@ -246,13 +239,4 @@ def content_problems(cache_uri: str, m: Manifest, rows: int = 4) -> list[str]:
         found.append("non-finite teacher probabilities in the first training rows")
     if hasattr(targets, "ids") and (int(targets.ids.min()) < 0 or int(targets.ids.max()) >= m.tokenizer.vocab_size):
         found.append(f"target ids outside the vocabulary [0, {m.tokenizer.vocab_size})")
-    if m.targets.kind == "sampled":
-        counts = table.column("target_counts").combine_chunks().flatten().to_numpy().astype(np.int64)
-        lengths = table.column("target_lengths").combine_chunks().flatten().to_numpy().astype(np.int64)
-        sums = np.add.reduceat(counts, idcodec.segment_starts(lengths)) if len(lengths) else counts
-        if len(sums) and not (sums == m.targets.num_samples).all():
-            found.append(
-                f"draw counts per position sum to {sorted(set(sums.tolist()))[:5]}, the manifest says "
-                f"num_samples {m.targets.num_samples}"
-            )
-    return found
+    return found + target_kind(m.targets.kind).content_problems(table, m)

@@ -38,6 +38,7 @@ from kdscale.cache.format import (
     base_columns,
     target_columns,
 )
+from kdscale.cache.kinds import kind as target_kind
 
 DEFAULT_ZSTD_LEVEL = 9
 ROWS_PER_ROW_GROUP = 32
@@ -99,26 +100,11 @@ def _list_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     )
 
 
-def _code(
-    row: dict[str, Any], ids_col: str, lengths: np.ndarray, companions: tuple[str, ...], rank: np.ndarray
-) -> dict:
-    deltas, perm = idcodec.encode(row[ids_col], lengths, rank)
-    return {ids_col: deltas, **{c: row[c][perm] for c in companions if c in row}}
-
-
 def code_ids(row: dict[str, Any], kind: str, rank: np.ndarray) -> dict[str, Any]:
     """Replace a row's raw target ids by their rank-delta code (companions permuted alike)."""
     if "target_ids" not in row:
         return row
-    positions = row_positions(row)
-    if kind == "sampled":
-        coded = _code(row, "target_ids", row["target_lengths"], ("target_counts", "target_logprobs"), rank)
-    else:  # topk, stratified: k ids per position
-        k = len(row["target_ids"]) // positions
-        coded = _code(row, "target_ids", np.full(positions, k), ("target_logprobs",), rank)
-    if kind == "stratified":
-        coded.update(_code(row, "tail_ids", row["tail_lengths"], ("tail_counts",), rank))
-    return dict(row, **coded)
+    return dict(row, **target_kind(kind).code(row, row_positions(row), rank))
 
 
 def rows_to_table(
@@ -378,7 +364,7 @@ def manifest_totals(targets: TargetsInfo, dataset: DatasetInfo, shards: list[Sha
         "target_bytes_per_token": tgt_bytes / tokens if tokens else 0.0,
         "mean_ids_per_position": sum(s.unique_ids for s in shards) / tokens if tokens else 0.0,
         "mean_tail_mass": sum(s.tail_mass_sum for s in shards) / tokens
-        if targets.kind in ("topk", "stratified") and tokens
+        if target_kind(targets.kind).has_tail_mass and tokens
         else None,
         "teacher_heldout_ce": teacher_ce("heldout"),
         **({"teacher_validation_ce": teacher_ce("validation")} if "validation" in present_splits(shards) else {}),

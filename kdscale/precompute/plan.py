@@ -22,6 +22,7 @@ from kdscale.cache.format import (
     TokenizerInfo,
     shard_name,
 )
+from kdscale.cache.kinds import kind as target_kind
 from kdscale.config import JobSpec
 from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
 from kdscale.fingerprint import cache_id as make_cache_id
@@ -32,8 +33,6 @@ from kdscale.tracking.redact import redact
 
 if TYPE_CHECKING:
     from kdscale.data.images import ImageCorpus
-
-MAX_FULL_VOCAB = 4096
 
 
 @dataclass
@@ -101,23 +100,7 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
     context = getattr(teacher_config, "max_position_embeddings", None)
     if context and spec.corpus.seq_len > context:
         problems.append(("corpus.seq_len", f"{spec.corpus.seq_len} exceeds the teacher's context length {context}"))
-    if spec.cache.targets.kind == "full" and vocab_size > MAX_FULL_VOCAB:
-        problems.append(
-            (
-                "cache.targets.kind",
-                f"'full' stores every log-prob ({vocab_size} per token); use sampled or topk above {MAX_FULL_VOCAB}",
-            )
-        )
-    if spec.cache.targets.kind == "topk" and spec.cache.targets.k > vocab_size:
-        problems.append(("cache.targets.k", f"k={spec.cache.targets.k} exceeds the vocabulary {vocab_size}"))
-    if spec.cache.targets.kind == "stratified" and spec.cache.targets.k >= vocab_size:
-        problems.append(
-            (
-                "cache.targets.k",
-                f"stratified needs a tail to sample: k={spec.cache.targets.k} must be "
-                f"below the vocabulary {vocab_size}",
-            )
-        )
+    problems += target_kind(spec.cache.targets.kind).problems(spec.cache.targets, vocab_size)
     if spec.teacher.shards > 1:
         problems += _sharding_problems(spec, teacher_config)
     return problems
@@ -187,12 +170,13 @@ def image_shard_tasks(split: Split, examples: list[tuple[np.ndarray, int]], per_
 
 def targets_info(spec: JobSpec) -> TargetsInfo:
     t = spec.cache.targets
+    kind = target_kind(t.kind)
     return TargetsInfo(
         kind=t.kind,
         temperature=t.temperature,
-        num_samples=t.num_samples if t.kind in ("sampled", "stratified") else None,
-        k=t.k if t.kind in ("topk", "stratified") else None,
-        store_logprobs=t.store_logprobs and t.kind == "sampled",
+        num_samples=t.num_samples if kind.uses_num_samples else None,
+        k=t.k if kind.uses_k else None,
+        store_logprobs=t.store_logprobs and kind.optional_logprobs,
         seed=spec.seed,
         draws=t.draws,
     )

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdscale.cache.reader import DenseTargets, SparseTargets
 from kdscale.models.task import IGNORE, next_token_labels
+from kdscale.targets import DenseTargets, SparseTargets
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 _TINY = 1e-30

@@ -14,9 +14,10 @@ import pyarrow as pa
 import torch
 
 from kdscale.cache.format import Manifest
-from kdscale.cache.reader import DenseTargets, SparseTargets, batch_targets, load_rank_order
+from kdscale.cache.reader import batch_targets, load_rank_order
 from kdscale.config import TeacherSpec
 from kdscale.models.teacher import load_teacher
+from kdscale.targets import DenseTargets, SparseTargets
 
 
 class CachedTargets:

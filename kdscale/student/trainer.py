@@ -15,6 +15,7 @@ import ray
 
 from kdscale import fs
 from kdscale.cache.format import Manifest, TargetsInfo
+from kdscale.cache.kinds import kind as target_kind
 from kdscale.cache.reader import shard_uris
 from kdscale.config import JobSpec, StudentSpec
 from kdscale.fingerprint import digest
@@ -41,7 +42,7 @@ def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: 
     where = f"students.{index}"
     problems = []
     # a full cache is re-tempered exactly to any loss temperature; sampled/top-k ids were chosen at one
-    if targets.kind != "full" and abs(s.loss.temperature - targets.temperature) > 1e-9:
+    if not target_kind(targets.kind).can_retemper and abs(s.loss.temperature - targets.temperature) > 1e-9:
         problems.append(
             (
                 f"{where}.loss.temperature",
