@@ -45,15 +45,14 @@ def _wait_for_checkpoint(workdir, alive, timeout=240) -> None:
 
 
 def _train_workers() -> list[psutil.Process]:
-    """Training workers of *this* test session's Ray cluster (never another Ray's on the machine)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    """Training workers of *this* test session's Ray (never another Ray's on the machine): a local
+    ``ray.init`` starts the raylet as a child of this process, and workers are the raylet's children."""
     found = []
-    for actor in actors:
+    for proc in psutil.Process().children(recursive=True):
         try:
-            found.append(psutil.Process(actor.pid))
-        except (psutil.NoSuchProcess, TypeError):
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
             continue
     return found
 
