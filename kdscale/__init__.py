@@ -8,6 +8,8 @@ loads neither Ray nor torch).
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -31,3 +33,17 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     raise AttributeError(f"module 'kdscale' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``kdscale.precompute`` is the API function, although a subpackage has that name: importing
+    ``kdscale.precompute.<module>`` would otherwise bind the subpackage over it (the subpackage
+    stays importable by its full name, as every import in kdscale does)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -149,7 +149,11 @@ def test_weak_spot_is_refused_before_work(case, tmp_path, mlflow_uri, monkeypatc
     setup, code, expected = CASES[case]
     if case == "cache inspect on an unreachable endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # the session's moto endpoint wins otherwise
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance cached by earlier tests points at the moto endpoint
     monkeypatch.chdir(tmp_path)
     args = setup(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
