@@ -62,14 +62,6 @@ def problems(cache_uri: str, checksums: bool = True) -> tuple[Manifest, list[str
 # The manifest alone --------------------------------------------------------------------------
 
 
-def manifest_problems(m: Manifest) -> list[str]:
-    """What is inconsistent within the manifest itself (pure)."""
-    found = _identity_problems(m) + _shard_list_problems(m)
-    if any(p.startswith("shard path") for p in found):
-        return found
-    return found + _sum_problems(m)
-
-
 def _identity_problems(m: Manifest) -> list[str]:
     found = []
     expected = make_cache_id(

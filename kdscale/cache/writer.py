@@ -39,6 +39,7 @@ from kdscale.cache.format import (
     target_columns,
 )
 from kdscale.cache.kinds import kind as target_kind
+from kdscale.processes import alive
 
 DEFAULT_ZSTD_LEVEL = 9
 ROWS_PER_ROW_GROUP = 32
@@ -269,15 +270,7 @@ def release_lease(cache_uri: str) -> None:
 
 def _lease_live(held: dict[str, Any]) -> bool:
     if held.get("host") == socket.gethostname():
-        if held.get("pid") == os.getpid():
-            return False
-        try:
-            os.kill(int(held.get("pid", -1)), 0)
-        except (ProcessLookupError, ValueError, OverflowError):
-            return False
-        except PermissionError:
-            return True
-        return True
+        return held.get("pid") != os.getpid() and alive(held.get("pid"))
     return time.time() - float(held.get("renewed", 0)) < LEASE_SECONDS
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from kdscale.cache.format import Manifest
 from kdscale.config import JobSpec
+from kdscale.processes import alive
 from kdscale.tracking.redact import redact, redact_text
 
 CACHE_ID_TAG = "kdscale.cache_id"
@@ -240,7 +241,7 @@ class Tracker:
         failed = []
         for run in runs:
             tags = run.data.tags
-            if tags.get(HOST_TAG) == socket.gethostname() and not _alive(tags.get(PID_TAG)):
+            if tags.get(HOST_TAG) == socket.gethostname() and not alive(tags.get(PID_TAG)):
                 self.client.set_tag(run.info.run_id, "kdscale.ended_by", "a later invocation: its process had died")
                 self.client.set_terminated(run.info.run_id, "FAILED")
                 failed.append(run.info.run_id)
@@ -250,16 +251,6 @@ class Tracker:
 def owner_tags() -> dict[str, str]:
     """Which process owns a run, so a later invocation can tell an abandoned run from a live one."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-
-
-def _alive(pid: str | None) -> bool:
-    try:
-        os.kill(int(pid or ""), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: int, client=None) -> None:
