@@ -31,9 +31,9 @@ from kdscale.cache.writer import (
 )
 from kdscale.config import load_job
 from kdscale.data.corpus import pack_corpus, seq_id, split_of
-from kdscale.models.teacher import load_tokenizer
 from kdscale.precompute.plan import build_plan
 from kdscale.precompute.worker import TeacherWorker
+from kdscale.teachers import load_tokenizer
 from tests.conftest import write_job
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from kdscale.cli import app
 from kdscale.config import load_job
-from kdscale.models.teacher import load_teacher, load_tokenizer
+from kdscale.teachers import load_teacher, load_tokenizer
 from tests.conftest import write_job
 
 TRAIN = {

@@ -16,8 +16,8 @@ import torch
 from kdscale.cache.format import Manifest
 from kdscale.cache.reader import batch_targets, load_rank_order
 from kdscale.config import TeacherSpec
-from kdscale.models.teacher import load_teacher
 from kdscale.targets import DenseTargets, SparseTargets
+from kdscale.teachers import load_teacher
 
 
 class CachedTargets:
