@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdscale.cli import app
-from tests.conftest import write_job
+from tests.conftest import cli_in_subprocess, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -102,14 +99,7 @@ def test_killed_worker_is_replaced_and_training_continues(ray_session, tmp_path,
 def test_killed_driver_resumes_from_checkpoints_on_rerun(ray_session, tmp_path, mlflow_uri):
     job = _prepared(tmp_path)
     workdir = tmp_path / "w"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdscale.cli", "train", str(job), "--workdir", str(workdir)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
+    proc = cli_in_subprocess(ray_session, tmp_path, "train", str(job), "--workdir", str(workdir))
     _wait_for_checkpoint(workdir, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
