@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kdscale.config import load_job  # noqa: E402
-from kdscale.models.teacher import load_teacher  # noqa: E402
+from kdscale.teachers import load_teacher  # noqa: E402
 
 
 def bare_loop(spec, plan, budget: int) -> dict:

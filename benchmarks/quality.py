@@ -263,7 +263,7 @@ def other_genre_rows():
 
     from kdscale.config import CorpusSpec, load_job
     from kdscale.data.corpus import pack_corpus
-    from kdscale.models.teacher import load_tokenizer
+    from kdscale.teachers import load_tokenizer
 
     tokenizer = load_tokenizer(load_job(BASE_JOB).teacher)
     spec = CorpusSpec(paths=other_genre_files(), seq_len=256, max_tokens=OTHER_GENRE_TOKENS, heldout_fraction=0.5)
@@ -302,7 +302,7 @@ def teacher_other_genre_ce(results: Path) -> float:
     import torch
 
     from kdscale.config import load_job
-    from kdscale.models.teacher import load_teacher, load_tokenizer
+    from kdscale.teachers import load_teacher, load_tokenizer
 
     torch.set_num_threads(2)
     spec = load_job(BASE_JOB)
