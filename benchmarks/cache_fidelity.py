@@ -21,7 +21,7 @@ sampled N=50; stratified (k exact ids + M tail draws) at two sizes; sampled N=24
 per position (each epoch's draw, and the mean of both). Prints one JSON line.
 Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
 
-    .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096]
+    .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import TINY, add_smoke  # noqa: E402
+
 from kdscale.cache import idcodec  # noqa: E402
 from kdscale.cache import targets as extract  # noqa: E402
 from kdscale.cache.format import DatasetInfo, TargetsInfo, TeacherInfo  # noqa: E402
@@ -54,6 +56,7 @@ from kdscale.student.losses import distillation_loss, next_token_labels  # noqa:
 
 EPS = 1e-8
 BATCH = 4
+SMOKE = {"tokens": 256, "warmup_steps": 2}  # 4 rows of the tiny job's 64 tokens
 
 
 def teacher_logits(teacher, rows: np.ndarray, vocab: int) -> torch.Tensor:
@@ -200,16 +203,19 @@ def renormalised(t: SparseTargets) -> SparseTargets:
     return SparseTargets(t.ids, t.probs / t.probs.sum(-1, keepdim=True), None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup-steps", type=int, default=60, help="CE steps for the fixed student on other pages")
-    args = ap.parse_args()
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.warmup_steps = SMOKE["tokens"], SMOKE["warmup_steps"]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    spec = load_job(REPO / "jobs" / "quickstart.yaml")
+    spec = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     tok = load_tokenizer(spec.teacher)
     vocab = len(tok)
     seq_len = spec.corpus.seq_len
