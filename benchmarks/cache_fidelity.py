@@ -50,9 +50,9 @@ from kdscale.cache.writer import build_manifest, write_rank_file, write_shard  #
 from kdscale.config import load_job  # noqa: E402
 from kdscale.data.corpus import pack_corpus  # noqa: E402
 from kdscale.models.student import build_student, student_config  # noqa: E402
-from kdscale.models.teacher import load_teacher, load_teacher_config, load_tokenizer  # noqa: E402
 from kdscale.precompute.plan import shard_tasks, tokenizer_info  # noqa: E402
 from kdscale.student.losses import distillation_loss, next_token_labels  # noqa: E402
+from kdscale.teachers import load_teacher, load_teacher_config, load_tokenizer  # noqa: E402
 
 EPS = 1e-8
 BATCH = 4

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from common import SMOKE_TOKENS, TINY, add_smoke  # noqa: E402
 
 from kdscale.config import load_job  # noqa: E402
-from kdscale.models.teacher import load_teacher  # noqa: E402
+from kdscale.teachers import load_teacher  # noqa: E402
 
 
 def bare_loop(spec, plan, budget: int) -> dict:

@@ -313,7 +313,7 @@ def other_genre_rows(setup: Setup = REAL):
 
     from kdscale.config import CorpusSpec, load_job
     from kdscale.data.corpus import pack_corpus
-    from kdscale.models.teacher import load_tokenizer
+    from kdscale.teachers import load_tokenizer
 
     tokenizer = load_tokenizer(load_job(setup.base_job).teacher)
     spec = CorpusSpec(
@@ -354,7 +354,7 @@ def teacher_other_genre_ce(results: Path, setup: Setup = REAL) -> float:
     import torch
 
     from kdscale.config import load_job
-    from kdscale.models.teacher import load_teacher, load_tokenizer
+    from kdscale.teachers import load_teacher, load_tokenizer
 
     torch.set_num_threads(2)
     spec = load_job(setup.base_job)

@@ -35,10 +35,10 @@ def bare_loop(spec, summary: dict, epochs: int) -> dict:
     from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest, read_split
     from kdscale.models.student import build_student, student_config
     from kdscale.models.task import CausalLM, table_arrays
-    from kdscale.models.teacher import load_teacher_config, load_tokenizer
     from kdscale.student.engine import warmup_cosine
     from kdscale.student.loop import steps_per_epoch
     from kdscale.student.losses import distillation_loss
+    from kdscale.teachers import load_teacher_config, load_tokenizer
 
     torch.set_num_threads(2)
     student = spec.students[0]

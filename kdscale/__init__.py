@@ -17,12 +17,17 @@ __version__ = "0.1.0"
 __all__ = [
     "JobResult",
     "LogitCache",
+    "Report",
     "StudentResult",
+    "describe_cache",
     "evaluate",
     "load_job",
     "open_cache",
+    "plan",
     "precompute",
+    "report",
     "run",
+    "run_stages",
     "train",
 ]
 

@@ -60,11 +60,31 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     return _load_job(path, overrides=overrides)
 
 
+ALL_STAGES = ("precompute", "train", "eval")
+
+
 def _run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None, tracking: bool) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from kdscale import pipeline
 
     return pipeline.run(spec, stages, workdir, tracking=tracking)
+
+
+def run_stages(
+    spec: JobSpec, stages: tuple[str, ...] = ALL_STAGES, workdir: str | None = None, tracking: bool = True
+) -> JobResult:
+    """The given stages in order (what every CLI job command runs); the summary they wrote."""
+    summary = _run(spec, stages, workdir, tracking)
+    return JobResult(summary, _students(summary), None)
+
+
+def plan(spec: JobSpec, stages: tuple[str, ...] = ALL_STAGES, workdir: str | None = None) -> dict[str, Any]:
+    """``--dry-run``: every check a real run makes before work that needs no teacher pass, and
+    the plan (actors, shards, students, the committed cache for train/eval). Writes nothing."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from kdscale import pipeline
+
+    return pipeline.dry_run(spec, stages, workdir)
 
 
 def _students(summary: dict[str, Any]) -> dict[str, StudentResult]:
@@ -96,10 +116,47 @@ def evaluate(spec: JobSpec, workdir: str | None = None, tracking: bool = True) -
 
 def run(spec: JobSpec, workdir: str | None = None, tracking: bool = True) -> JobResult:
     """Precompute, train, evaluate and export: ``kdscale run``."""
-    summary = _run(spec, ("precompute", "train", "eval"), workdir, tracking)
+    summary = _run(spec, ALL_STAGES, workdir, tracking)
     return JobResult(summary, _students(summary), _cache(summary))
 
 
 def open_cache(uri: str, checksums: bool = True) -> LogitCache:
     """A committed cache, verified (every reader's checks; ``checksums`` adds every file's sha256)."""
     return LogitCache.open(uri, checksums=checksums)
+
+
+def describe_cache(uri: str) -> dict[str, Any]:
+    """A verified cache's kind, size, bytes per token and fingerprints (``kdscale cache inspect``)."""
+    from kdscale.cache.profile import describe
+
+    return describe(open_cache(uri, checksums=False).manifest)
+
+
+@dataclass(frozen=True)
+class Report:
+    data: dict[str, Any]  # what report.json holds
+    not_logged: str | None  # why it could not be logged to MLflow (None: logged, or no run to log to)
+
+
+def report(workdir: str, baseline: str | None = None) -> Report:
+    """Every student a job trained beside its baseline (``kdscale report``): report.json / .md /
+    .png in the workdir, also logged to the job's MLflow parent run (MLFLOW_TRACKING_URI, else the
+    URI the job recorded). Raises ReportError when the workdir holds no job or no baseline."""
+    from kdscale import fs
+    from kdscale import summary as summary_files
+    from kdscale.report import ReportError
+
+    folder = fs.normalize(workdir)
+    summary = summary_files.read_summary(folder)
+    if not summary:
+        raise ReportError(f"no {summary_files.SUMMARY} in {workdir}: not a job's workdir, or nothing ran there yet")
+    summary["workdir"] = folder
+    mlflow = summary.get("mlflow", {})
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get("tracking_uri")
+    data = summary_files.write_report(summary, baseline)
+    try:
+        if uri and mlflow.get("parent_run_id"):
+            summary_files.log_report(folder, uri, mlflow["parent_run_id"])
+    except Exception as e:  # the report stands without MLflow; say why it was not logged
+        return Report(data, f"{type(e).__name__}: {str(e)[:200]}")
+    return Report(data, None)

@@ -61,7 +61,7 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool,
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
-    from kdscale import pipeline
+    from kdscale import api
     from kdscale import summary as summary_files
 
     hf_logging.disable_progress_bar()
@@ -72,9 +72,9 @@ def _run(job: Path, stages: tuple[str, ...], workdir: str | None, dry_run: bool,
     spec = _load(job, overrides)
     try:
         if dry_run:
-            out.print_json(json.dumps(pipeline.dry_run(spec, stages, workdir)))
+            out.print_json(json.dumps(api.plan(spec, stages, workdir)))
             return
-        summary = pipeline.run(spec, stages, workdir)
+        summary = api.run_stages(spec, stages, workdir).summary
     except (ConfigError, PlanError, TrackingUnavailable, CorpusError) as e:
         _fail(str(e), 2)
     except CacheFormatError as e:
@@ -174,44 +174,32 @@ def report(
 
     Writes report.json / report.md / report.png into the workdir and logs them to the job's MLflow
     parent run (MLFLOW_TRACKING_URI, else the URI the job recorded)."""
-    from kdscale import fs
-    from kdscale import summary as summary_files
+    from kdscale import api
     from kdscale.report import ReportError
 
-    folder = fs.normalize(workdir)
-    summary = summary_files.read_summary(folder)
-    if not summary:
-        _fail(f"no {summary_files.SUMMARY} in {workdir}: not a job's workdir, or nothing ran there yet", 2)
-    summary["workdir"] = folder
-    mlflow = summary.get("mlflow", {})
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get("tracking_uri")
     try:
-        rep = summary_files.write_report(summary, baseline)
+        result = api.report(workdir, baseline)
     except ReportError as e:
         _fail(str(e), 2)
-    try:
-        if uri and mlflow.get("parent_run_id"):
-            summary_files.log_report(folder, uri, mlflow["parent_run_id"])
-    except Exception as e:  # the report stands without MLflow; say why it was not logged
-        err.print(
-            f"[yellow]warning:[/] report not logged to MLflow ({escape(type(e).__name__)}: {escape(str(e))[:200]})"
-        )
+    if result.not_logged:
+        err.print(f"[yellow]warning:[/] report not logged to MLflow ({escape(result.not_logged)})")
+    rep = result.data
     if as_json:
         print(json.dumps(rep))
         return
     _print_report(rep)
 
 
-def _open(uri: str, checksums: bool = False):
-    """A cache through the one verification every reader uses; exit 1 listing every problem."""
+def _cache(call, uri: str):
+    """``call(uri)`` on a cache through the one verification every reader uses; exit 1 listing
+    every problem, or saying why the cache could not be read (no traceback)."""
     from kdscale import fs
-    from kdscale.cache.verify import open_cache
 
     try:
-        return open_cache(fs.normalize(uri), checksums=checksums)
+        return call(fs.normalize(uri))
     except CacheFormatError as e:
         _fail(str(e), 1)
-    except Exception as e:  # an unreachable endpoint, a permission error: say which, no traceback
+    except Exception as e:  # an unreachable endpoint, a permission error: say which
         _fail(f"cannot read the cache at {uri}: {type(e).__name__}: {str(e)[:300]}", 1)
 
 
@@ -221,9 +209,9 @@ def cache_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a committed cache's kind, size, bytes per token and fingerprints."""
-    from kdscale.cache.profile import describe
+    from kdscale import api
 
-    info = describe(_open(uri))
+    info = _cache(api.describe_cache, uri)
     if as_json:
         print(json.dumps(info))
         return
@@ -240,7 +228,9 @@ def cache_inspect(
 @cache_app.command("verify")
 def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fsspec URI)")) -> None:
     """Check a cache as every reader does, plus every file's sha256; exit 1 listing each problem."""
-    m = _open(uri, checksums=True)
+    from kdscale import api
+
+    m = _cache(lambda u: api.open_cache(u, checksums=True).manifest, uri)
     out.print(f"[green]ok[/] {len(m.shards)} shards match the manifest (cache {m.cache_id})")
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdscale import fs
 
@@ -83,6 +83,11 @@ class TrackingSpec(Strict):
 
 class TeacherSpec(Strict):
     name: str = Field(..., min_length=1)
+    backend: str = Field(
+        "huggingface",
+        description="How the teacher is loaded and run (kdscale.teachers.BACKENDS): huggingface reads a "
+        "transformers folder or a GGUF file, or builds a seeded random model (init: random).",
+    )
     init: Literal["pretrained", "random"] = "pretrained"
     path: str | None = Field(
         None,
@@ -116,6 +121,15 @@ class TeacherSpec(Strict):
         "the precompute fails naming the resources they asked for (resources no node has are refused before any work).",
     )
     trust_remote_code: bool = False
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from kdscale.teachers import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown teacher backend {v!r} (known: {', '.join(BACKENDS)})")
+        return v
 
     @model_validator(mode="after")
     def _init_needs(self) -> TeacherSpec:

@@ -352,7 +352,7 @@ def log_student_plots(tracker: Tracker, run_id: str, name: str, result, metrics:
 def lineage_tags(p: Prepared, sources: Sources, online: bool) -> dict[str, str]:
     """What a registered student version is tagged with: where its targets came from."""
     if online:
-        from kdscale.models.teacher import teacher_identity
+        from kdscale.teachers import teacher_identity
 
         teacher = teacher_identity(p.spec.teacher, len(p.tokenizer), p.spec.seed)
         return {

@@ -11,11 +11,12 @@ from kdscale import fs
 from kdscale.cache.format import CacheFormatError, Manifest
 from kdscale.config import ConfigError, JobSpec
 from kdscale.fingerprint import tokenizer_fingerprint
+from kdscale.models.arch import shape_problems
 from kdscale.models.student import count_parameters, describe, student_config
 from kdscale.models.task import CausalLM
-from kdscale.models.teacher import load_teacher_config, load_tokenizer, shape_problems, weight_problems
 from kdscale.precompute.plan import check_teacher_fits, logit_width
 from kdscale.summary import read_summary
+from kdscale.teachers import load_teacher_config, load_tokenizer, teacher_file_problems
 from kdscale.tracking.lineage import (
     tracking_uri,
 )
@@ -53,7 +54,7 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
     """Load the tokenizer and the teacher's config (not its weights), derive every student's
     config, and raise one ConfigError for all problems found. Writes nothing."""
     wd = spec.resolved_workdir(workdir)
-    problems = location_problems(spec, wd) + [("teacher.path", b) for b in weight_problems(spec.teacher)]
+    problems = location_problems(spec, wd) + [("teacher.path", b) for b in teacher_file_problems(spec.teacher)]
     problems += [
         (f"students.{i}.path", b)
         for i, s in enumerate(spec.students)
@@ -128,24 +129,19 @@ def location_problems(spec: JobSpec, workdir: str) -> list[tuple[str, str]]:
 
 def student_file_problems(path: str | None) -> list[str]:
     """A pretrained student's folder: no custom code, no pickle-only weights (as for teachers)."""
-    from kdscale.models.teacher import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, code_problems
+    from kdscale.models.files import WEIGHT_SUFFIXES, code_problems, pickle_only_problem
 
     if path is None:
         return []
-    problems = code_problems(path, trust_remote_code=False)
-    files = [f for f in fs.expand(path) if f.endswith(WEIGHT_SUFFIXES)]
-    if files and all(f.endswith(PICKLE_SUFFIXES) for f in files):
-        problems.append(
-            f"{path} holds only pickle weights; kdscale never unpickles model files: convert them to safetensors"
-        )
-    return problems
+    weights = [f for f in fs.expand(path) if f.endswith(WEIGHT_SUFFIXES)]
+    return code_problems(path, trust_remote_code=False) + pickle_only_problem(path, weights)
 
 
 def _image_task(spec: JobSpec):
     """An image job's teacher config and task (labels from the teacher, image size from the
     first IDX file's header), or a ConfigError naming the unreadable file."""
     from kdscale.data.images import IdxError, image_shape
-    from kdscale.models.teacher import load_image_task
+    from kdscale.teachers import load_image_task
 
     teacher_config = load_teacher_config(spec.teacher, None, spec.task)
     if getattr(teacher_config, "num_labels", 0) < 2:

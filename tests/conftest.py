@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,46 @@ def committed(ray_session, tmp_path_factory):
         result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp / "w")])
     assert result.exit_code == 0, result.output
     return job, tmp / "w"
+
+
+# A student small enough to train in seconds (the tiny job's own student is 2 layers of d=32).
+TINY_STUDENT_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+# SmolLM2-135M's shape (the real teacher), for planning tests that build no weights.
+SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+}
+
+
+def llama_config(**fields):
+    """A Llama config: a tiny one (d=64, 4 layers, 4 heads, 2 kv heads, vocab 300) unless overridden."""
+    from transformers import AutoConfig
+
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+    }
+    return AutoConfig.for_model("llama", **{**shape, **fields})
+
+
+def cli_in_subprocess(ray_session, cwd: Path, *args: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``kdscale ARGS`` as its own process attached to the session's Ray (a driver a test can kill)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdscale.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd
+    )

@@ -20,20 +20,14 @@ from kdscale.cache.reader import (
     open_manifest,
     read_split,
 )
+from kdscale.cache.store import CacheWriter
 from kdscale.cache.verify import problems
-from kdscale.cache.writer import (
-    build_manifest,
-    commit,
-    finished_shards,
-    start_or_check_plan,
-    write_ledger_entry,
-    write_rank_file,
-)
+from kdscale.cache.writer import finished_shards, start_or_check_plan
 from kdscale.config import load_job
 from kdscale.data.corpus import pack_corpus, seq_id, split_of
-from kdscale.models.teacher import load_tokenizer
 from kdscale.precompute.plan import build_plan
 from kdscale.precompute.worker import TeacherWorker
+from kdscale.teachers import load_tokenizer
 from tests.conftest import write_job
 
 
@@ -95,26 +89,19 @@ def build_cache(tmp, **overrides):
     tok = load_tokenizer(spec.teacher)
     plan = build_plan(spec, tok)
     uri = str(tmp / "cache")
-    start_or_check_plan(uri, plan.cache_id)
-    id_coding = write_rank_file(uri, plan.rank_order)
     worker = TeacherWorker(
         spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank
     )
-    records = []
-    for task in plan.tasks:
-        rec = worker.run(task)
-        write_ledger_entry(uri, rec)
-        records.append(rec)
-    manifest = build_manifest(
-        cache_id=plan.cache_id,
-        targets=plan.targets,
-        teacher=plan.teacher,
-        tokenizer=plan.tokenizer,
-        dataset=plan.dataset,
-        id_coding=id_coding,
-        shards=records,
-    )
-    commit(uri, manifest)
+    with CacheWriter(uri, plan.cache_id, plan.rank_order) as cache:
+        for task in plan.tasks:
+            cache.record(worker.run(task))
+        cache.commit(
+            targets=plan.targets,
+            teacher=plan.teacher,
+            tokenizer=plan.tokenizer,
+            dataset=plan.dataset,
+            order=[t.name for t in plan.tasks],
+        )
     return uri, plan, tok, worker
 
 
@@ -291,3 +278,35 @@ def test_every_registered_kind_is_in_the_schemas_and_back():
 
     for model in (TargetsSpec, TargetsInfo):
         assert set(typing.get_args(model.model_fields["kind"].annotation)) == set(KINDS)
+
+
+def test_cache_writer_commits_last_and_an_interrupted_write_resumes(tmp_path):
+    """The writer refuses to commit over unrecorded shards; leaving it on an exception writes no
+    manifest, releases the lease and keeps the ledger, so the next writer skips finished shards."""
+    from kdscale.cache.format import LEDGER_DIR
+    from kdscale.cache.writer import LEASE
+
+    spec = load_job(write_job(tmp_path, **{"cache.rows_per_shard": 40}))
+    tok = load_tokenizer(spec.teacher)
+    plan = build_plan(spec, tok)
+    uri = str(tmp_path / "cache")
+    worker = TeacherWorker(
+        spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank
+    )
+    info = {"targets": plan.targets, "teacher": plan.teacher, "tokenizer": plan.tokenizer, "dataset": plan.dataset}
+    names = [t.name for t in plan.tasks]
+    assert len(names) >= 2
+    with pytest.raises(KeyboardInterrupt), CacheWriter(uri, plan.cache_id, plan.rank_order) as cache:
+        cache.record(worker.run(plan.tasks[0]))
+        with pytest.raises(RuntimeError, match=f"shard\\(s\\) not recorded: {names[1]}"):
+            cache.commit(**info, order=names)
+        raise KeyboardInterrupt
+    assert not fs.exists(fs.join(uri, MANIFEST))
+    assert not fs.exists(fs.join(uri, LEDGER_DIR, LEASE))
+    with CacheWriter(uri, plan.cache_id, plan.rank_order) as cache:
+        assert set(cache.finished) == {names[0]}
+        for task in plan.tasks[1:]:
+            cache.record(worker.run(task))
+        manifest, stale = cache.commit(**info, order=names)
+    assert stale == 0 and [s.path for s in manifest.shards] == names
+    assert open_manifest(uri).cache_id == plan.cache_id

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from kdscale import fs
 from kdscale.cache.format import LEDGER_DIR, MANIFEST
 from kdscale.cache.reader import open_manifest
 from kdscale.cli import app
-from tests.conftest import write_job
+from tests.conftest import cli_in_subprocess, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,13 +30,8 @@ def _shards(cache) -> dict[str, str]:
 def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path, mlflow_uri):
     job = write_job(tmp_path, **{"cache.rows_per_shard": 4, "corpus.max_tokens": 16384})
     killed = tmp_path / "killed"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdscale.cli", "precompute", str(job), "--workdir", str(killed)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
+    proc = cli_in_subprocess(
+        ray_session, tmp_path, "precompute", str(job), "--workdir", str(killed), stderr=subprocess.PIPE
     )
     ledger = killed / "cache" / LEDGER_DIR
     deadline = time.time() + 240

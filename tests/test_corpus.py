@@ -12,7 +12,7 @@ import pytest
 
 from kdscale.config import CorpusSpec, load_job
 from kdscale.data.corpus import pack_corpus, seq_id, split_of
-from kdscale.models.teacher import load_tokenizer
+from kdscale.teachers import load_tokenizer
 from tests.conftest import JOBS, write_job
 
 DOCS = sorted((JOBS / "assets" / "tiny-corpus").glob("*.rst"))

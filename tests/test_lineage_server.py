@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kdscale import fs
 from kdscale.cache.reader import open_manifest
 from kdscale.cli import app
-from tests.conftest import SESSION_AWS_SECRET, write_job
+from tests.conftest import SESSION_AWS_SECRET, TINY_STUDENT_ARCH, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.services]
 
@@ -36,13 +36,7 @@ def two_jobs(ray_session, mlflow_server, tmp_path_factory):
         cache = str(tmp / "a" / "work" / "cache")
         student_b = {
             "name": STUDENT_B,
-            "architecture": {
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 1,
-            },
+            "architecture": TINY_STUDENT_ARCH,
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "micro_batch_size": 4},
         }
         job_b = write_job(tmp / "b", name="lineage-b", students=[student_b], **{"cache.uri": cache})

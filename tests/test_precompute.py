@@ -8,24 +8,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest, read_split
 from kdscale.cli import app
-from tests.conftest import write_job
+from tests.conftest import llama_config, write_job
 
 
 def hf_teacher(folder, layers: int = 4, tokenizer_dir=None):
     """A tiny random Llama saved as safetensors with its tokenizer, like a downloaded model."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=64,
-        intermediate_size=128,
+    cfg = llama_config(
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tok),
         max_position_embeddings=128,
         initializer_range=0.2,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from kdscale.cli import app
 from kdscale.report import ReportError, build_report, curves, paired_difference, pick_baseline, verdict
-from tests.conftest import write_job
+from tests.conftest import TINY_STUDENT_ARCH, write_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,13 +88,7 @@ def test_report_of_a_job_with_a_ce_twin(ray_session, tmp_path, mlflow_uri):
     write_job(tmp_path)
     twin = {
         "name": "twin",
-        "architecture": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
+        "architecture": {**TINY_STUDENT_ARCH, "num_hidden_layers": 2},
         "loss": {"alpha": 0.0},
         "train": {
             "num_workers": 2,

@@ -6,22 +6,14 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from kdscale.models.sharding import ShardingError, layer_ranges, split
+from tests.conftest import SMOLLM2_SHAPE, llama_config
 
 
 def _tiny(tied: bool, layers: int = 4, vocab: int = 300):
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-    )
+    cfg = llama_config(num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=tied)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -40,15 +32,7 @@ def test_stages_chain_to_the_unsharded_logits(tied, shards):
 
 
 def test_ranges_cover_every_layer_once_and_balance_the_head():
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-    )
+    cfg = llama_config(**SMOLLM2_SHAPE)
     ranges = layer_ranges(cfg, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == 30 and ranges[0][1] == ranges[1][0]
     # the LM head (~7 layers of compute here) pushes the cut past the middle

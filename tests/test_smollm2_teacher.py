@@ -13,9 +13,9 @@ from kdscale.cache.format import TargetsInfo
 from kdscale.cli import app
 from kdscale.config import load_job
 from kdscale.data.corpus import pack_corpus
-from kdscale.models.teacher import load_tokenizer
 from kdscale.precompute.plan import shard_tasks
 from kdscale.precompute.worker import TeacherWorker
+from kdscale.teachers import load_tokenizer
 from tests.conftest import JOBS
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_sharded_smollm2_equals_unsharded():
     import torch
 
     from kdscale.models.sharding import layer_ranges, split
-    from kdscale.models.teacher import load_teacher
+    from kdscale.teachers import load_teacher
 
     spec = load_job(JOBS / "quickstart.yaml")
     tok = load_tokenizer(spec.teacher)

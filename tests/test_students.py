@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from kdscale.cli import app
 from kdscale.config import load_job
-from kdscale.models.teacher import load_teacher, load_tokenizer
-from tests.conftest import write_job
+from kdscale.teachers import load_teacher, load_tokenizer
+from tests.conftest import TINY_STUDENT_ARCH, llama_config, write_job
 
 TRAIN = {
     "num_workers": 2,
@@ -27,16 +27,7 @@ TRAIN = {
 
 
 def _pretrained(folder, vocab):
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
+    cfg = llama_config(**TINY_STUDENT_ARCH, vocab_size=vocab, max_position_embeddings=256)
     torch.manual_seed(5)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     return str(folder)
@@ -49,13 +40,7 @@ def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
     students = [
         {
             "name": "fresh",
-            "architecture": {
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 1,
-            },
+            "architecture": TINY_STUDENT_ARCH,
             "loss": {"alpha": 0.5, "divergence": "jsd"},
             "train": {**TRAIN, "zero_stage": 2},
         },
@@ -148,13 +133,7 @@ def test_online_student_beside_a_cache_student(ray_session, tmp_path, mlflow_uri
     """Online KD (teacher inside the training workers) and cache KD in one job: same rows, same
     held-out split, same teacher statistics; only the cache student is linked to the cache."""
     write_job(tmp_path)
-    arch = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    }
+    arch = TINY_STUDENT_ARCH
     students = [
         {"name": "cached", "architecture": arch, "train": {**TRAIN, "epochs": 2}},
         {"name": "online", "targets": "online", "architecture": arch, "train": {**TRAIN, "epochs": 2}},

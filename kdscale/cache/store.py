@@ -1,6 +1,7 @@
 """A committed logit cache as one object: open it (through the verification every reader uses),
 look at its manifest and splits, and read decoded batches for a loss — without knowing the file
-layout, the id coding or the commit protocol."""
+layout, the id coding or the commit protocol; and its counterpart, the writer that alone knows
+the commit order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdscale.cache.format import Manifest
+from kdscale.cache import writer
+from kdscale.cache.format import LEDGER_DIR, DatasetInfo, Manifest, ShardRecord, TargetsInfo, TeacherInfo, TokenizerInfo
 from kdscale.cache.reader import batch_input_ids, batch_targets, load_rank_order, read_split
 
 
@@ -66,3 +68,74 @@ class LogitCache:
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size)
             yield batch_input_ids(rows), self.targets(rows, epoch)
+
+
+class CacheWriter:
+    """The one place that knows the commit order of a cache: claim the folder for a cache_id
+    (refusing one begun for another), take the lease, store the id-coding rank table, record each
+    finished shard in the ledger as it lands, and write the manifest last — the commit. Shards
+    themselves are written by whoever computed them (a teacher actor, a test, a benchmark).
+
+        with CacheWriter(uri, cache_id, rank_order) as w:
+            for task in tasks_not_in(w.finished):
+                w.record(write_shard(uri, ...))
+            manifest = w.commit(targets=..., teacher=..., tokenizer=..., dataset=..., order=names)
+
+    Leaving the block without a commit (an exception) releases the lease and keeps the ledger,
+    so a rerun resumes with the finished shards."""
+
+    def __init__(self, uri: str, cache_id: str, rank_order: np.ndarray):
+        self.uri = uri
+        self.cache_id = cache_id
+        self.rank_order = rank_order
+        self.id_coding: dict[str, Any] = {}
+        self.finished: dict[str, ShardRecord] = {}
+        self.manifest: Manifest | None = None
+
+    def __enter__(self) -> CacheWriter:
+        from kdscale import fs
+
+        fs.makedirs(self.uri)
+        writer.start_or_check_plan(self.uri, self.cache_id)
+        writer.acquire_lease(self.uri)
+        self.id_coding = writer.write_rank_file(self.uri, self.rank_order)
+        self.finished = writer.finished_shards(self.uri)
+        return self
+
+    def record(self, record: ShardRecord) -> None:
+        """A shard is fully written: from now on a rerun skips it."""
+        writer.write_ledger_entry(self.uri, record)
+        self.finished[record.path] = record
+
+    def commit(
+        self,
+        *,
+        targets: TargetsInfo,
+        teacher: TeacherInfo,
+        tokenizer: TokenizerInfo,
+        dataset: DatasetInfo,
+        order: list[str],
+    ) -> tuple[Manifest, int]:
+        """Write the manifest over the shards named in ``order`` (every one must be recorded);
+        returns it and how many temp files killed writers had left behind (removed first)."""
+        from kdscale import fs
+
+        missing = [name for name in order if name not in self.finished]
+        if missing:
+            raise RuntimeError(f"cannot commit {self.uri}: shard(s) not recorded: {', '.join(missing[:5])}")
+        stale = fs.remove_temp_files(self.uri) + fs.remove_temp_files(fs.join(self.uri, LEDGER_DIR))
+        manifest = writer.build_manifest(
+            cache_id=self.cache_id,
+            targets=targets,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            id_coding=self.id_coding,
+            shards=[self.finished[name] for name in order],
+        )
+        writer.commit(self.uri, manifest)
+        self.manifest = manifest
+        return manifest, len(stale)
+
+    def __exit__(self, *exc: object) -> None:
+        writer.release_lease(self.uri)

@@ -16,7 +16,7 @@ from kdscale.models.task import CausalLM, Task
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-from kdscale.models.teacher import architecture_dict, shape_problems, unknown_fields
+from kdscale.models.arch import architecture_dict, shape_problems, unknown_fields
 
 # Derived from other fields unless the user sets them explicitly: head_dim from hidden_size /
 # num_attention_heads; a vision backbone's stage names and outputs from its depths.
@@ -137,8 +137,8 @@ def write_teacher_layer_inits(
     student; the teacher is loaded once, in this process, only when such a student exists."""
     import tempfile
 
-    from kdscale.models.teacher import load_teacher
     from kdscale.progress import say
+    from kdscale.teachers import load_teacher
 
     wanted = [s for s in spec.students if s.init == "teacher_layers"]
     if not wanted:

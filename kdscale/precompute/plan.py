@@ -28,7 +28,8 @@ from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
 from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.sharding import layer_ranges
-from kdscale.models.teacher import load_teacher_config, teacher_identity
+from kdscale.teachers import backend as teacher_backend
+from kdscale.teachers import load_teacher_config, serving_problems, teacher_identity
 from kdscale.tracking.redact import redact
 
 if TYPE_CHECKING:
@@ -100,7 +101,10 @@ def check_teacher_fits(spec: JobSpec, teacher_config, vocab_size: int) -> list[t
     context = getattr(teacher_config, "max_position_embeddings", None)
     if context and spec.corpus.seq_len > context:
         problems.append(("corpus.seq_len", f"{spec.corpus.seq_len} exceeds the teacher's context length {context}"))
-    problems += target_kind(spec.cache.targets.kind).problems(spec.cache.targets, vocab_size)
+    kind = target_kind(spec.cache.targets.kind)
+    problems += kind.problems(spec.cache.targets, vocab_size)
+    online = [i for i, s in enumerate(spec.students) if s.targets == "online"]
+    problems += serving_problems(teacher_backend(spec.teacher), kind, online)
     if spec.teacher.shards > 1:
         problems += _sharding_problems(spec, teacher_config)
     return problems

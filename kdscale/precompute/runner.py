@@ -9,6 +9,7 @@ out (size and sha256); anything else at the URI is refused rather than overwritt
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,18 +18,9 @@ import ray
 import torch
 
 from kdscale import fs
-from kdscale.cache.format import LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
+from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest, ShardRecord
 from kdscale.cache.reader import open_manifest
-from kdscale.cache.writer import (
-    acquire_lease,
-    build_manifest,
-    commit,
-    finished_shards,
-    release_lease,
-    start_or_check_plan,
-    write_ledger_entry,
-    write_rank_file,
-)
+from kdscale.cache.store import CacheWriter
 from kdscale.config import JobSpec
 from kdscale.precompute.plan import PrecomputePlan, ShardTask
 from kdscale.precompute.worker import StageWorker, TeacherWorker
@@ -80,36 +72,21 @@ def run_precompute(
         say(f"[green]Cache {plan.cache_id} already complete at {cache_uri} and verified: reusing it, no teacher work.")
         return PrecomputeResult(cache_uri, manifest, True, 0.0, 0)
 
-    fs.makedirs(cache_uri)
-    start_or_check_plan(cache_uri, plan.cache_id)
-    acquire_lease(cache_uri)
-    id_coding = write_rank_file(cache_uri, plan.rank_order)
-    done = finished_shards(cache_uri)
-    todo = [t for t in plan.tasks if t.name not in done]
-    if done:
-        say(f"Resuming cache {plan.cache_id}: {len(done)} of {len(plan.tasks)} shards already finished.")
-    records = dict(done)
-    tokens_todo = sum(t.tokens for t in todo)
-    compute_seconds = 0.0
-    if todo:
-        computed, compute_seconds = _run_tasks(spec, plan, cache_uri, todo, tokens_todo)
-        records.update(computed)
-
-    # every shard is written: temp files still here were left by writers killed in an earlier run
-    stale = fs.remove_temp_files(cache_uri) + fs.remove_temp_files(fs.join(cache_uri, LEDGER_DIR))
-    if stale:
-        say(f"Removed {len(stale)} temp file(s) left by an interrupted run.")
-    manifest = build_manifest(
-        cache_id=plan.cache_id,
-        targets=plan.targets,
-        teacher=plan.teacher,
-        tokenizer=plan.tokenizer,
-        dataset=plan.dataset,
-        id_coding=id_coding,
-        shards=[records[t.name] for t in plan.tasks],
-    )
-    commit(cache_uri, manifest)
-    release_lease(cache_uri)
+    with CacheWriter(cache_uri, plan.cache_id, plan.rank_order) as cache:
+        todo = [t for t in plan.tasks if t.name not in cache.finished]
+        if cache.finished:
+            say(f"Resuming cache {plan.cache_id}: {len(cache.finished)} of {len(plan.tasks)} shards already finished.")
+        tokens_todo = sum(t.tokens for t in todo)
+        compute_seconds = _run_tasks(spec, plan, cache_uri, todo, tokens_todo, cache.record) if todo else 0.0
+        manifest, stale = cache.commit(
+            targets=plan.targets,
+            teacher=plan.teacher,
+            tokenizer=plan.tokenizer,
+            dataset=plan.dataset,
+            order=[t.name for t in plan.tasks],
+        )
+    if stale:  # every shard is written: these were left by writers killed in an earlier run
+        say(f"Removed {stale} temp file(s) left by an interrupted run.")
     say(
         f"[green]Cache {plan.cache_id} committed: {manifest.totals['tokens']:,} tokens, "
         f"{manifest.totals['bytes_per_token']:.1f} B/token, at {cache_uri}"
@@ -194,14 +171,21 @@ def _wait_ready(spec: JobSpec, actors: list) -> None:
         ) from None
 
 
-def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens_todo: int) -> tuple[dict, float]:
+def _run_tasks(
+    spec: JobSpec,
+    plan: PrecomputePlan,
+    cache_uri: str,
+    todo: list[ShardTask],
+    tokens_todo: int,
+    record: Callable[[ShardRecord], None],
+) -> float:
     """Run shard tasks on a pool of teacher replicas (each one actor, or a pipeline of stage
-    actors when the teacher is sharded), keeping each replica busy with a short queue."""
+    actors when the teacher is sharded), keeping each replica busy with a short queue; each
+    finished shard goes to ``record`` as it lands. Returns the compute seconds."""
     t = spec.teacher
     replicas = min(t.replicas, len(todo))
     pipelines = _start_pipelines(spec, plan, cache_uri, replicas)
     actors = [a for p in pipelines for a in p.actors()]
-    records = {}
     queue = list(todo)
     in_flight: dict[ray.ObjectRef, tuple[_Pipeline, ShardTask]] = {}
     shape = f"{replicas} x {len(plan.layer_ranges)} stages" if len(plan.layer_ranges) > 1 else f"x{replicas}"
@@ -222,9 +206,7 @@ def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             pipeline, task = in_flight.pop(ready[0])
-            record = ray.get(ready[0])
-            write_ledger_entry(cache_uri, record)
-            records[record.path] = record
+            record(ray.get(ready[0]))
             done_tokens += task.tokens
             progress.update(task_id, advance=task.tokens, rate=done_tokens / max(time.perf_counter() - first, 1e-9))
             if queue:
@@ -232,4 +214,4 @@ def _run_tasks(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, todo, tokens
         compute_seconds = time.perf_counter() - first
     for a in actors:
         ray.kill(a)
-    return records, compute_seconds
+    return compute_seconds

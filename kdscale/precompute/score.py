@@ -19,7 +19,7 @@ def teacher_heldout(p: Prepared, rows: list) -> Any:
     from kdscale.cache.targets import extract_row
     from kdscale.data.corpus import seq_id
     from kdscale.models.task import next_token_labels
-    from kdscale.models.teacher import load_teacher
+    from kdscale.teachers import load_teacher
 
     teacher = load_teacher(p.spec.teacher, len(p.tokenizer), p.spec.seed)
     nll, top1 = [], []

@@ -18,8 +18,8 @@ from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
 from kdscale.models.sharding import split
 from kdscale.models.task import task_from_dict
-from kdscale.models.teacher import load_teacher
 from kdscale.precompute.plan import ShardTask
+from kdscale.teachers import load_teacher
 
 
 def pick_device(num_gpus: float) -> torch.device:

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from kdscale.config import LossSpec, TrainSpec
+from kdscale.config import TrainSpec
 from kdscale.models.task import Task, table_arrays, task_from_dict
 from kdscale.student.losses import Divergence, distillation_loss, nll_sum
+from kdscale.student.worker_config import WorkerConfig
 
 STATE_FILE = "kdscale_state.json"
 CHECKPOINT_PREFIX = "kdscale-ckpt-"
@@ -141,169 +142,119 @@ class _Prefetcher:
             yield item
 
 
-def _save_checkpoint(engine, cfg: dict[str, Any], state: dict[str, Any], rank: int, student_config, task: Task) -> str:
-    """A checkpoint folder (Ray Train deletes it once uploaded); the state records how long the
-    save took, so its cost shows beside the epochs' (``checkpoint_seconds``)."""
-    from kdscale.student.engine import full_state_dict
-
-    started = time.perf_counter()
-    # Ray Train moves the folder into the run's storage and deletes it (delete_local_checkpoint_after_upload);
-    # the student's name in it lets a test check that none is left behind.
-    folder = tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{cfg.get('student', 'student')}-")
-    engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
-    weights = full_state_dict(engine, cfg["train"]["zero_stage"])  # collective under ZeRO-3
-    if rank == 0:
-        model = task.auto_model().from_config(student_config)
-        model.load_state_dict(weights)
-        model.save_pretrained(os.path.join(folder, HF_DIR), safe_serialization=True)
-        state["epochs"][-1]["checkpoint_seconds"] = time.perf_counter() - started
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(state, f)
-    return folder
+def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
+    """Ray Train's entry point on every worker: ``config["worker"]`` is the driver's WorkerConfig."""
+    _WorkerRun(config["worker"]).run()
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    import ray.train
-    from transformers import AutoConfig
+class _WorkerRun:
+    """One worker's training, in named steps: build, restore, epochs of steps (with logging and
+    held-out evaluation), checkpoint."""
 
-    from kdscale.models.student import build_student
-    from kdscale.student.engine import make_engine, select_device
-    from kdscale.tracking.lineage import log_step_metrics
+    def __init__(self, cfg: WorkerConfig):
+        import ray.train
+        from transformers import AutoConfig
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    from kdscale.student.targets_source import make_source
+        from kdscale.models.student import build_student
+        from kdscale.student.engine import make_engine, select_device
 
-    train, loss_spec = TrainSpec(**cfg["train"]), LossSpec(**cfg["loss"])
-    device = select_device(train.use_gpu)
-    torch.set_num_threads(max(1, int(cfg.get("threads", 1))))
-    targets_for = make_source(cfg, device)
-    task = task_from_dict(cfg.get("task") or {"name": "causal_lm"})
+        self.cfg, self.train = cfg, cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = select_device(self.train.use_gpu)
+        torch.set_num_threads(max(1, cfg.threads))
+        self.targets_for = cfg.targets.open(cfg.loss.temperature, self.device)
+        self.task = task_from_dict(cfg.task)
+        config_dict = dict(cfg.student_config)
+        self.student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = build_student(self.student_config, cfg.seed, cfg.init_path, self.task)
+        self.engine, self.precision = make_engine(model, self.train, cfg.total_steps, self.device, self.world)
+        self.divergence = Divergence(cfg.loss.divergence, beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.preloaded: list = []
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
 
-    config_dict = dict(cfg["student_config"])
-    student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = build_student(student_config, cfg["seed"], cfg.get("init_path"), task)
-    total_steps = cfg["steps_per_epoch"] * train.epochs
-    engine, precision = make_engine(model, train, total_steps, device, world)
+    def run(self) -> None:
+        self.restore()
+        epochs = range(self.state["epoch"], self.train.epochs)
+        prefetcher = _Prefetcher(self.epoch_batches, epochs, self.train.prefetch_batches)
+        for epoch in epochs:
+            metrics = self.train_epoch(epoch, prefetcher.epoch(epoch))
+            self.end_epoch(epoch, metrics)
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    # restore ------------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Continue from Ray Train's latest checkpoint, if there is one (a restarted worker group)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, DS_DIR), tag="ckpt")
+            self.engine.load_checkpoint(os.path.join(d, DS_DIR), tag="ckpt")
             with open(os.path.join(d, STATE_FILE)) as f:
-                state = json.load(f)
-        state.setdefault("resumed_at_epochs", []).append(state["epoch"])
+                self.state = json.load(f)
+        self.state.setdefault("resumed_at_epochs", []).append(self.state["epoch"])
 
-    divergence = Divergence(loss_spec.divergence, beta=loss_spec.jsd_beta, skew=loss_spec.skew)
-    shard = ray.train.get_dataset_shard("train")
-    counter = cfg.get("counter")
-    log_every = cfg.get("log_every", 1)
-    tokens_per_micro = train.micro_batch_size * cfg["seq_len"]
-    micro_per_epoch = cfg["steps_per_epoch"] * train.grad_accum
-    tokens_per_step = tokens_per_micro * train.grad_accum * world
-    heldout = cfg.get("heldout") if train.eval_every_steps else None
+    # data ---------------------------------------------------------------------------------------
 
-    def batches(epoch: int, decode: bool = True):
+    def batches(self, epoch: int, decode: bool = True) -> Iterator:
         """(model inputs, labels, targets) for this rank's share of one epoch, equal in count on
         every rank (or the collectives would hang); with ``decode=False`` the stored batch
         instead of targets."""
-        stream = shard.iter_batches(
+        train, task = self.train, self.task
+        stream = self.shard.iter_batches(
             batch_size=train.micro_batch_size,
             batch_format="pyarrow",
             drop_last=True,
             local_shuffle_buffer_size=4 * train.micro_batch_size,
-            local_shuffle_seed=cfg["seed"] * 1000 + epoch,
+            local_shuffle_seed=self.cfg.shuffle_seed(epoch),
         )
         for n, batch in enumerate(stream):
-            if n >= micro_per_epoch:
+            if n >= self.cfg.micro_batches_per_epoch:
                 break
             arrays = table_arrays(batch, task.input_columns)
-            inputs, labels = task.model_inputs(arrays, device), task.labels(arrays, device)
-            yield inputs, labels, (targets_for(batch, inputs, epoch) if decode else batch)
+            inputs, labels = task.model_inputs(arrays, self.device), task.labels(arrays, self.device)
+            yield inputs, labels, (self.targets_for(batch, inputs, epoch) if decode else batch)
 
-    preloaded: list = []
-
-    def epoch_batches(epoch: int):
+    def epoch_batches(self, epoch: int) -> Iterator:
         """One epoch's batches: streamed, or (``preload``) from the worker's share read once and
         kept, in a seeded order per epoch (decoded again per epoch when each epoch has its own draw)."""
-        if not train.preload:
-            yield from batches(epoch)
+        if not self.train.preload:
+            yield from self.batches(epoch)
             return
-        per_epoch = targets_for.varies_by_epoch
-        if not preloaded:
-            preloaded.extend(batches(epoch, decode=not per_epoch))
-        order = torch.randperm(len(preloaded), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
-        for i in order.tolist():
-            inputs, labels, stored = preloaded[i]
-            yield inputs, labels, targets_for(stored, inputs, epoch) if per_epoch else stored
+        per_epoch = self.targets_for.varies_by_epoch
+        if not self.preloaded:
+            self.preloaded.extend(self.batches(epoch, decode=not per_epoch))
+        generator = torch.Generator().manual_seed(self.cfg.shuffle_seed(epoch))
+        for i in torch.randperm(len(self.preloaded), generator=generator).tolist():
+            inputs, labels, stored = self.preloaded[i]
+            yield inputs, labels, self.targets_for(stored, inputs, epoch) if per_epoch else stored
 
-    prefetcher = _Prefetcher(epoch_batches, range(state["epoch"], train.epochs), train.prefetch_batches)
-    for epoch in range(state["epoch"], train.epochs):
+    # steps --------------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, items: Iterable) -> dict[str, Any]:
+        """Train on one epoch's micro-batches; returns the metrics Ray Train is told."""
         started = time.perf_counter()
         window: list[list[float]] = []
         micro = 0
-        clock = _DataClock(prefetcher.epoch(epoch))
+        clock = _DataClock(items)
         for inputs, labels, targets in clock:
-            logits = task.logits(engine, inputs)
-            parts = distillation_loss(
-                logits,
-                labels,
-                targets,
-                alpha=loss_spec.alpha,
-                temperature=loss_spec.temperature,
-                chunk_positions=loss_spec.chunk_positions,
-                divergence_spec=divergence,
-            )
-            engine.backward(parts.total)
-            engine.step()
+            window.append(self.micro_step(epoch, inputs, labels, targets))
             micro += 1
-            window.append([parts.total.item(), parts.kd.item(), parts.ce.item()])
-            if not math.isfinite(window[-1][0]):
-                raise NonFiniteLoss(
-                    f"the loss is {window[-1][0]} at step {state['step'] + 1} (epoch {epoch}, kd "
-                    f"{window[-1][1]}, ce {window[-1][2]}); training stopped, nothing is exported"
-                )
-            if counter is not None:
-                counter.add.remote("tokens", tokens_per_micro)
-            if micro % train.grad_accum == 0:
-                state["step"] += 1
-                if state["step"] % log_every == 0 or micro == micro_per_epoch:
-                    total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
-                    window = []
-                    record = {
-                        "step": state["step"],
-                        "epoch": epoch,
-                        "loss": total,
-                        "kd": kd,
-                        "ce": ce,
-                        "lr": engine.get_lr()[0],
-                    }
-                    state["history"].append(record)
-                    if rank == 0 and cfg.get("run_id"):
-                        log_step_metrics(
-                            cfg["tracking_uri"],
-                            cfg["run_id"],
-                            {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]},
-                            state["step"],
-                        )
-                if heldout is not None and (
-                    state["step"] % train.eval_every_steps == 0 or state["step"] == total_steps
-                ):
-                    point = {
-                        "step": state["step"],
-                        "tokens": state["step"] * tokens_per_step,
-                        "heldout_ce": heldout_ce(engine, task, heldout, rank, world, train.micro_batch_size, device),
-                    }
-                    state.setdefault("evals", []).append(point)
-                    if rank == 0 and cfg.get("run_id"):
-                        log_step_metrics(
-                            cfg["tracking_uri"], cfg["run_id"], {"eval/heldout_ce": point["heldout_ce"]}, state["step"]
-                        )
-        state["epoch"] = epoch + 1
+            if micro % self.train.grad_accum:
+                continue
+            self.state["step"] += 1
+            if self.state["step"] % self.train.log_every == 0 or micro == self.cfg.micro_batches_per_epoch:
+                self.log(epoch, window)
+                window = []
+            if self.eval_due():
+                self.evaluate()
+        self.state["epoch"] = epoch + 1
         seconds = time.perf_counter() - started
-        tokens = micro * tokens_per_micro * world
-        state.setdefault("epochs", []).append(
+        tokens = micro * self.cfg.tokens_per_micro_batch * self.world
+        self.state.setdefault("epochs", []).append(
             {
                 "epoch": epoch,
                 "seconds": seconds,
@@ -312,16 +263,101 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "first_batch_seconds": clock.first,
             }
         )
-        metrics = {
+        return {
             "epoch": epoch,
-            "step": state["step"],
+            "step": self.state["step"],
             "tokens_per_second": tokens / max(seconds, 1e-9),
-            "precision": precision,
+            "precision": self.precision,
         }
-        if (epoch + 1) % train.checkpoint_every_epochs and epoch + 1 < train.epochs:
-            ray.train.report(metrics)  # the same decision on every rank: no collective save is left waiting
-            continue
-        folder = _save_checkpoint(engine, cfg, state, rank, student_config, task)
+
+    def micro_step(self, epoch: int, inputs, labels, targets) -> list[float]:
+        """Loss, backward and (at the accumulation boundary, inside DeepSpeed) the optimizer step;
+        returns [total, kd, ce]. A non-finite loss stops the run."""
+        loss = self.cfg.loss
+        parts = distillation_loss(
+            self.task.logits(self.engine, inputs),
+            labels,
+            targets,
+            alpha=loss.alpha,
+            temperature=loss.temperature,
+            chunk_positions=loss.chunk_positions,
+            divergence_spec=self.divergence,
+        )
+        self.engine.backward(parts.total)
+        self.engine.step()
+        values = [parts.total.item(), parts.kd.item(), parts.ce.item()]
+        if not math.isfinite(values[0]):
+            raise NonFiniteLoss(
+                f"the loss is {values[0]} at step {self.state['step'] + 1} (epoch {epoch}, kd "
+                f"{values[1]}, ce {values[2]}); training stopped, nothing is exported"
+            )
+        if self.cfg.counter is not None:
+            self.cfg.counter.add.remote("tokens", self.cfg.tokens_per_micro_batch)
+        return values
+
+    def log(self, epoch: int, window: list[list[float]]) -> None:
+        """The window's mean losses over all ranks, into the history and (rank 0) MLflow."""
+        from kdscale.tracking.lineage import log_step_metrics
+
+        total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
+        record = {"step": self.state["step"], "epoch": epoch, "loss": total, "kd": kd, "ce": ce}
+        record["lr"] = self.engine.get_lr()[0]
+        self.state["history"].append(record)
+        if self.rank == 0 and self.cfg.run_id:
+            metrics = {"train/loss": total, "train/kd": kd, "train/ce": ce, "train/lr": record["lr"]}
+            log_step_metrics(self.cfg.tracking_uri, self.cfg.run_id, metrics, self.state["step"])
+
+    # evaluate -----------------------------------------------------------------------------------
+
+    def eval_due(self) -> bool:
+        step, every = self.state["step"], self.train.eval_every_steps
+        return self.cfg.heldout is not None and bool(every) and (step % every == 0 or step == self.cfg.total_steps)
+
+    def evaluate(self) -> None:
+        """Held-out CE of the model being trained, every ``eval_every_steps`` and at the end."""
+        from kdscale.tracking.lineage import log_step_metrics
+
+        assert self.cfg.heldout is not None
+        step = self.state["step"]
+        ce = heldout_ce(
+            self.engine, self.task, self.cfg.heldout, self.rank, self.world, self.train.micro_batch_size, self.device
+        )
+        point = {"step": step, "tokens": step * self.cfg.tokens_per_micro_batch * self.train.grad_accum * self.world}
+        point["heldout_ce"] = ce
+        self.state.setdefault("evals", []).append(point)
+        if self.rank == 0 and self.cfg.run_id:
+            log_step_metrics(self.cfg.tracking_uri, self.cfg.run_id, {"eval/heldout_ce": ce}, step)
+
+    # checkpoint ---------------------------------------------------------------------------------
+
+    def end_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Report the epoch to Ray Train, with a checkpoint every ``checkpoint_every_epochs`` and
+        after the last (the same decision on every rank: no collective save is left waiting)."""
+        import ray.train
+
+        if (epoch + 1) % self.train.checkpoint_every_epochs and epoch + 1 < self.train.epochs:
+            ray.train.report(metrics)
+            return
+        folder = self.save_checkpoint()
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), delete_local_checkpoint_after_upload=True
         )
+
+    def save_checkpoint(self) -> str:
+        """A checkpoint folder (Ray Train moves it into the run's storage and deletes it; the
+        student's name in it lets a test check that none is left behind); the state records how
+        long the save took, so its cost shows beside the epochs' (``checkpoint_seconds``)."""
+        from kdscale.student.engine import full_state_dict
+
+        started = time.perf_counter()
+        folder = tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{self.cfg.student}-")
+        self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
+        weights = full_state_dict(self.engine, self.train.zero_stage)  # collective under ZeRO-3
+        if self.rank == 0:
+            model = self.task.auto_model().from_config(self.student_config)
+            model.load_state_dict(weights)
+            model.save_pretrained(os.path.join(folder, HF_DIR), safe_serialization=True)
+            self.state["epochs"][-1]["checkpoint_seconds"] = time.perf_counter() - started
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(self.state, f)
+        return folder

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pyarrow as pa
 import torch
@@ -16,8 +17,8 @@ import torch
 from kdscale.cache.format import Manifest
 from kdscale.cache.reader import batch_targets, load_rank_order
 from kdscale.config import TeacherSpec
-from kdscale.models.teacher import load_teacher
 from kdscale.targets import DenseTargets, SparseTargets
+from kdscale.teachers import load_teacher
 
 
 class CachedTargets:
@@ -50,9 +51,26 @@ class OnlineTeacher:
         return DenseTargets(torch.log_softmax(logits / self.temperature, dim=-1))
 
 
-def make_source(cfg: dict[str, Any], device: torch.device):
-    """The target source a training worker's config asks for."""
-    if cfg.get("online"):
-        teacher = TeacherSpec.model_validate(cfg["teacher"])
-        return OnlineTeacher(teacher, cfg["vocab_size"], cfg["teacher_seed"], cfg["loss"]["temperature"], device)
-    return CachedTargets(Manifest.model_validate(cfg["manifest"]), cfg["cache_uri"], cfg["loss"]["temperature"])
+@dataclass(frozen=True)
+class FromCache:
+    """Targets decoded from a committed cache's columns (the worker reads its rank table)."""
+
+    manifest: Manifest
+    cache_uri: str
+    online: ClassVar[bool] = False
+
+    def open(self, temperature: float, device: torch.device) -> CachedTargets:
+        return CachedTargets(self.manifest, self.cache_uri, temperature)
+
+
+@dataclass(frozen=True)
+class FromTeacher:
+    """Online KD: each training worker loads the teacher and scores every batch itself."""
+
+    teacher: TeacherSpec
+    vocab_size: int
+    seed: int
+    online: ClassVar[bool] = True
+
+    def open(self, temperature: float, device: torch.device) -> OnlineTeacher:
+        return OnlineTeacher(self.teacher, self.vocab_size, self.seed, temperature, device)

@@ -22,6 +22,8 @@ from kdscale.fingerprint import digest
 from kdscale.progress import bar, say
 from kdscale.ray_runtime import Counter
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
+from kdscale.student.targets_source import FromCache, FromTeacher
+from kdscale.student.worker_config import WorkerConfig
 
 
 @dataclass
@@ -102,7 +104,7 @@ class TrainingData:
     dataset: Any
     train_rows: int
     seq_len: int
-    worker_cfg: dict[str, Any]  # merged into the training workers' config
+    targets: FromCache | FromTeacher  # how workers get their targets
     key: str  # identifies the data for checkpoint keying (cache_id, or the corpus hash online)
 
 
@@ -113,9 +115,12 @@ def cache_data(cache_uri: str, manifest: Manifest) -> TrainingData:
     dataset = ray.data.read_parquet(
         [_strip(u) for u in uris], filesystem=_arrow_filesystem(cache_uri), columns=columns, shuffle=None
     )
-    worker_cfg = {"manifest": manifest.model_dump(mode="json"), "cache_uri": cache_uri}
     return TrainingData(
-        dataset, manifest.dataset.rows["train"], manifest.dataset.seq_len, worker_cfg, manifest.cache_id
+        dataset,
+        manifest.dataset.rows["train"],
+        manifest.dataset.seq_len,
+        FromCache(manifest, cache_uri),
+        manifest.cache_id,
     )
 
 
@@ -125,13 +130,8 @@ def online_data(spec: JobSpec, rows: list, vocab_size: int, content_hash: str) -
     import pyarrow as pa
 
     table = pa.table({"input_ids": pa.array([np.asarray(r, dtype=np.int32) for r in rows], type=pa.list_(pa.int32()))})
-    worker_cfg = {
-        "online": True,
-        "teacher": spec.teacher.model_dump(mode="json"),
-        "vocab_size": vocab_size,
-        "teacher_seed": spec.seed,
-    }
-    return TrainingData(ray.data.from_arrow(table), len(rows), len(rows[0]), worker_cfg, "online-" + content_hash)
+    targets = FromTeacher(spec.teacher, vocab_size, spec.seed)
+    return TrainingData(ray.data.from_arrow(table), len(rows), len(rows[0]), targets, "online-" + content_hash)
 
 
 def train_student(
@@ -155,32 +155,31 @@ def train_student(
     t = student.train
     per_epoch = steps_per_epoch(data.train_rows, t)
     counter = Counter.remote()  # type: ignore[attr-defined]  # a Ray actor class
-    cfg = {
-        **data.worker_cfg,
-        "train": t.model_dump(),
-        "loss": student.loss.model_dump(),
-        "seq_len": data.seq_len,
-        "student_config": student_config.to_dict(),
-        "init_path": init_path,
-        "seed": t.seed if t.seed is not None else spec.seed,
-        "steps_per_epoch": per_epoch,
-        "threads": t.threads_per_worker or max(1, int(t.cpus_per_worker)),
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "counter": counter,
-        "log_every": t.log_every,
-        "heldout": heldout if t.eval_every_steps else None,
-        "task": task or {"name": "causal_lm"},
-        "student": student.name,
-    }
+    cfg = WorkerConfig(
+        student=student.name,
+        train=t,
+        loss=student.loss,
+        targets=data.targets,
+        student_config=student_config.to_dict(),
+        seq_len=data.seq_len,
+        seed=t.seed if t.seed is not None else spec.seed,
+        init_path=init_path,
+        steps_per_epoch=per_epoch,
+        threads=t.threads_per_worker or max(1, int(t.cpus_per_worker)),
+        task=task or {"name": "causal_lm"},
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        counter=counter,
+        heldout=heldout if t.eval_every_steps else None,
+    )
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
     storage = fs.join(student_dir, "checkpoints")
-    run_name = training_run_name(student, data.key, cfg["seed"], init_path, cfg["student_config"])
+    run_name = training_run_name(student, data.key, cfg.seed, init_path, cfg.student_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg,
+        train_loop_config={"worker": cfg},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets={"train": data.dataset},

@@ -27,6 +27,9 @@ class TargetKind:
     can_retemper: ClassVar[bool] = False  # holds the whole distribution, so any loss temperature is exact
     supports_draws: ClassVar[bool] = False  # several independent draws per position (targets.draws > 1)
     optional_logprobs: ClassVar[bool] = False  # store_logprobs adds the teacher's log-prob of each stored id
+    # extraction reads the whole logit vector (draws, the full softmax); False: the top-k log-probs
+    # a backend such as a vLLM server returns are enough
+    needs_full_logits: ClassVar[bool] = True
 
     def columns(self, store_logprobs: bool) -> tuple[str, ...]:
         """The Parquet columns holding this kind's data (what ``target_bytes`` counts)."""

@@ -26,6 +26,7 @@ class TopK(TargetKind):
     name = "topk"
     uses_k = True
     has_tail_mass = True
+    needs_full_logits = False  # top-k log-probs (normalised over the whole vocabulary) suffice
 
     def columns(self, store_logprobs):
         return ("target_ids", "target_logprobs", "tail_mass")
