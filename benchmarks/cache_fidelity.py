@@ -46,7 +46,8 @@ from kdscale.cache import idcodec  # noqa: E402
 from kdscale.cache import targets as extract  # noqa: E402
 from kdscale.cache.format import DatasetInfo, TargetsInfo, TeacherInfo  # noqa: E402
 from kdscale.cache.reader import DenseTargets, SparseTargets, batch_input_ids, batch_targets, read_split  # noqa: E402
-from kdscale.cache.writer import build_manifest, write_rank_file, write_shard  # noqa: E402
+from kdscale.cache.store import CacheWriter  # noqa: E402
+from kdscale.cache.writer import write_shard  # noqa: E402
 from kdscale.config import load_job  # noqa: E402
 from kdscale.data.corpus import pack_corpus  # noqa: E402
 from kdscale.models.student import build_student, student_config  # noqa: E402
@@ -97,8 +98,6 @@ def store(
             )
         )
         rows.append(row)
-    record = write_shard(folder, task.name, "train", 0, rows, info, rank)
-    id_coding = write_rank_file(folder, order)
     seq_len = task.input_ids.shape[1]
     dataset = DatasetInfo(
         sources=[],
@@ -111,15 +110,12 @@ def store(
         tokens=task.tokens,
     )
     teacher = TeacherInfo(name="benchmark", fingerprint="", dtype="float32", source={}, parallelism={})
-    manifest = build_manifest(
-        cache_id="0" * 32,
-        targets=info,
-        teacher=teacher,
-        tokenizer=tok_info,
-        dataset=dataset,
-        id_coding=id_coding,
-        shards=[record],
-    )
+    with CacheWriter(folder, "0" * 32, order) as cache:  # the commit order runs and tests use
+        record = write_shard(folder, task.name, "train", 0, rows, info, rank)
+        cache.record(record)
+        manifest, _ = cache.commit(
+            targets=info, teacher=teacher, tokenizer=tok_info, dataset=dataset, order=[record.path]
+        )
     table = read_split(folder, manifest, "train")
     return batch_targets(table, manifest, order, epoch), record, batch_input_ids(table)
 
