@@ -21,7 +21,7 @@ sampled N=50; stratified (k exact ids + M tail draws) at two sizes; sampled N=24
 per position (each epoch's draw, and the mean of both). Prints one JSON line.
 Goal (issue 4): sampled <= 40 B/token and <= 10 degrees.
 
-    .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096]
+    .venv/bin/python benchmarks/cache_fidelity.py [--tokens 4096] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,11 +40,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import TINY, add_smoke  # noqa: E402
+
 from kdscale.cache import idcodec  # noqa: E402
 from kdscale.cache import targets as extract  # noqa: E402
 from kdscale.cache.format import DatasetInfo, TargetsInfo, TeacherInfo  # noqa: E402
 from kdscale.cache.reader import DenseTargets, SparseTargets, batch_input_ids, batch_targets, read_split  # noqa: E402
-from kdscale.cache.writer import build_manifest, write_rank_file, write_shard  # noqa: E402
+from kdscale.cache.store import CacheWriter  # noqa: E402
+from kdscale.cache.writer import write_shard  # noqa: E402
 from kdscale.config import load_job  # noqa: E402
 from kdscale.data.corpus import pack_corpus  # noqa: E402
 from kdscale.models.student import build_student, student_config  # noqa: E402
@@ -54,6 +57,7 @@ from kdscale.teachers import load_teacher, load_teacher_config, load_tokenizer  
 
 EPS = 1e-8
 BATCH = 4
+SMOKE = {"tokens": 256, "warmup_steps": 2}  # 4 rows of the tiny job's 64 tokens
 
 
 def teacher_logits(teacher, rows: np.ndarray, vocab: int) -> torch.Tensor:
@@ -94,8 +98,6 @@ def store(
             )
         )
         rows.append(row)
-    record = write_shard(folder, task.name, "train", 0, rows, info, rank)
-    id_coding = write_rank_file(folder, order)
     seq_len = task.input_ids.shape[1]
     dataset = DatasetInfo(
         sources=[],
@@ -108,15 +110,12 @@ def store(
         tokens=task.tokens,
     )
     teacher = TeacherInfo(name="benchmark", fingerprint="", dtype="float32", source={}, parallelism={})
-    manifest = build_manifest(
-        cache_id="0" * 32,
-        targets=info,
-        teacher=teacher,
-        tokenizer=tok_info,
-        dataset=dataset,
-        id_coding=id_coding,
-        shards=[record],
-    )
+    with CacheWriter(folder, "0" * 32, order) as cache:  # the commit order runs and tests use
+        record = write_shard(folder, task.name, "train", 0, rows, info, rank)
+        cache.record(record)
+        manifest, _ = cache.commit(
+            targets=info, teacher=teacher, tokenizer=tok_info, dataset=dataset, order=[record.path]
+        )
     table = read_split(folder, manifest, "train")
     return batch_targets(table, manifest, order, epoch), record, batch_input_ids(table)
 
@@ -200,16 +199,19 @@ def renormalised(t: SparseTargets) -> SparseTargets:
     return SparseTargets(t.ids, t.probs / t.probs.sum(-1, keepdim=True), None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup-steps", type=int, default=60, help="CE steps for the fixed student on other pages")
-    args = ap.parse_args()
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.warmup_steps = SMOKE["tokens"], SMOKE["warmup_steps"]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    spec = load_job(REPO / "jobs" / "quickstart.yaml")
+    spec = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     tok = load_tokenizer(spec.teacher)
     vocab = len(tok)
     seq_len = spec.corpus.seq_len

@@ -1,10 +1,18 @@
 """Shared helpers for the benchmarks: the quickstart job with overrides, run through kdscale's
-own pipeline (the same code the CLI runs), on a local Ray with a fixed CPU budget."""
+own pipeline (the same code the CLI runs), on a local Ray with a fixed CPU budget; and the
+``--smoke`` mode every benchmark has: the same code path on jobs/tiny.yaml's random teacher and
+student, a few tokens and 1 epoch, output in a temp folder (seconds; its numbers mean nothing).
+tests/test_benchmarks_smoke.py runs each benchmark's smoke mode, so none breaks unnoticed."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +22,30 @@ sys.path.insert(0, str(REPO))
 from kdscale.config import JobSpec, load_job  # noqa: E402
 
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+TINY = REPO / "jobs" / "tiny.yaml"  # the tests' tiny random teacher, tokenizer, corpus and student
+
+SMOKE_HELP = (
+    "smoke test: the same code path on jobs/tiny.yaml's random teacher and student, a few tokens, "
+    "1 epoch, output in a temp folder (seconds; the numbers mean nothing)"
+)
+SMOKE_TOKENS = 1024  # 16 rows of the tiny job's 64 tokens: 1-2 optimizer steps per epoch
+SMOKE_EPOCHS = 1
 
 
-def quickstart(**overrides: Any) -> JobSpec:
-    """jobs/quickstart.yaml with dotted overrides, e.g. ``{"corpus.max_tokens": 16384}``; a
-    ``students`` override replaces the list (each entry merged over the quickstart student)."""
-    raw = load_job(QUICKSTART).model_dump(mode="json")
+def add_smoke(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+
+
+def tiny_job() -> dict:
+    """jobs/tiny.yaml as a plain mapping, its relative paths (tokenizer, corpus) made absolute."""
+    return load_job(TINY).model_dump(mode="json")
+
+
+def quickstart(smoke: bool = False, **overrides: Any) -> JobSpec:
+    """jobs/quickstart.yaml (``smoke``: jobs/tiny.yaml) with dotted overrides, e.g.
+    ``{"corpus.max_tokens": 16384}``; a ``students`` override replaces the list (each entry merged
+    over the job's first student)."""
+    raw = tiny_job() if smoke else load_job(QUICKSTART).model_dump(mode="json")
     base_student = raw["students"][0]
     for dotted, value in overrides.items():
         if dotted == "students":
@@ -45,26 +71,36 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def training_args(doc: str, epochs: int, tokens: int = 16384, workers: bool = False) -> argparse.Namespace:
+def training_args(
+    doc: str, epochs: int, tokens: int = 16384, workers: bool = False, argv: list[str] | None = None
+) -> argparse.Namespace:
     """``--tokens`` (quickstart corpus slice) and ``--epochs`` for the training benchmarks (and
-    ``--workers`` / ``--threads``: training workers and torch threads per worker)."""
+    ``--workers`` / ``--threads``: training workers and torch threads per worker); ``--smoke``
+    sets the tokens and epochs to the smoke sizes."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=tokens)
     ap.add_argument("--epochs", type=int, default=epochs)
     if workers:
         ap.add_argument("--workers", type=int, default=2)
         ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: its CPUs)")
-    return ap.parse_args()
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.epochs = SMOKE_TOKENS, SMOKE_EPOCHS
+    return args
 
 
-def start_ray(cpus: int) -> None:
-    """A local Ray with ``cpus`` CPUs, and MLflow records in a throwaway sqlite file."""
-    import os
+def start_ray(cpus: int) -> bool:
+    """A local Ray with ``cpus`` CPUs, and MLflow records in a throwaway sqlite file; an already
+    initialized Ray (the test session's, for smoke runs called in-process) is reused instead.
+    True when this call started Ray."""
     import tempfile
 
     import ray
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='kdscale-bench-')}/mlflow.db")
+    if ray.is_initialized():
+        return False
 
     from kdscale.ray_runtime import worker_env
 
@@ -75,6 +111,7 @@ def start_ray(cpus: int) -> None:
         log_to_driver=False,
         runtime_env={"env_vars": worker_env()},
     )
+    return True
 
 
 def run(spec: JobSpec, workdir: str, stages=("precompute", "train", "eval")) -> dict:
@@ -89,12 +126,46 @@ def steady_rate(student_summary: dict) -> float:
     return sum(e["tokens"] for e in later) / sum(e["seconds"] for e in later)
 
 
-def train_rates(students: list[dict], tokens: int) -> tuple[dict, dict[str, float]]:
-    """Run the quickstart job with ``students`` on a ``tokens`` slice in a throwaway workdir;
-    the summary and each student's steady training tokens/s."""
+def train_rates(students: list[dict], tokens: int, smoke: bool = False) -> tuple[dict, dict[str, float]]:
+    """Run the quickstart job (``smoke``: the tiny one) with ``students`` on a ``tokens`` slice in a
+    throwaway workdir; the summary and each student's steady training tokens/s."""
     import tempfile
 
-    spec = quickstart(**{"corpus.max_tokens": tokens, "students": students})
+    spec = quickstart(smoke, **{"corpus.max_tokens": tokens, "students": students})
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)
     return summary, {name: steady_rate(st) for name, st in summary["students"].items()}
+
+
+def kdscale_run(job: Path, workdir: Path, mlflow_uri: str, log: Path, what: str, in_process: bool = False) -> None:
+    """``kdscale run JOB --workdir WORKDIR`` with MLflow records in ``mlflow_uri`` and its output in
+    ``log``; SystemExit when it fails. A subprocess with a Ray of its own, or with ``in_process``
+    the same CLI called in this process (reusing its Ray: a smoke test's, instead of a new one)."""
+    args = ["run", str(job), "--workdir", str(workdir)]
+    if not in_process:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("kdscale")), *args], env=env, capture_output=True, text=True
+        )
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    else:
+        from kdscale.cli import app
+
+        buffer = io.StringIO()
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+        try:
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                code = app(args, standalone_mode=False) or 0
+        except BaseException:
+            log.write_text(buffer.getvalue() + traceback.format_exc())
+            raise
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+        output = buffer.getvalue()
+    log.write_text(output)
+    if code != 0:
+        raise SystemExit(f"kdscale run ({what}) failed (exit {code}); see {log}")

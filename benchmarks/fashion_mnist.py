@@ -16,18 +16,25 @@
    and writes docs/fashion_mnist.md and docs/fashion_mnist.png.
 
     .venv/bin/python benchmarks/fashion_mnist.py [--out runs/fashion-mnist] [--teacher-epochs 6]
-        [--sizes small medium] [--no-sweep]
+        [--sizes small medium] [--no-sweep] [--smoke]
+
+``--smoke`` runs the same steps on a synthetic stand-in of the four IDX files (300 + 100 noise
+images) in a temp folder (the documents too): the teacher 1 epoch, the students 1 epoch, the small
+size only unless ``--sizes`` says more, ``kdscale run`` in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
-import subprocess
+import struct
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import SMOKE_EPOCHS, add_smoke, kdscale_run  # noqa: E402
 
 from kdscale.data.images import read_idx  # noqa: E402
 from kdscale.models.task import ImageClassification  # noqa: E402
@@ -47,27 +56,63 @@ TEACHER_ARCH = {"embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [
 VALIDATION_FRACTION = 0.1  # jobs/fashion_mnist.yaml's corpus.validation_fraction
 
 
-def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Setting:
+    """Where a run writes (``out``), the IDX files it reads, and the smoke mode's changes."""
+
+    out: Path
+    data: Path = DATA
+    student_epochs: int | None = None  # None: the job's
+    in_process: bool = False  # `kdscale run` in this process (reusing its Ray) instead of a subprocess
+
+
+def idx_files(data: Path) -> dict[str, str]:
+    """The job's corpus fields for the four IDX files in ``data`` (Fashion-MNIST's names)."""
+    return {
+        "paths": str(data / "train-images-idx3-ubyte.gz"),
+        "labels": str(data / "train-labels-idx1-ubyte.gz"),
+        "heldout_paths": str(data / "t10k-images-idx3-ubyte.gz"),
+        "heldout_labels": str(data / "t10k-labels-idx1-ubyte.gz"),
+    }
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()))
+
+
+def synthetic_data(folder: Path, train: int = 300, test: int = 100) -> Path:
+    """A stand-in for Fashion-MNIST in the same format (gzipped IDX, 28x28 grey, labels 0-9) for
+    ``--smoke``: noise images with random labels, so no model reaches zero error."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, len(CLASSES), n, dtype=np.uint8))
+    return folder
+
+
+def load(split: str, data: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "t10k"
-    return read_idx(str(DATA / f"{prefix}-images-idx3-ubyte.gz")), read_idx(
-        str(DATA / f"{prefix}-labels-idx1-ubyte.gz")
+    return read_idx(str(data / f"{prefix}-images-idx3-ubyte.gz")), read_idx(
+        str(data / f"{prefix}-labels-idx1-ubyte.gz")
     )
 
 
-def training_images() -> tuple[np.ndarray, np.ndarray]:
+def training_images(data: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
     """The training images outside the job's validation split (the same content-hash split kdscale
     makes), so no model the settings are chosen with has seen the validation images."""
     from kdscale.data.corpus import split_of
     from kdscale.data.images import example_id
 
-    x, y = load("train")
+    x, y = load("train", data)
     keep = [
         split_of(example_id(x[i].reshape(-1), int(y[i])), 0.0, VALIDATION_FRACTION) == "train" for i in range(len(x))
     ]
     return x[keep], y[keep]
 
 
-def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
+def train_teacher(folder: Path, epochs: int, seed: int = 0, data: Path = DATA) -> dict:
     """A ResNet classifier trained on the hard labels; returns its settings and test error."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -84,8 +129,8 @@ def train_teacher(folder: Path, epochs: int, seed: int = 0) -> dict:
         return json.loads(marker.read_text())
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    x, y = training_images()
-    tx, ty = load("test")
+    x, y = training_images(data)
+    tx, ty = load("test", data)
     mean, std = float(x.mean() / 255), float(x.std() / 255)
     task = ImageClassification((1, 28, 28), (mean,), (std,), CLASSES)
     inputs = task.model_inputs({"pixels": x.reshape(len(x), -1)})["pixel_values"]
@@ -145,54 +190,63 @@ SIZES = {
 SWEEP = [(0.5, 1.0), (0.5, 2.0), (0.9, 2.0), (0.5, 4.0)]
 
 
-def derived_job(out: Path, name: str, students: list[dict] | None = None, architecture: dict | None = None) -> Path:
-    """jobs/fashion_mnist.yaml renamed, reading the first run's cache, with its students'
-    architecture replaced or its students replaced (each merged over the job's first student)."""
+def derived_job(
+    setting: Setting,
+    name: str,
+    students: list[dict] | None = None,
+    architecture: dict | None = None,
+    first: bool = False,
+) -> Path:
+    """jobs/fashion_mnist.yaml reading the teacher trained into ``setting.out`` and the IDX files in
+    ``setting.data``; unless ``first`` (the job itself), renamed and reading the first run's cache,
+    with its students' architecture replaced or its students replaced (each merged over the job's
+    first student)."""
     import yaml
 
+    out = setting.out
     spec = yaml.safe_load(JOB.read_text())
-    spec["name"] = f"fashion-mnist-{name}"
-    spec["teacher"]["path"] = str((JOB.parent / spec["teacher"]["path"]).resolve())
-    spec.setdefault("cache", {})["uri"] = str(out / "work" / "cache")  # reused, not recomputed
+    spec["teacher"]["path"] = str(out / "teacher")  # where train_teacher wrote it (--out's, not the job's)
+    for key, path in idx_files(setting.data).items():
+        spec["corpus"][key] = [path]
+    if not first:
+        spec["name"] = f"fashion-mnist-{name}"
+        spec.setdefault("cache", {})["uri"] = str(out / "work" / "cache")  # reused, not recomputed
     if students is not None:
         base = spec["students"][0]
         spec["students"] = [{**base, **s, "loss": {**base["loss"], **s.get("loss", {})}} for s in students]
     for student in spec["students"]:
         student["architecture"] = architecture or student["architecture"]
+        if setting.student_epochs is not None:
+            student["train"] = {**student["train"], "epochs": setting.student_epochs}
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder / "job.yaml"
 
 
-def size_job(out: Path, size: str) -> tuple[Path, Path]:
+def size_job(setting: Setting, size: str) -> tuple[Path, Path]:
     """The job file and workdir for one student size."""
     if SIZES[size] is None:
-        return JOB, out / "work"
-    return derived_job(out, size, architecture=SIZES[size]), out / size / "work"
+        return derived_job(setting, size, first=True), setting.out / "work"
+    return derived_job(setting, size, architecture=SIZES[size]), setting.out / size / "work"
 
 
-def run_size(out: Path, size: str) -> dict:
-    return run_job(out, *size_job(out, size), size)
+def run_size(setting: Setting, size: str) -> dict:
+    return run_job(setting, *size_job(setting, size), size)
 
 
-def run_sweep(out: Path) -> dict:
+def run_sweep(setting: Setting) -> dict:
     students = [{"name": f"a{alpha}-t{t:g}", "loss": {"alpha": alpha, "temperature": t}} for alpha, t in SWEEP]
-    return run_job(
-        out, derived_job(out, "medium-sweep", students, SIZES["medium"]), out / "medium-sweep" / "work", "medium-sweep"
-    )
+    job = derived_job(setting, "medium-sweep", students, SIZES["medium"])
+    return run_job(setting, job, setting.out / "medium-sweep" / "work", "medium-sweep")
 
 
-def run_job(out: Path, job: Path, workdir: Path, size: str) -> dict:
+def run_job(setting: Setting, job: Path, workdir: Path, size: str) -> dict:
     """``kdscale run`` one job (its log beside its workdir) and collect its students' results."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-    cmd = [str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir", str(workdir)]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    log = workdir.parent / f"log-{size}.txt"
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"kdscale run ({size}) failed (exit {proc.returncode}); see {log}")
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    mlflow_uri = f"sqlite:///{setting.out / 'mlflow.db'}"
+    kdscale_run(job, workdir, mlflow_uri, workdir.parent / f"log-{size}.txt", size, setting.in_process)
     summary = json.loads((workdir / "summary.json").read_text())
     from kdscale.config import load_job
     from kdscale.models.student import count_parameters
@@ -241,7 +295,7 @@ def chosen_on_validation(sizes: dict, sweep: dict) -> tuple[str, dict]:
     return min(medium_kd_arms(sizes, sweep), key=lambda arm: arm[1]["validation_error"])
 
 
-def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None) -> None:
+def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None, docs: Path = DOCS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,8 +320,8 @@ def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None) -> None:
         )
         ax.legend(frameon=False)
     fig.tight_layout()
-    DOCS.mkdir(exist_ok=True)
-    fig.savefig(DOCS / "fashion_mnist.png", dpi=110)
+    docs.mkdir(exist_ok=True)
+    fig.savefig(docs / "fashion_mnist.png", dpi=110)
     lines = [
         "# Fashion-MNIST: distilling an image classifier",
         "",
@@ -326,22 +380,33 @@ def write_doc(teacher: dict, sizes: dict, sweep: dict | None = None) -> None:
             "",
         ]
     lines += ["![test cross-entropy of the students during training](fashion_mnist.png)", ""]
-    (DOCS / "fashion_mnist.md").write_text("\n".join(lines))
+    (docs / "fashion_mnist.md").write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "fashion-mnist")
     ap.add_argument("--teacher-epochs", type=int, default=6)
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES), help="default: all (--smoke: small)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the loss-settings sweep on the medium students")
-    args = ap.parse_args()
-    out = args.out.resolve()
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="fashion-mnist-smoke-") as tmp:
+            out = Path(tmp)
+            setting = Setting(out, synthetic_data(out / "data"), SMOKE_EPOCHS, in_process=True)
+            benchmark(setting, 1, args.sizes or ["small"], args.no_sweep, out / "docs")
+        return
     if not (DATA / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"no Fashion-MNIST under {DATA}: apt-get install dataset-fashion-mnist")
-    teacher = train_teacher(out / "teacher", args.teacher_epochs)
+    benchmark(Setting(args.out.resolve()), args.teacher_epochs, args.sizes or list(SIZES), args.no_sweep, DOCS)
+
+
+def benchmark(setting: Setting, teacher_epochs: int, wanted: list[str], no_sweep: bool, docs: Path) -> None:
+    """Teacher, the students of every size wanted (and the sweep), the document; the JSON line."""
+    teacher = train_teacher(setting.out / "teacher", teacher_epochs, data=setting.data)
     print(f"teacher: test error {teacher['test_error']:.4f}", file=sys.stderr)
-    sizes = {size: run_size(out, size) for size in ["small", *[s for s in args.sizes if s != "small"]]}
+    sizes = {size: run_size(setting, size) for size in ["small", *[s for s in wanted if s != "small"]]}
     # kdscale's teacher argmax from the cache must agree with the teacher's own evaluation
     kd_teacher_error = sizes["small"]["teacher_test_error"]
     teacher_row = {
@@ -350,8 +415,8 @@ def main() -> None:
         "parameters": teacher["parameters"],
         "train_seconds": teacher["seconds"],
     }
-    sweep = run_sweep(out) if "medium" in sizes and not args.no_sweep else None
-    write_doc(teacher_row, sizes, sweep)
+    sweep = run_sweep(setting) if "medium" in sizes and not no_sweep else None
+    write_doc(teacher_row, sizes, sweep, docs)
     result = {"teacher": teacher_row}
     if sweep is not None:
         result["medium_sweep"] = {

@@ -7,7 +7,7 @@ gradient of the logits included. Arms: plain CE; kdscale's chunked KD (sampled-s
 targets, 16 ids per position, alpha = 0.5 so CE is inside too); the same with one chunk covering
 every position (unchunked). Prints one JSON line; ``ratio`` = chunked KD / CE (goal <= 1.25).
 
-    .venv/bin/python benchmarks/loss_memory.py [--positions 4096] [--vocab 49152]
+    .venv/bin/python benchmarks/loss_memory.py [--positions 4096] [--vocab 49152] [--smoke]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# --smoke: a small vocab and few positions, chunked in 4 (so the chunked arm is not the unchunked one)
+SMOKE = {"positions": 256, "vocab": 512, "chunk": 64}
 
 
 def arm(name: str, positions: int, vocab: int, chunk: int) -> dict:
@@ -51,13 +53,18 @@ def arm(name: str, positions: int, vocab: int, chunk: int) -> dict:
     return {"arm": name, "peak_bytes": peak - base, "logits_bytes": logits.numel() * 4, "loss": float(loss)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--positions", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--chunk", type=int, default=1024, help="chunk_positions of the chunked arm (the spec default)")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke", action="store_true", help="smoke test: " + ", ".join(f"--{k} {v}" for k, v in SMOKE.items())
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.positions, args.vocab, args.chunk = SMOKE["positions"], SMOKE["vocab"], SMOKE["chunk"]
     if args.arm:
         chunk = args.positions if args.arm == "kd_unchunked" else args.chunk
         print(json.dumps(arm(args.arm, args.positions, args.vocab, chunk)))

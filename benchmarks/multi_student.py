@@ -5,7 +5,9 @@ Both arms run kdscale's real pipeline end to end on the SmolLM2 teacher and the 
 slice, same students, epochs and batch sizes; wall time of each whole job. Prints one JSON line;
 ``ratio`` = online seconds / cache seconds (goal >= 2.5), and each arm's held-out CE per student.
 
-    .venv/bin/python benchmarks/multi_student.py [--tokens 16384] [--epochs 3]
+    .venv/bin/python benchmarks/multi_student.py [--tokens 16384] [--epochs 3] [--smoke]
+
+``--smoke`` trains only the first student in each arm (on the tiny job).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ STUDENTS = [
 ]
 
 
-def main() -> None:
-    args = training_args(__doc__, epochs=3)
+def main(argv: list[str] | None = None) -> None:
+    args = training_args(__doc__, epochs=3, argv=argv)
     start_ray(2)
+    chosen = STUDENTS[:1] if args.smoke else STUDENTS
     arms = {}
     for targets in ("cache", "online"):
-        students = [{**s, "targets": targets, "train": {"epochs": args.epochs}} for s in STUDENTS]
-        spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": students})
+        students = [{**s, "targets": targets, "train": {"epochs": args.epochs}} for s in chosen]
+        spec = quickstart(args.smoke, **{"corpus.max_tokens": args.tokens, "students": students})
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             summary = run(spec, tmp)
@@ -54,7 +57,7 @@ def main() -> None:
                 "benchmark": "multi_student",
                 "tokens": args.tokens,
                 "epochs": args.epochs,
-                "students": [s["name"] for s in STUDENTS],
+                "students": [s["name"] for s in chosen],
                 "arms": arms,
                 "ratio": ratio,
                 "ratio_meaning": "wall time of 3 online-KD students / 3 students from one cache, precompute included",

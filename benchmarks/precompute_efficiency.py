@@ -12,7 +12,7 @@ Throughput is tokens / seconds from the first task submitted to the last shard w
 loading excluded on both sides; it is reported separately). Prints one JSON line with
 ``ratio`` = precompute / bare (goal >= 0.90) and ``sharded_ratio`` = sharded / precompute.
 
-    .venv/bin/python benchmarks/precompute_efficiency.py [--tokens 16384] [--budget 2]
+    .venv/bin/python benchmarks/precompute_efficiency.py [--tokens 16384] [--budget 2] [--smoke]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import SMOKE_TOKENS, TINY, add_smoke  # noqa: E402
 
 from kdscale.config import load_job  # noqa: E402
 from kdscale.teachers import load_teacher  # noqa: E402
@@ -69,19 +71,24 @@ def kdscale_precompute(spec, plan, workdir: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--budget", type=int, default=2, help="CPU threads/actors for every arm")
-    args = ap.parse_args()
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens = SMOKE_TOKENS
 
     import ray
 
     from kdscale import pipeline
 
-    base = load_job(REPO / "jobs" / "quickstart.yaml")
+    base = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
-    ray.init(num_cpus=args.budget, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    started_ray = not ray.is_initialized()  # else reuse it (a smoke test's) and leave it running
+    if started_ray:
+        ray.init(num_cpus=args.budget, include_dashboard=False, logging_level="warning", log_to_driver=False)
     replicas = base.model_copy(
         update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, "num_cpus": 1})}
     )
@@ -94,7 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dp = kdscale_precompute(replicas, plan, f"{tmp}/dp")
         pp = kdscale_precompute(sharded, sharded_plan, f"{tmp}/pp")
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     bare = bare_loop(base, plan, args.budget)
 
     print(

@@ -32,6 +32,11 @@ regenerates docs/results.md and docs/results.png from those files alone, running
 
     .venv/bin/python benchmarks/quality.py --regimes long [--seeds 0 1 2] [--commit] [--max-arms N]
     .venv/bin/python benchmarks/quality.py --report
+    .venv/bin/python benchmarks/quality.py --smoke [--max-arms N]
+
+``--smoke`` runs the same plan in a temp folder (results and report too: docs/ is never touched) on
+jobs/tiny.yaml's random teacher, tokenizer, corpus and student, a 2,048-token slice, 1 epoch, a
+stand-in for the fortune files, ``kdscale run`` in this process, and stops after one arm (--max-arms).
 
 It prints one JSON line: per regime and arm the held-out / validation / other-genre CE (mean, sd),
 differences to ce_only and to online_full paired by seed, bytes/token, steps, tokens; and the goals.
@@ -41,15 +46,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from common import set_dotted
+from common import SMOKE_EPOCHS, SMOKE_TOKENS, add_smoke, kdscale_run, set_dotted, tiny_job
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_JOB = REPO / "jobs" / "quality.yaml"
@@ -84,6 +91,55 @@ SHORT_ARMS = ["sampled", "ce_only", "online_full", "topk", "stratified", "sample
 LONG_FIRST = ["sampled", "ce_only", "online_full", "sampled_alpha05", "topk", "stratified", "sampled_draws2"]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What the arms are made of: the base job, each regime's overrides, the other-genre text, and
+    how `kdscale run` is launched. ``--smoke`` swaps in tiny ones (:func:`smoke_setup`)."""
+
+    base_job: Path = BASE_JOB
+    regimes: dict[str, dict] = field(default_factory=lambda: REGIMES)
+    other_genre_dir: Path = OTHER_GENRE_DIR
+    other_genre_tokens: int = OTHER_GENRE_TOKENS
+    in_process: bool = False  # `kdscale run` in this process (reusing its Ray) instead of a subprocess
+
+
+REAL = Setup()
+
+
+def smoke_setup(folder: Path) -> Setup:
+    """jobs/quality.yaml on jobs/tiny.yaml's teacher, tokenizer, corpus and student architecture
+    (written to ``folder``), every regime cut to a tiny slice and 1 epoch, and fortune-format
+    stand-in files for the other-genre text."""
+    spec = yaml.safe_load(BASE_JOB.read_text())
+    tiny = tiny_job()
+    spec["teacher"] = tiny["teacher"]
+    spec["corpus"].update(paths=tiny["corpus"]["paths"], seq_len=tiny["corpus"]["seq_len"])
+    spec["students"][0]["architecture"] = tiny["students"][0]["architecture"]
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "quality-smoke.yaml"
+    base.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sizes = {
+        "corpus.max_tokens": 2 * SMOKE_TOKENS,  # 30% goes to validation and held-out rows
+        "students.0.train.epochs": SMOKE_EPOCHS,
+        "students.0.train.eval_every_steps": 1,
+    }
+    regimes = {name: {**overrides, **sizes} for name, overrides in REGIMES.items()}
+    regimes["teacher_init"]["students.0.teacher_layers"] = [0, 1]  # the tiny teacher has 2 layers
+    return Setup(base, regimes, fortune_stand_in(folder / "fortunes"), SMOKE_TOKENS, in_process=True)
+
+
+def fortune_stand_in(folder: Path) -> Path:
+    """Files named as the fortune files, in their format (fortunes between lines of ``%``), of
+    seeded made-up sentences: the other-genre text of ``--smoke``, which needs no package."""
+    rng = random.Random(0)
+    words = "the a wise fool said love is time and money never old people eat food like art songs".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in OTHER_GENRE_FILES:
+        fortunes = [" ".join(rng.choice(words) for _ in range(14)).capitalize() + ".\n\t\t-- Anon" for _ in range(24)]
+        (folder / name).write_text("\n%\n".join(fortunes) + "\n%\n")
+    return folder
+
+
 # Arms -------------------------------------------------------------------------------------------
 
 
@@ -116,13 +172,13 @@ def cache_regime(regime: str) -> str:
     return "long" if regime == "teacher_init" else regime
 
 
-def job_spec(regime: str, arm: str, out: Path, seed: int = 0) -> dict:
+def job_spec(regime: str, arm: str, out: Path, seed: int = 0, setup: Setup = REAL) -> dict:
     """jobs/quality.yaml with the regime's and the arm's dotted overrides. Every arm of a regime
     reads its targets' cache from the folder of the pure-KD arm that made it, so alpha mixes,
     ce_only and seeds > 0 reuse a cache instead of recomputing it."""
-    spec = yaml.safe_load(BASE_JOB.read_text())
+    spec = yaml.safe_load(setup.base_job.read_text())
     spec["name"] = f"quality-{regime}-{run_name(arm, seed)}"
-    overrides = {**REGIMES[regime], **arm_overrides(arm)}
+    overrides = {**setup.regimes[regime], **arm_overrides(arm)}
     source = cache_arm(arm)
     if source:
         overrides["cache.uri"] = str(out / cache_regime(regime) / source / "work" / "cache")
@@ -182,27 +238,21 @@ def commit_file(path: Path, message: str) -> None:
     print(f"could not commit {path}", file=sys.stderr)
 
 
-def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, commit: bool = False) -> dict:
+def run_arm(
+    regime: str, arm: str, out: Path, results: Path, seed: int = 0, commit: bool = False, setup: Setup = REAL
+) -> dict:
     done = result_path(results, regime, arm, seed)
     if done.exists():
         return json.loads(done.read_text())
     folder = out / regime / run_name(arm, seed)
     folder.mkdir(parents=True, exist_ok=True)
     job = folder / "job.yaml"
-    job.write_text(yaml.safe_dump(job_spec(regime, arm, out, seed), sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    job.write_text(yaml.safe_dump(job_spec(regime, arm, out, seed, setup), sort_keys=False))
     print(f"{regime}/{run_name(arm, seed)}: running", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("kdscale")), "run", str(job), "--workdir", str(folder / "work")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    mlflow_uri = f"sqlite:///{out / 'mlflow.db'}"
+    kdscale_run(job, folder / "work", mlflow_uri, folder / "log.txt", f"{regime}/{arm}", setup.in_process)
     seconds = time.perf_counter() - started
-    (folder / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{regime}/{arm} failed (exit {proc.returncode}); see {folder / 'log.txt'}")
     summary = json.loads((folder / "work" / "summary.json").read_text())
     student = summary["students"]["student"]
     cache = summary.get("cache", {})
@@ -213,7 +263,7 @@ def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, comm
         "seed": seed,
         "heldout_ce": student["heldout_ce"],
         "validation_ce": student.get("validation_ce"),
-        "other_genre_ce": other_genre_ce(student["export"]),
+        "other_genre_ce": other_genre_ce(student["export"], setup),
         "top1_agreement": student["top1_agreement"],
         "bytes_per_token": None if arm in ("ce_only", "online_full") else cache["bytes_per_token"],
         "alpha": spec["students"][0]["loss"]["alpha"],
@@ -247,15 +297,15 @@ def run_arm(regime: str, arm: str, out: Path, results: Path, seed: int = 0, comm
 # Other-genre held-out text ----------------------------------------------------------------------
 
 
-def other_genre_files() -> list[str]:
-    files = [str(OTHER_GENRE_DIR / name) for name in OTHER_GENRE_FILES]
+def other_genre_files(setup: Setup = REAL) -> list[str]:
+    files = [str(setup.other_genre_dir / name) for name in OTHER_GENRE_FILES]
     missing = [f for f in files if not Path(f).exists()]
     if missing:
         raise SystemExit(f"other-genre text missing ({missing[0]}): apt-get install fortunes")
     return files
 
 
-def other_genre_rows():
+def other_genre_rows(setup: Setup = REAL):
     """The first OTHER_GENRE_TOKENS tokens of the fortune files, packed as the corpus is (256-token
     rows joined by end-of-text), with the teacher's tokenizer: a torch tensor [rows, 256]."""
     import numpy as np
@@ -265,8 +315,10 @@ def other_genre_rows():
     from kdscale.data.corpus import pack_corpus
     from kdscale.teachers import load_tokenizer
 
-    tokenizer = load_tokenizer(load_job(BASE_JOB).teacher)
-    spec = CorpusSpec(paths=other_genre_files(), seq_len=256, max_tokens=OTHER_GENRE_TOKENS, heldout_fraction=0.5)
+    tokenizer = load_tokenizer(load_job(setup.base_job).teacher)
+    spec = CorpusSpec(
+        paths=other_genre_files(setup), seq_len=256, max_tokens=setup.other_genre_tokens, heldout_fraction=0.5
+    )
     packed = pack_corpus(spec, tokenizer)
     rows = packed.train + packed.heldout
     return torch.from_numpy(np.stack(rows).astype(np.int64))
@@ -286,14 +338,14 @@ def causal_ce(model, rows) -> float:
     return nll / count
 
 
-def other_genre_ce(export_uri: str) -> float:
+def other_genre_ce(export_uri: str, setup: Setup = REAL) -> float:
     sys.path.insert(0, str(REPO))
     from kdscale.student.evaluate import load_exported
 
-    return causal_ce(load_exported(export_uri), other_genre_rows())
+    return causal_ce(load_exported(export_uri), other_genre_rows(setup))
 
 
-def teacher_other_genre_ce(results: Path) -> float:
+def teacher_other_genre_ce(results: Path, setup: Setup = REAL) -> float:
     """The teacher's CE on the other-genre text (computed once, kept beside the results)."""
     path = results / "_teacher_other_genre.json"
     if path.exists():
@@ -305,11 +357,12 @@ def teacher_other_genre_ce(results: Path) -> float:
     from kdscale.teachers import load_teacher, load_tokenizer
 
     torch.set_num_threads(2)
-    spec = load_job(BASE_JOB)
+    spec = load_job(setup.base_job)
     teacher = load_teacher(spec.teacher, len(load_tokenizer(spec.teacher)), spec.seed)
-    ce = causal_ce(teacher, other_genre_rows())
+    ce = causal_ce(teacher, other_genre_rows(setup))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ce": ce, "files": other_genre_files(), "tokens": OTHER_GENRE_TOKENS}) + "\n")
+    record = {"ce": ce, "files": other_genre_files(setup), "tokens": setup.other_genre_tokens}
+    path.write_text(json.dumps(record) + "\n")
     return ce
 
 
@@ -569,7 +622,7 @@ def write_report(results: Path, docs: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "quality-benchmark", help="work folders of the runs")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where result files are kept (committed)")
@@ -584,21 +637,35 @@ def main() -> None:
     ap.add_argument("--commit", action="store_true", help="git-commit each result file as it lands")
     ap.add_argument("--max-arms", type=int, default=0, help="stop after this many runs (0: run the whole plan)")
     ap.add_argument("--report", action="store_true", help="only regenerate docs/results.md and .png from the files")
-    args = ap.parse_args()
-    results, docs = args.results.resolve(), args.results.resolve().parent
-    if not args.report:
-        out = args.out.resolve()
-        seeds = sorted({0, *args.seeds})
-        teacher_other_genre_ce(results)
-        ran = 0
-        for regime in args.regimes:
-            while not (args.max_arms and ran >= args.max_arms):
-                todo = next_runs(regime, results, seeds)
-                if not todo:
-                    break
-                run_arm(todo[0][0], todo[0][1], out, results, todo[0][2], args.commit)
-                ran += 1
-    print(json.dumps(write_report(results, docs), default=str))
+    add_smoke(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        if args.report or args.commit:
+            ap.error("--smoke runs arms in a temp folder: not with --report or --commit")
+        with tempfile.TemporaryDirectory(prefix="quality-smoke-") as tmp:
+            results = Path(tmp) / "docs" / "results"
+            benchmark(args, Path(tmp) / "runs", results, smoke_setup(Path(tmp) / "inputs"), args.max_arms or 1)
+        return
+    results = args.results.resolve()
+    if args.report:
+        print(json.dumps(write_report(results, results.parent), default=str))
+        return
+    benchmark(args, args.out.resolve(), results, REAL, args.max_arms)
+
+
+def benchmark(args: argparse.Namespace, out: Path, results: Path, setup: Setup, max_arms: int) -> None:
+    """Run the plan's next arms (up to ``max_arms``; 0: all), then the report; the JSON line."""
+    seeds = sorted({0, *args.seeds})
+    teacher_other_genre_ce(results, setup)
+    ran = 0
+    for regime in args.regimes:
+        while not (max_arms and ran >= max_arms):
+            todo = next_runs(regime, results, seeds)
+            if not todo:
+                break
+            run_arm(todo[0][0], todo[0][1], out, results, todo[0][2], args.commit, setup)
+            ran += 1
+    print(json.dumps(write_report(results, results.parent), default=str))
 
 
 if __name__ == "__main__":

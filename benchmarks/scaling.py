@@ -6,7 +6,7 @@ micro-batch). Tokens/s over epochs 2..E. Prints one JSON line; ``ratio`` = 2 wor
 goal on a real cluster is near-linear; on a 2-core machine the workers also share the cores with
 Ray Data and the driver).
 
-    .venv/bin/python benchmarks/scaling.py [--tokens 16384] [--epochs 3]
+    .venv/bin/python benchmarks/scaling.py [--tokens 16384] [--epochs 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import json
 from common import start_ray, train_rates, training_args
 
 
-def main() -> None:
-    args = training_args(__doc__, epochs=3)
+def main(argv: list[str] | None = None) -> None:
+    args = training_args(__doc__, epochs=3, argv=argv)
     start_ray(2)
     students = [
         {"name": "one-worker", "train": {"epochs": args.epochs, "num_workers": 1, "cpus_per_worker": 1}},
         {"name": "two-workers", "train": {"epochs": args.epochs, "num_workers": 2, "cpus_per_worker": 0.5}},
     ]
-    _, rates = train_rates(students, args.tokens)
+    _, rates = train_rates(students, args.tokens, args.smoke)
     print(
         json.dumps(
             {

@@ -7,7 +7,7 @@ and keeps the targets in memory). Throughput is tokens/s over epochs 2..E (epoch
 preloaded run includes the loading). Prints one JSON line; ``ratio`` = streaming / in-memory
 (goal >= 0.90).
 
-    .venv/bin/python benchmarks/train_throughput.py [--tokens 16384] [--epochs 4]
+    .venv/bin/python benchmarks/train_throughput.py [--tokens 16384] [--epochs 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import json
 from common import start_ray, train_rates, training_args
 
 
-def main() -> None:
-    args = training_args(__doc__, epochs=4)
+def main(argv: list[str] | None = None) -> None:
+    args = training_args(__doc__, epochs=4, argv=argv)
     start_ray(2)
     students = [
         {"name": "streaming", "train": {"epochs": args.epochs}},
         {"name": "preloaded", "train": {"epochs": args.epochs, "preload": True}},
     ]
-    summary, rates = train_rates(students, args.tokens)
+    summary, rates = train_rates(students, args.tokens, args.smoke)
     print(
         json.dumps(
             {

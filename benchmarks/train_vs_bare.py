@@ -17,6 +17,7 @@ kdscale / bare (goal >= 0.95). Also ``ratio_whole_run``: including Ray Train's a
 one-time start-up (not a goal: it is fixed per job, not per token). Run it alone on the machine.
 
     .venv/bin/python benchmarks/train_vs_bare.py [--tokens 40960] [--epochs 4] [--workers 2] [--threads N]
+        [--smoke]
 """
 
 from __future__ import annotations
@@ -92,10 +93,9 @@ def same_allocator_here() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 
-def main() -> None:
-    same_allocator_here()
-    args = training_args(__doc__, epochs=4, tokens=40960, workers=True)
-    start_ray(2)
+def main(argv: list[str] | None = None) -> None:
+    args = training_args(__doc__, epochs=4, tokens=40960, workers=True, argv=argv)
+    started_ray = start_ray(2)
     batch = 8  # the quickstart's global batch: 2 workers x 4 rows
     train = {
         "epochs": args.epochs,
@@ -104,18 +104,22 @@ def main() -> None:
         "micro_batch_size": batch // args.workers,
         "threads_per_worker": args.threads,
     }
-    spec = quickstart(**{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]})
+    spec = quickstart(
+        args.smoke, **{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)
         st = summary["students"]["student"]
-        later = st["epochs"][1:]
+        later = st["epochs"][1:] or st["epochs"]  # one epoch (--smoke): that one
         kd_seconds = sum(e["seconds"] + e.get("checkpoint_seconds", 0.0) for e in later)
         kd_rate = sum(e["tokens"] for e in later) / kd_seconds
-        import ray
+        if started_ray:  # (a Ray this script did not start, a smoke test's, is left running)
+            import ray
 
-        ray.shutdown()  # the bare loop gets the machine to itself
+            ray.shutdown()  # the bare loop gets the machine to itself
         bare = bare_loop(spec, summary, args.epochs)
-    bare_rate = bare["tokens_per_epoch"] * (args.epochs - 1) / sum(bare["epoch_seconds"][1:])
+    bare_later = bare["epoch_seconds"][1:] or bare["epoch_seconds"]
+    bare_rate = bare["tokens_per_epoch"] * len(bare_later) / sum(bare_later)
     kd_tokens = sum(e["tokens"] for e in st["epochs"])
     print(
         json.dumps(
@@ -148,4 +152,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    same_allocator_here()  # as a script only: a caller's process (a test's) is never replaced
     main()
