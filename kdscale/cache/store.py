@@ -79,7 +79,7 @@ class CacheWriter:
         with CacheWriter(uri, cache_id, rank_order) as w:
             for task in tasks_not_in(w.finished):
                 w.record(write_shard(uri, ...))
-            manifest = w.commit(targets=..., teacher=..., tokenizer=..., dataset=..., order=names)
+            manifest, stale = w.commit(targets=..., teacher=..., tokenizer=..., dataset=..., order=names)
 
     Leaving the block without a commit (an exception) releases the lease and keeps the ledger,
     so a rerun resumes with the finished shards."""
@@ -90,7 +90,6 @@ class CacheWriter:
         self.rank_order = rank_order
         self.id_coding: dict[str, Any] = {}
         self.finished: dict[str, ShardRecord] = {}
-        self.manifest: Manifest | None = None
 
     def __enter__(self) -> CacheWriter:
         from kdscale import fs
@@ -134,7 +133,6 @@ class CacheWriter:
             shards=[self.finished[name] for name in order],
         )
         writer.commit(self.uri, manifest)
-        self.manifest = manifest
         return manifest, len(stale)
 
     def __exit__(self, *exc: object) -> None:
