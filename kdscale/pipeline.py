@@ -89,9 +89,7 @@ def start_stream(p: Prepared, plan):
     return stream
 
 
-def stage_precompute(
-    p: Prepared, tracker: Tracker, plan, reuse: Manifest | None = None, stream=None
-) -> Manifest:
+def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None = None, stream=None) -> Manifest:
     from kdscale.precompute.runner import run_precompute
     from kdscale.ray_runtime import ensure_ray
 

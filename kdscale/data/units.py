@@ -46,6 +46,7 @@ class Piece:
     end: int
     size: int  # of the whole file, so a changed file is a different piece
     version: str | None = None  # the filesystem's etag or mtime, where it has one
+    nbytes: int = 0  # bytes of data: the range's length, or the row groups' uncompressed size
 
     def descriptor(self, base: str = "") -> dict:
         """What identifies the piece; ``base``: a prefix to drop from the URI, so a corpus moved
@@ -66,7 +67,7 @@ class Unit:
 
     @property
     def bytes(self) -> int:
-        return sum(p.end - p.start if p.fmt != "parquet" else 0 for p in self.pieces)
+        return sum(p.nbytes for p in self.pieces)
 
     def descriptor(self, base: str = "") -> list[dict]:
         return [p.descriptor(base) for p in self.pieces]
@@ -86,7 +87,10 @@ def file_pieces(uri: str, fmt: str, unit_bytes: int = UNIT_BYTES) -> list[Piece]
     info = fsys.info(path)
     size, version = int(info.get("size") or 0), _version(info)
     if fmt == "jsonl" and size > unit_bytes:
-        return [Piece(uri, fmt, s, min(s + unit_bytes, size), size, version) for s in range(0, size, unit_bytes)]
+        return [
+            Piece(uri, fmt, s, min(s + unit_bytes, size), size, version, min(s + unit_bytes, size) - s)
+            for s in range(0, size, unit_bytes)
+        ]
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -96,10 +100,10 @@ def file_pieces(uri: str, fmt: str, unit_bytes: int = UNIT_BYTES) -> list[Piece]
         for g in range(meta.num_row_groups):
             acc += meta.row_group(g).total_byte_size
             if acc >= unit_bytes or g == meta.num_row_groups - 1:
-                pieces.append(Piece(uri, fmt, first, g + 1, size, version))
+                pieces.append(Piece(uri, fmt, first, g + 1, size, version, acc))
                 first, acc = g + 1, 0
         return pieces
-    return [Piece(uri, fmt, 0, size, size, version)]
+    return [Piece(uri, fmt, 0, size, size, version, size)]
 
 
 def list_units(files: list[str], fmt: str, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
@@ -109,12 +113,11 @@ def list_units(files: list[str], fmt: str, unit_bytes: int = UNIT_BYTES) -> list
     group: list[Piece] = []
     held = 0
     for piece in (p for uri in files for p in file_pieces(uri, fmt, unit_bytes)):
-        weight = piece.end - piece.start if fmt != "parquet" else unit_bytes  # a row-group run is whole
-        if group and held + weight > unit_bytes:
+        if group and held + piece.nbytes > unit_bytes:
             units.append(Unit(len(units), tuple(group)))
             group, held = [], 0
         group.append(piece)
-        held += weight
+        held += piece.nbytes
     if group:
         units.append(Unit(len(units), tuple(group)))
     return units
@@ -140,7 +143,8 @@ def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
 
 
 def piece_documents(piece: Piece, field: str) -> Iterator[str]:
-    """The non-empty documents of one piece; a bad record names the file and its byte offset."""
+    """The non-empty documents of one piece; a bad record names the file and its line (or, in a
+    later piece of a large file, its byte offset)."""
     if piece.fmt == "text":
         text = decode_text(piece.uri, fs.read_bytes(piece.uri))
         if text.strip():
@@ -154,8 +158,9 @@ def piece_documents(piece: Piece, field: str) -> Iterator[str]:
 
 
 def _jsonl_documents(piece: Piece, field: str) -> Iterator[str]:
-    for offset, raw in _jsonl_lines(piece):
-        where = f"{piece.uri}:byte {offset}"
+    for n, (offset, raw) in enumerate(_jsonl_lines(piece), 1):
+        # a line number where it is known (the file's first piece), else the byte offset
+        where = f"{piece.uri}:{n}" if piece.start == 0 else f"{piece.uri}:byte {offset}"
         line = decode_text(where, raw)
         if not line.strip():
             continue
