@@ -326,3 +326,40 @@ def test_a_v1_cache_written_by_the_previous_code_still_opens_verifies_and_decode
     assert cache.manifest.dataset.units is None and cache.splits == {"train": 27, "heldout": 5}
     ids, targets = next(cache.batches("train", batch_size=2))
     assert ids.shape == (2, 64) and int(targets.ids.max()) < cache.manifest.tokenizer.vocab_size
+
+
+def test_a_unit_that_reads_differently_on_resume_is_refused(tmp_path):
+    """The unit ledger: a rerun that re-reads a unit and gets other rows (a file edited with its
+    size and time kept) is refused naming the file; the first record stays."""
+    from kdscale.cache.format import UnitRecord
+
+    def unit(content_hash: str) -> UnitRecord:
+        piece = {
+            "uri": "/data/a.jsonl",
+            "fmt": "jsonl",
+            "start": 0,
+            "end": 10,
+            "size": 10,
+            "version": "1",
+            "nbytes": 10,
+        }
+        return UnitRecord(
+            index=0,
+            pieces=[piece],
+            content_hash=content_hash,
+            documents=1,
+            tokens=64,
+            dropped_tokens=3,
+            rows={"train": 1},
+            shards=["train-00000.parquet"],
+        )
+
+    uri = str(tmp_path / "cache")
+    order = np.arange(300, dtype=np.int32)
+    with CacheWriter(uri, "c" * 32, order) as cache:
+        cache.record_unit(unit("a" * 64))
+        cache.record_unit(unit("a" * 64))  # the same rows again: fine
+    with CacheWriter(uri, "c" * 32, order) as cache:
+        assert cache.units[0].content_hash == "a" * 64
+        with pytest.raises(CacheFormatError, match=r"input unit 0 \(/data/a.jsonl\) no longer holds the rows"):
+            cache.record_unit(unit("b" * 64))

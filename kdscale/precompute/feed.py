@@ -81,7 +81,7 @@ class UnitFeed:
     def _submit_ahead(self) -> None:
         while len(self._submitted) < self.lookahead and self._next < len(self.units):
             unit = self.units[self._next]
-            self._submitted[unit.index] = _pack.remote(unit, *self._args)
+            self._submitted[unit.index] = _pack.remote(unit, *self._args)  # type: ignore[assignment]  # 2 returns
             self._next += 1
 
     def __iter__(self) -> Iterator[tuple[UnitMeta, ray.ObjectRef]]:
@@ -93,7 +93,7 @@ class UnitFeed:
             meta = _get(meta_ref)
             if self.max_tokens and self.tokens + meta.rows * self.seq_len > self.max_tokens:
                 keep = -(-(self.max_tokens - self.tokens) // self.seq_len)  # rows until the slice is full
-                meta_ref, packed_ref = _truncate.remote(packed_ref, keep, self.vocab_size)
+                meta_ref, packed_ref = _truncate.remote(packed_ref, keep, self.vocab_size)  # type: ignore[misc]
                 meta = _get(meta_ref)
             self.tokens += meta.rows * self.seq_len
             yield meta, packed_ref

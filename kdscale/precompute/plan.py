@@ -139,7 +139,7 @@ class PrecomputePlan:
     @property
     def data_fingerprint(self) -> str:
         """What the cache_id is over: the units' identity (text) or the content hash (images)."""
-        return self.corpus["identity"] if self.streamed else self.dataset.content_hash  # type: ignore[union-attr]
+        return self.corpus["identity"] if self.streamed else self.dataset.content_hash
 
 
 class PlanError(ValueError):

@@ -83,8 +83,8 @@ def run_precompute(
     if plan.streamed and stream is None:
         raise ValueError("a text precompute needs its started stream of units")
     rank_order = stream.rank_order if stream is not None else plan.rank_order
-    with CacheWriter(cache_uri, plan.cache_id, rank_order) as cache:  # type: ignore[arg-type]
-        runner = _Runner(spec, plan, cache_uri, cache, rank_order)  # type: ignore[arg-type]
+    with CacheWriter(cache_uri, plan.cache_id, rank_order) as cache:
+        runner = _Runner(spec, plan, cache_uri, cache, rank_order)
         if stream is not None:
             dataset, order = runner.run_stream(stream)
         else:
@@ -246,7 +246,7 @@ class _Runner:
             for task in todo:
                 self.submit(task, replicas=min(self.spec.teacher.replicas, len(todo)))
             self.drain()
-        return self.plan.dataset  # type: ignore[return-value]
+        return self.plan.dataset
 
     def run_stream(self, stream: Stream) -> tuple[DatasetInfo, list[str]]:
         """Units as they are packed: record each, cut it into shard tasks, keep replicas busy;
@@ -254,7 +254,10 @@ class _Runner:
         c, units = self.spec.corpus, self.plan.units or []
         resumed = len(self.cache.finished)
         if resumed:
-            say(f"Resuming cache {self.plan.cache_id}: {resumed} shards already finished.")
+            say(
+                f"Resuming cache {self.plan.cache_id}: {resumed} shards already finished "
+                f"({len(self.cache.units)} of {len(units)} input units packed before; each is re-read and checked)."
+            )
         records: list[UnitRecord] = []
         next_index: dict[str, int] = {}
         pending: dict[int, int] = {}
@@ -264,7 +267,7 @@ class _Runner:
             )
 
             def done(task: ShardTask) -> None:
-                unit = task.source.unit  # type: ignore[union-attr]
+                unit = task.source.unit
                 pending[unit] -= 1
                 if not pending[unit]:
                     progress.update(bar_id, advance=1, rate=self._rate())

@@ -16,9 +16,9 @@ from kdscale.cache import targets as extract
 from kdscale.cache.format import EVAL_SPLITS, ShardRecord, TargetsInfo
 from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
+from kdscale.data.units import PackedUnit
 from kdscale.models.sharding import split
 from kdscale.models.task import task_from_dict
-from kdscale.data.units import PackedUnit
 from kdscale.precompute.plan import ShardTask
 from kdscale.teachers import load_teacher
 
@@ -116,7 +116,7 @@ class TeacherWorker:
             logits = self.logits(x)
             labels = self.task.labels(batch)
             for i in range(len(labels)):
-                sid = task.seq_ids[start + i]  # type: ignore[index]  # resolved
+                sid = task.seq_ids[start + i]
                 row: dict[str, Any] = {"seq_id": sid, **{name: col[i] for name, col in batch.items()}}
                 row.update(
                     extract.extract_row(
