@@ -123,7 +123,8 @@ def pack_corpus(spec: CorpusSpec, tokenizer) -> PackedCorpus:
     packed = PackedCorpus(seq_len=spec.seq_len)
     limit = spec.max_tokens
     for unit in list_units(corpus_files(spec), spec.format, spec.unit_bytes):
-        part = pack_unit(unit, spec.field, tokenizer, spec.seq_len, spec.heldout_fraction, spec.validation_fraction)
+        fractions = (spec.heldout_fraction, spec.validation_fraction)
+        part = pack_unit(unit, spec.field, tokenizer, spec.seq_len, *fractions, max_tokens=limit)
         if limit and packed.tokens + part.tokens > limit:
             part = part.truncated(-(-(limit - packed.tokens) // spec.seq_len))
         for row, code in zip(part.rows, part.splits):

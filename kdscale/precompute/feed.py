@@ -51,8 +51,16 @@ def _meta(packed: PackedUnit, vocab_size: int) -> UnitMeta:
 
 
 @ray.remote(num_returns=2)
-def _pack(unit: Unit, field: str, tokenizer, seq_len: int, fractions: tuple[float, float], vocab_size: int):
-    packed = pack_unit(unit, field, tokenizer, seq_len, *fractions)
+def _pack(
+    unit: Unit,
+    field: str,
+    tokenizer,
+    seq_len: int,
+    fractions: tuple[float, float],
+    vocab_size: int,
+    limit: int | None = None,
+):
+    packed = pack_unit(unit, field, tokenizer, seq_len, *fractions, max_tokens=limit)
     return _meta(packed, vocab_size), packed
 
 
@@ -72,7 +80,14 @@ class UnitFeed:
         self.max_tokens = c.max_tokens
         self.vocab_size = vocab_size
         self.lookahead = max(1, lookahead)
-        self._args = (c.field, ray.put(tokenizer), c.seq_len, (c.heldout_fraction, c.validation_fraction), vocab_size)
+        self._args = (
+            c.field,
+            ray.put(tokenizer),
+            c.seq_len,
+            (c.heldout_fraction, c.validation_fraction),
+            vocab_size,
+            c.max_tokens,
+        )
         self._submitted: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
         self._next = 0
         self.tokens = 0
