@@ -102,3 +102,30 @@ def test_the_stream_on_ray_packs_what_pack_corpus_packs(ray_session, tok, tmp_pa
 class _Job:
     def __init__(self, corpus):
         self.corpus = corpus
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_teacher_computes_units_as_they_are_packed_holding_every_cpu(
+    ray_session, tmp_path, mlflow_uri, monkeypatch
+):
+    """A rank sample of one unit, so the teacher starts while later units are still to be packed,
+    and two teacher actors holding both of the session's CPUs: packing tasks reserve none, so the
+    stream never waits for a CPU the teacher holds. The cache commits, verifies and lists its units."""
+    from typer.testing import CliRunner
+
+    from kdscale.cache.verify import problems
+    from kdscale.cli import app
+    from kdscale.precompute import feed
+    from tests.conftest import write_job
+
+    monkeypatch.setattr(feed, "RANK_SAMPLE_TOKENS", 1)
+    job = write_job(tmp_path, **{"corpus.unit_bytes": 8192, "teacher.num_cpus": 1.0, "teacher.replicas": 2})
+    result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    cache = str(tmp_path / "w" / "cache")
+    manifest, found = problems(cache)
+    assert found == [] and len(manifest.dataset.units) > 2
+    assert sum(u.tokens for u in manifest.dataset.units) == manifest.dataset.tokens == 8192
+    inspect = CliRunner().invoke(app, ["cache", "inspect", cache, "--json"])
+    assert json.loads(inspect.output)["units"]["count"] == len(manifest.dataset.units)
