@@ -98,7 +98,7 @@ class UnitFeed:
     def _submit_ahead(self) -> None:
         while len(self._submitted) < self.lookahead and self._next < len(self.units):
             unit = self.units[self._next]
-            self._submitted[unit.index] = _pack.remote(unit, *self._args)  # type: ignore[assignment]  # 2 returns
+            self._submitted[unit.index] = _pack.remote(unit, *self._args)
             self._next += 1
 
     def __iter__(self) -> Iterator[tuple[UnitMeta, ray.ObjectRef]]:
