@@ -36,12 +36,16 @@ from kdscale.config import load_job  # noqa: E402
 from kdscale.teachers import load_teacher  # noqa: E402
 
 
-def bare_loop(spec, plan, budget: int) -> dict:
+def bare_loop(spec, prepared, budget: int) -> dict:
+    """The teacher's forward over the same rows (packed in this process), no extraction or writing."""
+    from kdscale.data.corpus import pack_corpus
+
     torch.set_num_threads(budget)
+    packed = pack_corpus(spec.corpus, prepared.tokenizer)
     started = time.perf_counter()
-    model = load_teacher(spec.teacher, plan.tokenizer.vocab_size, spec.seed)
+    model = load_teacher(spec.teacher, len(prepared.tokenizer), spec.seed)
     load = time.perf_counter() - started
-    rows = np.concatenate([t.input_ids for t in plan.tasks])
+    rows = np.stack(packed.train + packed.heldout + packed.validation)
     ids = torch.from_numpy(rows.astype(np.int64))
     with torch.inference_mode():
         model(input_ids=ids[: spec.teacher.batch_size])  # warm-up (allocations), not timed
@@ -57,18 +61,22 @@ def bare_loop(spec, plan, budget: int) -> dict:
     }
 
 
-def kdscale_precompute(spec, plan, workdir: str) -> dict:
+def kdscale_precompute(spec, workdir: str) -> tuple[dict, list]:
+    """kdscale's precompute stage as a job runs it (plan, unit stream, teacher replicas, commit)."""
+    from kdscale import pipeline
     from kdscale.precompute.runner import run_precompute
 
     started = time.perf_counter()
-    result = run_precompute(spec, plan, f"{workdir}/cache")
+    prepared = pipeline.prepare(spec)
+    plan = pipeline.plan_precompute(prepared)
+    result = run_precompute(spec, plan, f"{workdir}/cache", stream=pipeline.start_stream(prepared, plan))
     return {
         "tokens": result.tokens_computed,
         "seconds": result.compute_seconds,
         "tokens_per_second": result.tokens_per_second,
         "stage_seconds_with_loading": time.perf_counter() - started,
         "bytes_per_token": result.manifest.totals["bytes_per_token"],
-    }
+    }, plan.layer_ranges
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,15 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     sharded = base.model_copy(
         update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, "num_cpus": 1})}
     )
-    plan = pipeline.plan_precompute(pipeline.prepare(replicas))
-    sharded_plan = pipeline.plan_precompute(pipeline.prepare(sharded))
-
     with tempfile.TemporaryDirectory() as tmp:
-        dp = kdscale_precompute(replicas, plan, f"{tmp}/dp")
-        pp = kdscale_precompute(sharded, sharded_plan, f"{tmp}/pp")
+        dp, _ = kdscale_precompute(replicas, f"{tmp}/dp")
+        pp, layer_ranges = kdscale_precompute(sharded, f"{tmp}/pp")
     if started_ray:
         ray.shutdown()
-    bare = bare_loop(base, plan, args.budget)
+    bare = bare_loop(base, pipeline.prepare(base), args.budget)
 
     print(
         json.dumps(
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 "thread_budget": args.budget,
                 "bare": bare,
                 "precompute": {**dp, "replicas": args.budget, "shards": 1},
-                "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": sharded_plan.layer_ranges},
+                "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": layer_ranges},
                 "ratio": dp["tokens_per_second"] / bare["tokens_per_second"],
                 "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads)",
                 "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],

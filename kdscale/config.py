@@ -164,6 +164,13 @@ class CorpusSpec(Strict):
         description="Stop after this many tokens (a fixed slice); for images, training images (one position each).",
     )
     seq_len: int = Field(256, ge=8)
+    unit_bytes: int = Field(
+        32 << 20,
+        ge=1024,
+        description="Input units: consecutive files grouped, and JSONL files / Parquet row groups cut, at about "
+        "this many bytes; each unit is read, tokenized and packed by one Ray task (packing tails of under "
+        "seq_len tokens are dropped at unit ends and counted in the manifest).",
+    )
     heldout_fraction: float = Field(
         0.05, gt=0, lt=1, description="Rows held out by content hash: the split results are reported on."
     )

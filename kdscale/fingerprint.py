@@ -1,7 +1,11 @@
 """Content fingerprints: the keys that tie a student back to the exact teacher, tokenizer and data.
 
-All fingerprints are hashes of *content*, never of paths or timestamps, so the same teacher
-weights copied to another bucket still produce the same ``cache_id`` (levanter's ledger idea).
+Teacher and tokenizer fingerprints are hashes of *content*, never of paths or timestamps, so the
+same teacher weights copied to another bucket still produce the same ``cache_id`` (levanter's
+ledger idea). The corpus is the exception: to name a cache before a billion-token corpus is read,
+its part is the input units' descriptors (paths relative to the corpus folder, ranges, sizes,
+mtimes or etags; :func:`kdscale.data.units.dataset_identity`), and the content hashes computed as
+units are read are recorded and checked on resume instead.
 ``cache_id`` is 32 hex characters (128 bits) because MLflow rejects dataset digests longer than 36.
 """
 

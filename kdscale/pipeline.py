@@ -67,21 +67,29 @@ def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) 
 
 
 def plan_precompute(p: Prepared):
-    """Tokenize (in parallel on Ray Data) and pack the corpus, and fingerprint everything into
-    the precompute plan. Reads only; raises PlanError/ConfigError for an unusable corpus."""
-    from kdscale.data.corpus import pack_corpus
-    from kdscale.data.ray_ingest import ray_token_stream
+    """The precompute plan: for text from the corpus's file metadata alone (its units name the
+    cache), for images from their IDX files. Reads only; raises PlanError/ConfigError."""
     from kdscale.precompute.plan import build_plan
+
+    return build_plan(p.spec, p.tokenizer)
+
+
+def start_stream(p: Prepared, plan):
+    """Start packing the text corpus's units on Ray and wait for the first ones (the id-coding
+    sample); when they are the whole corpus, refuse one without train / held-out rows now,
+    before any teacher work, workdir or MLflow run."""
+    from kdscale.precompute.feed import begin_stream
+    from kdscale.precompute.plan import check_rows
     from kdscale.ray_runtime import ensure_ray
 
     ensure_ray(p.spec.ray)
-    if p.spec.task != "causal_lm":
-        return build_plan(p.spec, p.tokenizer)  # images: read from their IDX files
-    corpus = pack_corpus(p.spec.corpus, p.tokenizer, ray_token_stream(p.spec.corpus, p.tokenizer))
-    return build_plan(p.spec, p.tokenizer, corpus)
+    stream = begin_stream(p.spec, p.tokenizer, plan.units, plan.tokenizer.vocab_size)
+    if stream.complete:
+        check_rows(stream.sample_rows(), sum(m.documents for m, _ in stream.sample), p.spec.corpus)
+    return stream
 
 
-def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None = None) -> Manifest:
+def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None = None, stream=None) -> Manifest:
     from kdscale.precompute.runner import run_precompute
     from kdscale.ray_runtime import ensure_ray
 
@@ -94,7 +102,7 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None
                 "teacher": spec.teacher.name,
                 "teacher_fingerprint": plan.teacher.fingerprint,
                 "tokenizer_fingerprint": plan.tokenizer.fingerprint,
-                "dataset_content_hash": plan.dataset.content_hash,
+                "dataset_fingerprint": plan.data_fingerprint,
                 "target_kind": plan.targets.kind,
                 "num_samples": plan.targets.num_samples,
                 "k": plan.targets.k,
@@ -106,7 +114,7 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None
             },
         )
         ensure_ray(spec.ray)
-        result = run_precompute(spec, plan, p.cache_uri, reuse)
+        result = run_precompute(spec, plan, p.cache_uri, reuse, stream)
         m = result.manifest
         tracker.log_metrics(
             run_id,
@@ -205,6 +213,15 @@ class Sources:
         if online:
             return online_data(p.spec, self.corpus.train, len(p.tokenizer), self.corpus.content_hash())
         return cache_data(p.cache_uri, self.manifest)
+
+
+def _train_rows(plan, reuse: Manifest | None, stream) -> int | None:
+    """Training rows, where known before the teacher runs (None: a corpus past the sample)."""
+    if reuse is not None:
+        return reuse.dataset.rows["train"]
+    if stream is not None:
+        return stream.sample_rows()["train"] if stream.complete else None
+    return plan.dataset.rows["train"]
 
 
 def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
@@ -409,8 +426,6 @@ def run(
     The cache is only computed and read when some student trains from it; online students read
     the packed corpus and run the teacher themselves."""
     from kdscale.data.corpus import pack_corpus
-    from kdscale.data.ray_ingest import ray_token_stream
-    from kdscale.ray_runtime import ensure_ray
 
     p = prepare(spec, workdir)
     check_workdir(p)
@@ -424,18 +439,20 @@ def run(
     check_cluster(spec, stages)
     plan = plan_precompute(p) if "precompute" in stages and from_cache else None
     sources = Sources()
-    reuse = None
+    reuse = stream = None
     if plan is not None:
-        if "train" in stages:
-            problems = student_plan_problems(spec, plan.targets, plan.dataset.rows["train"])
+        reuse = check_cache_slot(p, plan.cache_id)
+        if reuse is None and plan.streamed:
+            stream = start_stream(p, plan)
+        rows = _train_rows(plan, reuse, stream)
+        if "train" in stages and rows is not None:
+            problems = student_plan_problems(spec, plan.targets, rows)
             if problems:
                 raise ConfigError(spec.name, problems)
-        reuse = check_cache_slot(p, plan.cache_id)
     if students_need and from_cache and plan is None:
         sources.manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
     if students_need and not all(s.targets == "cache" for s in spec.students):
-        ensure_ray(spec.ray)
-        sources.corpus = pack_corpus(spec.corpus, p.tokenizer, ray_token_stream(spec.corpus, p.tokenizer))
+        sources.corpus = pack_corpus(spec.corpus, p.tokenizer)  # the cache's rows, packed here
     fs.makedirs(p.workdir)
     tracker = Tracker(spec) if tracking else NullTracker(spec)
     command = "run" if stages == STAGES else "+".join(stages)
@@ -454,7 +471,7 @@ def run(
     )
     try:
         if plan is not None:
-            sources.manifest = stage_precompute(p, tracker, plan, reuse)
+            sources.manifest = stage_precompute(p, tracker, plan, reuse, stream)
         elif sources.manifest is not None:
             write_summary(p.workdir, {"cache": cache_summary(p.cache_uri, sources.manifest)})
         elif "precompute" in stages:

@@ -158,8 +158,12 @@ def _image_task(spec: JobSpec):
 
 def describe_plan(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: where things go and what would run."""
+    from kdscale.data.corpus import corpus_files
+    from kdscale.data.units import list_units
+
     spec = p.spec
-    files = sorted({f for pattern in spec.corpus.paths for f in fs.expand(pattern)})
+    files = corpus_files(spec.corpus)
+    units = len(list_units(files, spec.corpus.format, spec.corpus.unit_bytes)) if spec.task == "causal_lm" else None
     return {
         "job": spec.name,
         "workdir": p.workdir,
@@ -174,7 +178,8 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
             "logit_width": logit_width(spec, p.teacher_config),
         },
         "corpus": {
-            "files": len(files) if not spec.corpus.max_files else min(len(files), spec.corpus.max_files),
+            "files": len(files),
+            "units": units,  # input units, each packed by one Ray task (from file metadata: nothing read)
             "seq_len": spec.corpus.seq_len,
             "max_tokens": spec.corpus.max_tokens,
             "heldout_fraction": spec.corpus.heldout_fraction,

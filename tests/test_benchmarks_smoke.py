@@ -204,6 +204,16 @@ def test_precompute_efficiency(capsys):
 
 
 @on_ray
+def test_precompute_scale(capsys):
+    line = json_line(capsys, "precompute_scale", "--smoke")
+    check(line, {"benchmark", "arms", "ratios", "ratio_meaning", "one_large_file_by_several_tasks", "goal", "goal_met"})
+    assert set(line["arms"]) == {"large-4000", "large-12000", "small-4000", "small-12000"}
+    for arm in line["arms"].values():
+        assert arm["tokens"] > 0 and arm["units"] >= 1 and arm["first_shard_seconds"] <= arm["seconds"]
+    assert line["one_large_file_by_several_tasks"] and line["arms"]["small-12000"]["units"] > 1
+
+
+@on_ray
 def test_scaling(capsys):
     line = json_line(capsys, "scaling", "--smoke")
     check(line, {"benchmark", "tokens_per_second", "ratio", "ratio_meaning", "cpus"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def build_cache(tmp, **overrides):
     """A real cache written by a TeacherWorker (no Ray) with the commit protocol."""
     spec = load_job(write_job(tmp, **{"cache.rows_per_shard": 40, **overrides}))
     tok = load_tokenizer(spec.teacher)
-    plan = build_plan(spec, tok)
+    plan = build_plan(spec, tok, pack_corpus(spec.corpus, tok))  # rows packed here: no Ray
     uri = str(tmp / "cache")
     worker = TeacherWorker(
         spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank
@@ -195,12 +196,12 @@ def test_reader_refusals(tiny_cache, tmp_path):
     m = open_manifest(uri)
     with pytest.raises(CacheFormatError, match="incomplete cache"):
         open_manifest(str(tmp_path))
-    bad = tmp_path / "v2"
+    bad = tmp_path / "v3"
     bad.mkdir()
     raw = json.loads(fs.read_text(fs.join(uri, MANIFEST)))
-    raw["format_version"] = 2
+    raw["format_version"] = 3
     (bad / MANIFEST).write_text(json.dumps(raw))
-    with pytest.raises(CacheFormatError, match="format_version 2 is not supported"):
+    with pytest.raises(CacheFormatError, match=r"format_version 3 is not supported by this kdscale \(reads 1, 2\)"):
         open_manifest(str(bad))
     with pytest.raises(CacheFormatError) as info:
         check_tokenizer(m, "f" * 64, m.tokenizer.vocab_size)
@@ -288,7 +289,7 @@ def test_cache_writer_commits_last_and_an_interrupted_write_resumes(tmp_path):
 
     spec = load_job(write_job(tmp_path, **{"cache.rows_per_shard": 40}))
     tok = load_tokenizer(spec.teacher)
-    plan = build_plan(spec, tok)
+    plan = build_plan(spec, tok, pack_corpus(spec.corpus, tok))  # rows packed here: no Ray
     uri = str(tmp_path / "cache")
     worker = TeacherWorker(
         spec.teacher, vocab_size=len(tok), seed=spec.seed, targets=plan.targets, cache_uri=uri, rank=plan.rank
@@ -310,3 +311,55 @@ def test_cache_writer_commits_last_and_an_interrupted_write_resumes(tmp_path):
         manifest, stale = cache.commit(**info, order=names)
     assert stale == 0 and [s.path for s in manifest.shards] == names
     assert open_manifest(uri).cache_id == plan.cache_id
+
+
+V1_CACHE = Path(__file__).parent / "fixtures" / "cache_v1"
+
+
+def test_a_v1_cache_written_by_the_previous_code_still_opens_verifies_and_decodes():
+    """tests/fixtures/cache_v1: written by kdscale before input units (format 1, the cache_id over
+    the content hash); every check passes and its rows decode to valid targets."""
+    from kdscale.cache.store import LogitCache
+
+    cache = LogitCache.open(str(V1_CACHE), checksums=True)
+    assert cache.manifest.format_version == 1 and cache.cache_id == "165491d778a8b17aef0510ea33addd0b"
+    assert cache.manifest.dataset.units is None and cache.splits == {"train": 27, "heldout": 5}
+    ids, targets = next(cache.batches("train", batch_size=2))
+    assert ids.shape == (2, 64) and int(targets.ids.max()) < cache.manifest.tokenizer.vocab_size
+
+
+def test_a_unit_that_reads_differently_on_resume_is_refused(tmp_path):
+    """The unit ledger: a rerun that re-reads a unit and gets other rows (a file edited with its
+    size and time kept) is refused naming the file; the first record stays."""
+    from kdscale.cache.format import UnitRecord
+
+    def unit(content_hash: str) -> UnitRecord:
+        piece = {
+            "uri": "/data/a.jsonl",
+            "fmt": "jsonl",
+            "start": 0,
+            "end": 10,
+            "size": 10,
+            "version": "1",
+            "nbytes": 10,
+        }
+        return UnitRecord(
+            index=0,
+            pieces=[piece],
+            content_hash=content_hash,
+            documents=1,
+            tokens=64,
+            dropped_tokens=3,
+            rows={"train": 1},
+            shards=["train-00000.parquet"],
+        )
+
+    uri = str(tmp_path / "cache")
+    order = np.arange(300, dtype=np.int32)
+    with CacheWriter(uri, "c" * 32, order) as cache:
+        cache.record_unit(unit("a" * 64))
+        cache.record_unit(unit("a" * 64))  # the same rows again: fine
+    with CacheWriter(uri, "c" * 32, order) as cache:
+        assert cache.units[0].content_hash == "a" * 64
+        with pytest.raises(CacheFormatError, match=r"input unit 0 \(/data/a.jsonl\) no longer holds the rows"):
+            cache.record_unit(unit("b" * 64))

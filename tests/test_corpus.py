@@ -86,17 +86,6 @@ def test_parquet_without_the_column(tmp_path, tok):
 
 
 @pytest.mark.ray
-def test_ray_data_tokenization_equals_local(ray_session, tok, tmp_path):
-    from kdscale.data.ray_ingest import ray_token_stream
-
-    for spec in (_spec(DOCS), _spec(DOCS, max_tokens=2048)):
-        local = pack_corpus(spec, tok)
-        remote = pack_corpus(spec, tok, ray_token_stream(spec, tok))
-        assert remote.content_hash() == local.content_hash()
-        assert remote.sources == local.sources and remote.documents == local.documents
-
-
-@pytest.mark.ray
 @pytest.mark.slow
 def test_jsonl_corpus_on_s3_through_the_cli(ray_session, s3_bucket, tmp_path, mlflow_uri):
     import fsspec

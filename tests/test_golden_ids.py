@@ -1,9 +1,17 @@
 """Golden cache_ids: every shipped job's cache_id, computed from its plan (teacher fingerprint,
-tokenizer, packed corpus, targets) without running the teacher. A refactor of the cache, the
-corpus packing or the fingerprints must leave them unchanged, or users' stored caches stop being
-found; a deliberate change bumps the format version and updates these with a reason."""
+tokenizer, the corpus's input units, targets) without reading the corpus or running the teacher.
+A refactor of the cache, the units or the fingerprints must leave them unchanged, or users' stored
+caches stop being found; a deliberate change bumps the format version and updates these with a
+reason (format 2: the cache_id is over the units' descriptors, so it is known before any read).
+
+A unit's descriptor holds each file's size and modification time (an etag on object stores), so
+the tiny job's files, whose times a git checkout sets, get fixed times here; the Debian
+python3.11-doc files keep the package's."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 
@@ -13,21 +21,41 @@ from kdscale.prepare import prepare
 from tests.conftest import JOBS
 
 GOLDEN = {
-    "tiny.yaml": "74ca9a8f692a3ea2401642a8901bfe85",
-    "quickstart.yaml": "d3ca2acc5290f6f0563c2b251675df93",
-    "quality.yaml": "4814463915400daeff5d7bc3aaa02b1c",
+    "tiny.yaml": "632a086564efb6d1504516e814a27b65",
+    "quickstart.yaml": "ab074de9a9140edf82d18820b52ba734",
+    "quality.yaml": "4ee0461ef969ae2618105938cc71b8ee",
 }
+FIXED_MTIME = 1_700_000_000
 
 
-@pytest.mark.parametrize(
-    "job",
-    [
-        "tiny.yaml",
-        pytest.param("quickstart.yaml", marks=pytest.mark.slow),
-        pytest.param("quality.yaml", marks=pytest.mark.slow),
-    ],
-)
-def test_shipped_job_cache_id_is_unchanged(job):
-    spec = load_job(JOBS / job)
-    plan = build_plan(spec, prepare(spec).tokenizer)  # packs the corpus here, no Ray, no teacher pass
-    assert plan.cache_id == GOLDEN[job]
+def _cache_id(job) -> str:
+    spec = load_job(job)
+    return build_plan(spec, prepare(spec).tokenizer).cache_id  # file metadata only: no read, no Ray
+
+
+def _tiny_with_fixed_times(tmp_path, name="jobs"):
+    jobs = tmp_path / name
+    shutil.copytree(JOBS, jobs)
+    for f in (jobs / "assets" / "tiny-corpus").iterdir():
+        os.utime(f, (FIXED_MTIME, FIXED_MTIME))
+    return jobs / "tiny.yaml"
+
+
+@pytest.mark.parametrize("job", ["tiny.yaml", "quickstart.yaml", "quality.yaml"])
+def test_shipped_job_cache_id_is_unchanged(job, tmp_path):
+    path = _tiny_with_fixed_times(tmp_path) if job == "tiny.yaml" else JOBS / job
+    assert _cache_id(path) == GOLDEN[job]
+
+
+def test_cache_id_follows_the_files_not_the_folder(tmp_path):
+    """The same files (times kept) in another folder name the same cache; a touched or grown file
+    names another."""
+    here, there = _tiny_with_fixed_times(tmp_path, "a"), _tiny_with_fixed_times(tmp_path, "b")
+    assert _cache_id(here) == _cache_id(there) == GOLDEN["tiny.yaml"]
+    first = sorted((there.parent / "assets" / "tiny-corpus").glob("*.rst"))[0]
+    os.utime(first, (FIXED_MTIME + 1, FIXED_MTIME + 1))
+    touched = _cache_id(there)
+    with open(first, "a") as f:
+        f.write("\nmore text\n")
+    os.utime(first, (FIXED_MTIME, FIXED_MTIME))
+    assert len({GOLDEN["tiny.yaml"], touched, _cache_id(there)}) == 3

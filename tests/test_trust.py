@@ -35,7 +35,7 @@ def _edit_manifest(cache, edit, fix_cache_id: bool = False) -> None:
         raw["cache_id"] = make_cache_id(
             m["teacher"]["fingerprint"],
             m["tokenizer"]["fingerprint"],
-            m["dataset"]["content_hash"],
+            m["dataset"].get("identity") or m["dataset"]["content_hash"],
             params,
             m["format_version"],
         )

@@ -1,4 +1,10 @@
-"""The logit cache's on-disk contract (format v1): manifest schema, column names, file names.
+"""The logit cache's on-disk contract (format v2): manifest schema, column names, file names.
+
+Format 2 (text corpora cut into input units, :mod:`kdscale.data.units`) adds ``dataset.units``
+(each unit's pieces, content hash, rows and shards) and ``dataset.identity`` (the hash of the
+units' descriptors and the packing settings), which the cache_id is computed over instead of the
+content hash, so a cache is named before its corpus is read. Format 1 caches (the whole corpus
+packed in the driver; the cache_id over the content hash) are still read and verified.
 
 A cache is a folder (any fsspec URI) of Parquet shards plus ``manifest.json``. Shards are written
 first under deterministic names; the manifest is written last and *is* the commit (mosaicml
@@ -54,7 +60,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LEDGER_DIR = "_ledger"
 PLAN = "plan.json"
@@ -128,6 +135,19 @@ class TokenizerInfo(_Model):
     eos_token_id: int | None
 
 
+class UnitRecord(_Model):
+    """One input unit as packed: what it was read from, and what it gave."""
+
+    index: int
+    pieces: list[dict[str, Any]] = Field(..., description="uri, fmt, start, end, size, version of each piece.")
+    content_hash: str = Field(..., description="sha256 over the unit's row ids and splits, in packing order.")
+    documents: int
+    tokens: int = Field(..., description="Tokens in the unit's rows (after a max_tokens cut).")
+    dropped_tokens: int = Field(..., description="The unit's packing tail that did not fill a row.")
+    rows: dict[str, int]
+    shards: list[str]
+
+
 class DatasetInfo(_Model):
     task: dict[str, Any] = Field(
         default_factory=lambda: {"name": "causal_lm"},
@@ -142,6 +162,16 @@ class DatasetInfo(_Model):
     validation_fraction: float = 0.0
     rows: dict[str, int]
     tokens: int
+    identity: str | None = Field(
+        None, description="v2: hash of the units' descriptors and packing settings (what the cache_id is over)."
+    )
+    units: list[UnitRecord] | None = Field(None, description="v2: every input unit, in corpus order.")
+    dropped_tokens: int = Field(0, description="v2: tokens dropped at unit ends (packing tails).")
+
+    @property
+    def fingerprint(self) -> str:
+        """What the cache_id is computed over: the units' identity (v2), else the content hash."""
+        return self.identity or self.content_hash
 
     @property
     def task_name(self) -> str:

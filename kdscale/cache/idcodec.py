@@ -19,7 +19,14 @@ RANK_FILE = "vocab_rank.parquet"
 
 def rank_table(token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """``order[r]`` = the token id of rank r: by descending corpus frequency, ties by id."""
-    freq = np.bincount(token_ids.astype(np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+    return rank_from_counts(np.bincount(token_ids.astype(np.int64).ravel(), minlength=vocab_size), vocab_size)
+
+
+def rank_from_counts(counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """:func:`rank_table` from token counts (summed over a sample of units)."""
+    freq = np.zeros(vocab_size, dtype=np.int64)
+    n = min(len(counts), vocab_size)
+    freq[:n] = counts[:n]
     return np.argsort(-freq, kind="stable").astype(np.int32)
 
 

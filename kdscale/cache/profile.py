@@ -40,8 +40,25 @@ def describe(m: Manifest) -> dict[str, Any]:
         "id_coding": m.id_coding["scheme"],
         "dataset_content_hash": m.dataset.content_hash,
         "corpus": {"patterns": m.dataset.patterns, "documents": m.dataset.documents, "sources": len(m.dataset.sources)},
+        "units": _units(m),
         "created_at": m.created_at,
         "kdscale_version": m.kdscale_version,
+    }
+
+
+def _units(m: Manifest) -> dict[str, Any] | None:
+    """Input units (format 2 text caches): how many, their sizes, and the packing tails dropped."""
+    units = m.dataset.units
+    if units is None:
+        return None
+    tokens = [u.tokens for u in units]
+    return {
+        "count": len(units),
+        "files": len({p["uri"] for u in units for p in u.pieces}),
+        "tokens_min": min(tokens),
+        "tokens_max": max(tokens),
+        "dropped_tokens": m.dataset.dropped_tokens,
+        "dataset_identity": m.dataset.identity,
     }
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdscale import fs
-from kdscale.cache.format import FORMAT_VERSION, ID_CODING_SCHEME, LEDGER_DIR, MANIFEST, CacheFormatError, Manifest
+from kdscale.cache.format import ID_CODING_SCHEME, LEDGER_DIR, MANIFEST, READABLE_VERSIONS, CacheFormatError, Manifest
 from kdscale.cache.segments import flat
 from kdscale.targets import DenseTargets, SparseTargets  # noqa: F401  # re-exported for readers of targets
 
@@ -33,9 +33,10 @@ def open_manifest(cache_uri: str) -> Manifest:
     if not isinstance(raw, dict):
         raise CacheFormatError(f"{cache_uri}: {MANIFEST} is not a JSON object")
     version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise CacheFormatError(
-            f"{cache_uri}: cache format_version {version!r} is not supported by this kdscale (reads {FORMAT_VERSION})"
+            f"{cache_uri}: cache format_version {version!r} is not supported by this kdscale (reads {readable})"
         )
     try:
         return Manifest.model_validate(raw)

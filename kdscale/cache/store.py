@@ -13,7 +13,16 @@ import numpy as np
 import pyarrow as pa
 
 from kdscale.cache import writer
-from kdscale.cache.format import LEDGER_DIR, DatasetInfo, Manifest, ShardRecord, TargetsInfo, TeacherInfo, TokenizerInfo
+from kdscale.cache.format import (
+    LEDGER_DIR,
+    DatasetInfo,
+    Manifest,
+    ShardRecord,
+    TargetsInfo,
+    TeacherInfo,
+    TokenizerInfo,
+    UnitRecord,
+)
 from kdscale.cache.reader import batch_input_ids, batch_targets, load_rank_order, read_split
 
 
@@ -90,6 +99,7 @@ class CacheWriter:
         self.rank_order = rank_order
         self.id_coding: dict[str, Any] = {}
         self.finished: dict[str, ShardRecord] = {}
+        self.units: dict[int, UnitRecord] = {}
 
     def __enter__(self) -> CacheWriter:
         from kdscale import fs
@@ -99,12 +109,30 @@ class CacheWriter:
         writer.acquire_lease(self.uri)
         self.id_coding = writer.write_rank_file(self.uri, self.rank_order)
         self.finished = writer.finished_shards(self.uri)
+        self.units = writer.recorded_units(self.uri)
         return self
 
     def record(self, record: ShardRecord) -> None:
         """A shard is fully written: from now on a rerun skips it."""
         writer.write_ledger_entry(self.uri, record)
         self.finished[record.path] = record
+
+    def record_unit(self, record: UnitRecord) -> None:
+        """A unit is packed (before its shards are computed); a rerun that re-reads it must get
+        the same content hash (:class:`~kdscale.cache.format.CacheFormatError` otherwise)."""
+        from kdscale.cache.format import CacheFormatError
+
+        known = self.units.get(record.index)
+        if known is not None and known.content_hash != record.content_hash:
+            files = ", ".join(sorted({p["uri"] for p in record.pieces}))
+            raise CacheFormatError(
+                f"input unit {record.index} ({files}) no longer holds the rows this unfinished cache was begun "
+                f"with (content hash {known.content_hash[:16]}…, now {record.content_hash[:16]}…): a corpus file "
+                "changed; restore it, or delete the cache folder to start over"
+            )
+        if known is None:
+            writer.write_unit_entry(self.uri, record)
+            self.units[record.index] = record
 
     def commit(
         self,

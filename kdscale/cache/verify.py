@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from kdscale import fs
 from kdscale.cache import idcodec
-from kdscale.cache.format import FORMAT_VERSION, SPLITS, CacheFormatError, Manifest, shard_name
+from kdscale.cache.format import SPLITS, CacheFormatError, Manifest, shard_name
 from kdscale.cache.kinds import kind as target_kind
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest
 from kdscale.cache.writer import manifest_totals, present_splits, shard_columns
@@ -53,7 +53,7 @@ def problems(cache_uri: str, checksums: bool = True) -> tuple[Manifest, list[str
     listing = _shard_list_problems(manifest) + _identity_problems(manifest)
     if any(p.startswith(("shard path", "rank file", "no ", "the manifest lists")) for p in listing):
         return manifest, listing  # never open paths a manifest should not name, nor look for missing splits
-    found = listing + _sum_problems(manifest) + file_problems(cache_uri, manifest, checksums)
+    found = listing + _sum_problems(manifest) + _unit_problems(manifest) + file_problems(cache_uri, manifest, checksums)
     if checksums and not found:
         found = content_problems(cache_uri, manifest)
     return manifest, found
@@ -65,7 +65,7 @@ def problems(cache_uri: str, checksums: bool = True) -> tuple[Manifest, list[str
 def _identity_problems(m: Manifest) -> list[str]:
     found = []
     expected = make_cache_id(
-        m.teacher.fingerprint, m.tokenizer.fingerprint, m.dataset.content_hash, m.targets.params(), FORMAT_VERSION
+        m.teacher.fingerprint, m.tokenizer.fingerprint, m.dataset.fingerprint, m.targets.params(), m.format_version
     )
     if m.cache_id != expected:
         found.append(
@@ -134,6 +134,31 @@ def _sum_problems(m: Manifest) -> list[str]:
         )
         if not same:
             found.append(f"totals.{key} is {recorded!r}; its shards sum to {value!r}")
+    return found
+
+
+def _unit_problems(m: Manifest) -> list[str]:
+    """v2: the units account for every row and shard, and their hashes give the content hash."""
+    from kdscale.data.units import units_hash
+
+    units, d = m.dataset.units, m.dataset
+    if units is None:  # format 1, images, or rows packed by the caller (tests, benchmarks)
+        return []
+    found = []
+    if d.identity is None:
+        found.append("dataset.units without dataset.identity")
+    if [u.index for u in units] != list(range(len(units))):
+        found.append("dataset.units are not numbered 0..n-1 in order")
+    if units_hash(u.content_hash for u in units) != d.content_hash:
+        found.append("dataset.content_hash is not the hash of its units' content hashes")
+    rows = {split: sum(u.rows.get(split, 0) for u in units) for split in d.rows}
+    if rows != d.rows:
+        found.append(f"dataset.rows {d.rows} are not its units' rows {rows}")
+    listed = [name for u in units for name in u.shards]
+    if sorted(listed) != sorted(s.path for s in m.shards):
+        found.append("the units' shards are not the manifest's shards (each shard belongs to exactly one unit)")
+    if sum(u.dropped_tokens for u in units) != d.dropped_tokens:
+        found.append(f"dataset.dropped_tokens {d.dropped_tokens} is not its units' sum")
     return found
 
 

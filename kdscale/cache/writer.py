@@ -35,6 +35,7 @@ from kdscale.cache.format import (
     TargetsInfo,
     TeacherInfo,
     TokenizerInfo,
+    UnitRecord,
     base_columns,
     target_columns,
 )
@@ -208,6 +209,31 @@ def ledger_uri(cache_uri: str, name: str) -> str:
 def write_ledger_entry(cache_uri: str, record: ShardRecord) -> None:
     fs.write_json(ledger_uri(cache_uri, record.path), record.model_dump())
     renew_lease(cache_uri)
+
+
+UNITS_DIR = "units"
+
+
+def unit_ledger_uri(cache_uri: str, index: int) -> str:
+    return fs.join(cache_uri, LEDGER_DIR, UNITS_DIR, f"u{index:06d}.json")
+
+
+def write_unit_entry(cache_uri: str, record: UnitRecord) -> None:
+    """A unit is packed: its rows, shards and content hash, so a rerun can check that re-reading
+    it gives the same rows (a file changed in between is refused, not mixed in)."""
+    fs.write_json(unit_ledger_uri(cache_uri, record.index), record.model_dump())
+
+
+def recorded_units(cache_uri: str) -> dict[int, UnitRecord]:
+    folder = fs.join(cache_uri, LEDGER_DIR, UNITS_DIR)
+    if not fs.exists(folder):
+        return {}
+    units = {}
+    for entry in fs.listdir(folder):
+        if entry.endswith(".json"):
+            record = UnitRecord.model_validate(fs.read_json(fs.join(folder, entry)))
+            units[record.index] = record
+    return units
 
 
 def check_claim(cache_uri: str, cache_id: str) -> bool:

@@ -1,9 +1,11 @@
-"""Turn a corpus (files, globs, fsspec URIs) into packed fixed-length token sequences.
+"""A corpus (files, globs, fsspec URIs) as packed fixed-length token sequences: the files, the
+row ids and splits, and the in-process packing of small corpora (:func:`pack_corpus`; reading
+and packing a unit is :mod:`kdscale.data.units`).
 
 Documents are tokenized, joined with the tokenizer's end-of-text token and cut into ``seq_len``
-windows (the tail that does not fill a window is dropped). Each sequence is keyed by a hash of its
-token ids (``seq_id``), so the held-out split, the sampling seed and resume all depend on
-content, not on file order or worker count.
+windows within each input unit (the tail that does not fill a window is dropped and counted).
+Each sequence is keyed by a hash of its token ids (``seq_id``), so the held-out split, the
+sampling seed and resume all depend on content, not on file order or worker count.
 
 Three splits by content hash: ``heldout`` (the reported one), ``validation`` (the one settings
 are chosen on, so a sweep never peeks at the reported split) and ``train``. The hash bits below
@@ -14,8 +16,6 @@ split takes its rows from train and leaves the held-out rows exactly as they wer
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +63,8 @@ class PackedCorpus:
     validation: list[np.ndarray] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     documents: int = 0
+    dropped_tokens: int = 0  # packing tails at unit ends
+    unit_hashes: list[str] = field(default_factory=list)  # each packed unit's content hash, in order
 
     @property
     def splits(self) -> dict[str, list[np.ndarray]]:
@@ -73,8 +75,10 @@ class PackedCorpus:
         return sum(len(rows) for rows in self.splits.values()) * self.seq_len
 
     def content_hash(self) -> str:
-        """Hash of every packed sequence in order, per split: what the cache was computed over."""
-        return split_hash(f"seq_len={self.seq_len}", self.splits, seq_id)
+        """The units' hash (:func:`kdscale.data.units.units_hash`): what a cache of these rows records."""
+        from kdscale.data.units import units_hash
+
+        return units_hash(self.unit_hashes)
 
 
 def corpus_files(spec: CorpusSpec) -> list[str]:
@@ -110,92 +114,25 @@ def decode_text(uri: str, data: bytes) -> str:
     return text
 
 
-def file_documents(uri: str, fmt: str, field: str) -> Iterator[str]:
-    """The documents of one file: the whole file (text), one JSON field per line (jsonl), or one
-    column value per row (parquet). Empty documents are skipped."""
-    if fmt == "text":
-        text = decode_text(uri, fs.read_bytes(uri))
-        if text.strip():
-            yield text
-        return
-    if fmt == "jsonl":
-        for n, line in enumerate(decode_text(uri, fs.read_bytes(uri)).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{uri}:{n}: not JSON ({e.msg})") from None
-            value = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise CorpusError(f"{uri}:{n}: no string field {field!r}")
-            if value.strip():
-                yield value
-        return
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+def pack_corpus(spec: CorpusSpec, tokenizer) -> PackedCorpus:
+    """The rows a precompute of ``spec`` caches, packed in this process: the same units
+    (:mod:`kdscale.data.units`), the same packing, the same ``max_tokens`` cut. For small corpora
+    only (online students, tests, benchmarks): every row is held in memory here."""
+    from kdscale.data.units import SPLITS, list_units, pack_unit
 
-        fsys, path = fs.filesystem(uri)
-        with fsys.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if field not in pf.schema_arrow.names:
-                raise CorpusError(f"{uri}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-            for batch in pf.iter_batches(columns=[field], batch_size=1024):
-                for value in batch.column(0).to_pylist():
-                    if isinstance(value, str) and value.strip():
-                        yield value
-        return
-    raise ValueError(f"unknown corpus format {fmt!r}")
-
-
-def tokenize_file(uri: str, fmt: str, field: str, tokenizer) -> list[np.ndarray]:
-    """Token ids of each document of one file (no special tokens; packing adds separators)."""
-    docs = list(file_documents(uri, fmt, field))
-    if not docs:
-        return []
-    return [np.asarray(ids, dtype=np.int32) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
-
-
-def local_token_stream(spec: CorpusSpec, tokenizer) -> Iterator[tuple[str, np.ndarray]]:
-    """(file uri, document token ids) in corpus order, tokenized in this process."""
-    for uri in corpus_files(spec):
-        for ids in tokenize_file(uri, spec.format, spec.field, tokenizer):
-            yield uri, ids
-
-
-def pack_corpus(
-    spec: CorpusSpec,
-    tokenizer,
-    documents: Iterable[tuple[str, np.ndarray]] | None = None,
-    separator_id: int | None = None,
-) -> PackedCorpus:
-    """Pack tokenized documents (default: tokenized here, in order) into ``seq_len`` rows joined
-    by the end-of-text token; stops once ``max_tokens`` tokens are packed (a fixed slice).
-
-    Packing is sequential and cheap; the tokenization feeding it can run in parallel (Ray Data,
-    :mod:`kdscale.data.ray_ingest`) as long as it yields documents in corpus order."""
-    sep = tokenizer.eos_token_id if separator_id is None else separator_id
-    if sep is None:
-        raise ValueError("the tokenizer has no end-of-text token to separate documents")
     packed = PackedCorpus(seq_len=spec.seq_len)
-    pending: list[np.ndarray] = []
-    pending_len = 0
     limit = spec.max_tokens
-    separator = np.asarray([sep], dtype=np.int32)
-    for uri, ids in documents if documents is not None else local_token_stream(spec, tokenizer):
-        if not packed.sources or packed.sources[-1] != uri:
-            packed.sources.append(uri)
-        packed.documents += 1
-        pending += [ids, separator]
-        pending_len += len(ids) + 1
-        if pending_len < spec.seq_len:
-            continue
-        stream = np.concatenate(pending)
-        full = len(stream) // spec.seq_len * spec.seq_len
-        for row in stream[:full].reshape(-1, spec.seq_len):
-            row = row.copy()
-            packed.splits[split_of(seq_id(row), spec.heldout_fraction, spec.validation_fraction)].append(row)
-            if limit and packed.tokens >= limit:
-                return packed
-        pending, pending_len = [stream[full:]], len(stream) - full
+    for unit in list_units(corpus_files(spec), spec.format, spec.unit_bytes):
+        fractions = (spec.heldout_fraction, spec.validation_fraction)
+        part = pack_unit(unit, spec.field, tokenizer, spec.seq_len, *fractions, max_tokens=limit)
+        if limit and packed.tokens + part.tokens > limit:
+            part = part.truncated(-(-(limit - packed.tokens) // spec.seq_len))
+        for row, code in zip(part.rows, part.splits):
+            packed.splits[SPLITS[code]].append(row)
+        packed.sources += [p.uri for p in unit.pieces if p.uri not in packed.sources]
+        packed.documents += part.documents
+        packed.dropped_tokens += part.dropped_tokens
+        packed.unit_hashes.append(part.content_hash())
+        if limit and packed.tokens >= limit:
+            break
     return packed

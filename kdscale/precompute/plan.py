@@ -1,25 +1,31 @@
-"""Planning a precompute (driver side, no Ray): tokenize and pack the corpus, fingerprint teacher,
-tokenizer and data, derive the cache_id, and cut the rows into deterministic shard tasks.
+"""Planning a precompute (driver side, no Ray): fingerprint teacher, tokenizer and data, derive
+the cache_id, and say how rows become deterministic shard tasks.
 
-The same plan is rebuilt on resume; because every input to it is content-addressed, a rerun
-produces the same shard names, the same rows per shard, and the same cache_id."""
+A text corpus is planned from metadata alone: its input units (:mod:`kdscale.data.units`) and
+their descriptors name the cache before any file is read; the rows arrive later, unit by unit
+(:mod:`kdscale.precompute.feed`), and :func:`unit_shard_tasks` cuts each unit's rows into shards
+numbered on from the units before it. An image corpus (a few IDX files) is still read here whole.
+The same plan is rebuilt on resume, so a rerun produces the same shard names, the same rows per
+shard, and the same cache_id."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kdscale.cache import idcodec
 from kdscale.cache.format import (
     FORMAT_VERSION,
+    SPLITS,
     DatasetInfo,
     Split,
     TargetsInfo,
     TeacherInfo,
     TokenizerInfo,
+    UnitRecord,
     shard_name,
 )
 from kdscale.cache.kinds import kind as target_kind
@@ -34,6 +40,16 @@ from kdscale.tracking.redact import redact
 
 if TYPE_CHECKING:
     from kdscale.data.images import ImageCorpus
+    from kdscale.data.units import PackedUnit, Unit
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """Rows [start, stop) of one split of a packed unit (the rows stay in Ray's object store)."""
+
+    unit: int
+    start: int
+    stop: int
 
 
 @dataclass
@@ -41,13 +57,21 @@ class ShardTask:
     name: str
     split: Split
     index: int
-    columns: dict[str, np.ndarray]  # the rows' inputs: input_ids [rows, seq_len]; or pixels + labels
-    seq_ids: list[str]
     positions: int  # predicted positions in all rows (tokens; one per image)
+    n_rows: int
+    columns: dict[str, np.ndarray] | None = None  # input_ids [rows, seq_len]; or pixels + labels
+    seq_ids: list[str] | None = None
+    source: UnitSlice | None = None  # where the rows are until resolved
 
     @property
     def input_ids(self) -> np.ndarray:
-        return self.columns["input_ids"]
+        return self.resolved_columns["input_ids"]
+
+    @property
+    def resolved_columns(self) -> dict[str, np.ndarray]:
+        if self.columns is None:
+            raise RuntimeError(f"shard task {self.name}: rows not resolved from unit {self.source}")
+        return self.columns
 
     @property
     def tokens(self) -> int:
@@ -55,23 +79,67 @@ class ShardTask:
 
     @property
     def rows(self) -> int:
-        return len(self.seq_ids)
+        return self.n_rows
+
+    def resolve(self, packed: PackedUnit) -> ShardTask:
+        """This task with its rows taken from the packed unit named by ``source``."""
+        if self.source is None or self.columns is not None:
+            return self
+        s = self.source
+        rows = packed.split_rows(self.split)[s.start : s.stop]
+        ids = packed.split_ids(self.split)[s.start : s.stop]
+        return replace(self, columns={"input_ids": np.ascontiguousarray(rows, dtype=np.int32)}, seq_ids=ids)
+
+
+def unit_shard_tasks(unit: int, split_rows: dict[str, int], next_index: dict[str, int], per_shard: int, seq_len: int):
+    """One unit's shard tasks (no shard spans two units), numbered on from ``next_index``
+    (updated), split by split in the manifest's order."""
+    tasks = []
+    for split in SPLITS:
+        for start in range(0, split_rows.get(split, 0), per_shard):
+            stop = min(start + per_shard, split_rows[split])
+            index = next_index.get(split, 0)
+            next_index[split] = index + 1
+            name = shard_name(split, index)
+            tasks.append(
+                ShardTask(
+                    name, split, index, (stop - start) * seq_len, stop - start, source=UnitSlice(unit, start, stop)
+                )
+            )
+    return tasks
 
 
 @dataclass
 class PrecomputePlan:
+    """What a precompute computes and under which cache_id. Images: the dataset, the rank table
+    and every shard task are known here. Text: only the units (and ``corpus``, the settings the
+    manifest records); rows, rank table and tasks come from the feed as units are packed."""
+
     cache_id: str
     targets: TargetsInfo
     teacher: TeacherInfo
     tokenizer: TokenizerInfo
-    dataset: DatasetInfo
-    rank_order: np.ndarray  # id-coding table: token ids by descending corpus frequency
+    dataset: DatasetInfo | None  # images; text: made at commit from the units (:func:`text_dataset`)
+    rank_order: np.ndarray | None  # id-coding table: token ids by descending corpus frequency
     layer_ranges: list[tuple[int, int]]  # one [start, end) per pipeline stage
     tasks: list[ShardTask] = field(default_factory=list)
+    units: list[Unit] | None = None
+    corpus: dict[str, Any] = field(default_factory=dict)  # text: patterns, packing settings, identity
 
     @property
     def rank(self) -> np.ndarray:
+        if self.rank_order is None:
+            raise RuntimeError("the id-coding rank table is not known yet (it comes from the first units)")
         return idcodec.inverse(self.rank_order)
+
+    @property
+    def streamed(self) -> bool:
+        return self.units is not None
+
+    @property
+    def data_fingerprint(self) -> str:
+        """What the cache_id is over: the units' identity (text) or the content hash (images)."""
+        return self.corpus["identity"] if self.streamed else self.dataset.content_hash
 
 
 class PlanError(ValueError):
@@ -142,9 +210,10 @@ def shard_tasks(split: Split, rows: list[np.ndarray], per_shard: int) -> list[Sh
                 shard_name(split, index),
                 split,
                 index,
-                {"input_ids": block},
-                [seq_id(r) for r in block],
                 int(block.size),
+                len(block),
+                columns={"input_ids": block},
+                seq_ids=[seq_id(r) for r in block],
             )
         )
     return tasks
@@ -164,9 +233,10 @@ def image_shard_tasks(split: Split, examples: list[tuple[np.ndarray, int]], per_
                 shard_name(split, index),
                 split,
                 index,
-                {"pixels": pixels, "labels": labels},
-                [example_id(x, y) for x, y in chunk],
                 len(chunk),
+                len(chunk),
+                columns={"pixels": pixels, "labels": labels},
+                seq_ids=[example_id(x, y) for x, y in chunk],
             )
         )
     return tasks
@@ -186,15 +256,112 @@ def targets_info(spec: JobSpec) -> TargetsInfo:
     )
 
 
-def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | None = None) -> PrecomputePlan:
-    """``tokenizer``: the teacher's tokenizer, or for images the image task (its label space)."""
-    images = spec.task == "image_classification"
+def _identity(spec: JobSpec, tokenizer) -> tuple[Any, list[tuple[int, int]], TeacherInfo, TokenizerInfo, TargetsInfo]:
+    """Teacher config, layer ranges and the teacher / tokenizer / targets records (checked)."""
     teacher_config = load_teacher_config(spec.teacher, len(tokenizer), spec.task)
     problems = check_teacher_fits(spec, teacher_config, len(tokenizer))
     if problems:
         from kdscale.config import ConfigError
 
         raise ConfigError(spec.name, problems)
+    identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed, spec.task)
+    ranges = layer_ranges(teacher_config, spec.teacher.shards)
+    teacher = TeacherInfo(
+        name=identity.name,
+        fingerprint=identity.fingerprint,
+        dtype=identity.dtype,
+        source=identity.source,
+        parallelism={"replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "layer_ranges": ranges},
+    )
+    return (
+        teacher_config,
+        ranges,
+        teacher,
+        tokenizer_info(tokenizer, logit_width(spec, teacher_config)),
+        targets_info(spec),
+    )
+
+
+def build_text_plan(spec: JobSpec, tokenizer) -> PrecomputePlan:
+    """A text corpus's plan from file metadata alone: its units and the cache_id they give."""
+    from kdscale.data.corpus import corpus_files
+    from kdscale.data.units import dataset_identity, list_units
+
+    _, ranges, teacher, tok, targets = _identity(spec, tokenizer)
+    c = spec.corpus
+    files = corpus_files(c)
+    if not files:
+        raise PlanError(f"no corpus file matches {c.paths}")
+    units = list_units(files, c.format, c.unit_bytes)
+    packing = {
+        "format": c.format,
+        "field": c.field if c.format != "text" else None,
+        "seq_len": c.seq_len,
+        "heldout_fraction": c.heldout_fraction,
+        "validation_fraction": c.validation_fraction,
+        "max_tokens": c.max_tokens,
+        "separator": tokenizer.eos_token_id,
+    }
+    identity = dataset_identity(units, packing)
+    cid = make_cache_id(teacher.fingerprint, tok.fingerprint, identity, targets.params(), FORMAT_VERSION)
+    corpus = {"identity": identity, "patterns": redact(list(c.paths)), **packing}
+    return PrecomputePlan(cid, targets, teacher, tok, None, None, ranges, units=units, corpus=corpus)
+
+
+def text_dataset(plan: PrecomputePlan, units: list[UnitRecord]) -> DatasetInfo:
+    """The manifest's dataset record of a text cache, from its packed units (in order)."""
+    from kdscale.data.units import units_hash
+
+    rows = {split: sum(u.rows.get(split, 0) for u in units) for split in SPLITS}
+    if not rows["validation"]:
+        rows.pop("validation")
+    sources = list(dict.fromkeys(p["uri"] for u in units for p in u.pieces))
+    c = plan.corpus
+    return DatasetInfo(
+        task={"name": "causal_lm"},
+        sources=redact(sources),
+        patterns=c["patterns"],
+        documents=sum(u.documents for u in units),
+        content_hash=units_hash(u.content_hash for u in units),
+        seq_len=c["seq_len"],
+        heldout_fraction=c["heldout_fraction"],
+        validation_fraction=c["validation_fraction"],
+        rows=rows,
+        tokens=sum(u.tokens for u in units),
+        identity=c["identity"],
+        units=units,
+        dropped_tokens=sum(u.dropped_tokens for u in units),
+    )
+
+
+def check_rows(rows: dict[str, int], documents: int, corpus, images: bool = False) -> None:
+    """The packed corpus has rows to train on, to report on, and to validate on if asked for."""
+    if not rows.get("train"):
+        raise PlanError(
+            f"no training images in {corpus.paths}"
+            if images
+            else f"the corpus yields no training sequences of {corpus.seq_len} tokens "
+            f"({documents} non-empty documents read from {corpus.paths})"
+        )
+    if not rows.get("heldout"):
+        raise PlanError(
+            f"the corpus yields no held-out sequences ({rows['train']} sequences, heldout_fraction "
+            f"{corpus.heldout_fraction}); use more text or a larger heldout_fraction"
+        )
+    if corpus.validation_fraction and not rows.get("validation"):
+        raise PlanError(
+            f"the corpus yields no validation sequences ({rows['train']} sequences, validation_fraction "
+            f"{corpus.validation_fraction}); use more text or a larger validation_fraction"
+        )
+
+
+def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | None = None) -> PrecomputePlan:
+    """``tokenizer``: the teacher's tokenizer, or for images the image task (its label space).
+    A text corpus without ``corpus`` (rows packed by the caller) is planned from its units."""
+    images = spec.task == "image_classification"
+    if corpus is None and not images:
+        return build_text_plan(spec, tokenizer)
+    teacher_config, ranges, teacher, tok, targets = _identity(spec, tokenizer)
     if corpus is None:
         if images:
             from kdscale.data.images import IdxError, load_images
@@ -205,33 +372,7 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | No
                 raise PlanError(str(e)) from None
         else:
             corpus = pack_corpus(spec.corpus, tokenizer)
-    if not corpus.train:
-        raise PlanError(
-            f"the corpus yields no training sequences of {spec.corpus.seq_len} tokens "
-            f"({corpus.documents} non-empty documents read from {spec.corpus.paths})"
-            if not images
-            else f"no training images in {spec.corpus.paths}"
-        )
-    if not corpus.heldout:
-        raise PlanError(
-            f"the corpus yields no held-out sequences ({len(corpus.train)} sequences, heldout_fraction "
-            f"{spec.corpus.heldout_fraction}); use more text or a larger heldout_fraction"
-        )
-    if spec.corpus.validation_fraction and not corpus.validation:
-        raise PlanError(
-            f"the corpus yields no validation sequences ({len(corpus.train)} sequences, validation_fraction "
-            f"{spec.corpus.validation_fraction}); use more text or a larger validation_fraction"
-        )
-    identity = teacher_identity(spec.teacher, len(tokenizer), spec.seed, spec.task)
-    ranges = layer_ranges(teacher_config, spec.teacher.shards)
-    teacher = TeacherInfo(
-        name=identity.name,
-        fingerprint=identity.fingerprint,
-        dtype=identity.dtype,
-        source=identity.source,
-        parallelism={"replicas": spec.teacher.replicas, "shards": spec.teacher.shards, "layer_ranges": ranges},
-    )
-    tok = tokenizer_info(tokenizer, logit_width(spec, teacher_config))
+    check_rows({split: len(rows) for split, rows in corpus.splits.items()}, corpus.documents, spec.corpus, images)
     dataset = DatasetInfo(
         task=tokenizer.describe() if images else {"name": "causal_lm"},
         sources=redact(corpus.sources),  # a password in a corpus URL never reaches the manifest
@@ -244,7 +385,6 @@ def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | No
         rows={split: len(rows) for split, rows in corpus.splits.items() if split != "validation" or rows},
         tokens=corpus.tokens,
     )
-    targets = targets_info(spec)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, dataset.content_hash, targets.params(), FORMAT_VERSION)
     per_shard = spec.cache.rows_per_shard
     cut: Callable[..., list[ShardTask]] = image_shard_tasks if images else shard_tasks

@@ -1,5 +1,7 @@
-"""Run the precompute on Ray: a pool of teacher-replica actors works through the plan's shard
-tasks; the driver records each finished shard in the ledger and commits the manifest last.
+"""Run the precompute on Ray: a pool of teacher-replica actors works through shard tasks as the
+corpus's units are packed (:mod:`kdscale.precompute.feed`); the driver only schedules, records
+each finished shard (and each packed unit) in the ledger, and commits the manifest last. Rows go
+from the packing task to the teacher actor through Ray's object store, never through the driver.
 
 Resume and reuse fall out of the commit protocol: a complete cache with the same cache_id is
 reused untouched; an unfinished one for the same cache_id skips shards whose ledger entry checks
@@ -15,14 +17,16 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from kdscale import fs
-from kdscale.cache.format import MANIFEST, CacheFormatError, Manifest, ShardRecord
+from kdscale.cache import idcodec
+from kdscale.cache.format import MANIFEST, SPLITS, CacheFormatError, DatasetInfo, Manifest, UnitRecord, shard_name
 from kdscale.cache.reader import open_manifest
 from kdscale.cache.store import CacheWriter
 from kdscale.config import JobSpec
-from kdscale.precompute.plan import PrecomputePlan, ShardTask
+from kdscale.data.units import Unit
+from kdscale.precompute.feed import Stream, UnitMeta
+from kdscale.precompute.plan import PrecomputePlan, ShardTask, check_rows, text_dataset, unit_shard_tasks
 from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
 
@@ -60,10 +64,15 @@ def existing_cache(cache_uri: str, cache_id: str, checksums: bool) -> Manifest |
 
 
 def run_precompute(
-    spec: JobSpec, plan: PrecomputePlan, cache_uri: str, reuse: Manifest | None = None
+    spec: JobSpec,
+    plan: PrecomputePlan,
+    cache_uri: str,
+    reuse: Manifest | None = None,
+    stream: Stream | None = None,
 ) -> PrecomputeResult:
     """Compute the plan's shards and commit the cache; ``reuse``: this job's cache, already
-    committed and verified (:func:`existing_cache`), which is returned untouched."""
+    committed and verified (:func:`existing_cache`), which is returned untouched. A text plan
+    needs its started ``stream`` (:func:`kdscale.precompute.feed.begin_stream`)."""
     started = time.perf_counter()
     manifest = (
         reuse if reuse is not None else existing_cache(cache_uri, plan.cache_id, spec.cache.verify_before_training)
@@ -71,19 +80,17 @@ def run_precompute(
     if manifest is not None:
         say(f"[green]Cache {plan.cache_id} already complete at {cache_uri} and verified: reusing it, no teacher work.")
         return PrecomputeResult(cache_uri, manifest, True, 0.0, 0)
-
-    with CacheWriter(cache_uri, plan.cache_id, plan.rank_order) as cache:
-        todo = [t for t in plan.tasks if t.name not in cache.finished]
-        if cache.finished:
-            say(f"Resuming cache {plan.cache_id}: {len(cache.finished)} of {len(plan.tasks)} shards already finished.")
-        tokens_todo = sum(t.tokens for t in todo)
-        compute_seconds = _run_tasks(spec, plan, cache_uri, todo, tokens_todo, cache.record) if todo else 0.0
+    if plan.streamed and stream is None:
+        raise ValueError("a text precompute needs its started stream of units")
+    rank_order = stream.rank_order if stream is not None else plan.rank_order
+    with CacheWriter(cache_uri, plan.cache_id, rank_order) as cache:
+        runner = _Runner(spec, plan, cache_uri, cache, rank_order)
+        if stream is not None:
+            dataset, order = runner.run_stream(stream)
+        else:
+            dataset, order = runner.run_tasks(plan.tasks), [t.name for t in plan.tasks]
         manifest, stale = cache.commit(
-            targets=plan.targets,
-            teacher=plan.teacher,
-            tokenizer=plan.tokenizer,
-            dataset=plan.dataset,
-            order=[t.name for t in plan.tasks],
+            targets=plan.targets, teacher=plan.teacher, tokenizer=plan.tokenizer, dataset=dataset, order=order
         )
     if stale:  # every shard is written: these were left by writers killed in an earlier run
         say(f"Removed {stale} temp file(s) left by an interrupted run.")
@@ -91,15 +98,17 @@ def run_precompute(
         f"[green]Cache {plan.cache_id} committed: {manifest.totals['tokens']:,} tokens, "
         f"{manifest.totals['bytes_per_token']:.1f} B/token, at {cache_uri}"
     )
-    return PrecomputeResult(cache_uri, manifest, False, time.perf_counter() - started, tokens_todo, compute_seconds)
+    return PrecomputeResult(
+        cache_uri, manifest, False, time.perf_counter() - started, runner.tokens_computed, runner.compute_seconds
+    )
 
 
 class _LastStage(TeacherWorker):
     """Ray-side shim: resolve the upstream stage's hidden states as they arrive, one
     micro-batch at a time, so this stage starts before the whole shard has passed upstream."""
 
-    def run_from(self, task, refs):
-        return self.run(task, (ray.get(ref) for ref in refs))
+    def run_from(self, task, packed, refs):
+        return self.run(task, packed, (ray.get(ref) for ref in refs))
 
 
 @dataclass
@@ -110,23 +119,27 @@ class _Pipeline:
     last: Any  # the TeacherWorker actor handle that writes shards
     batch_size: int = 1
 
-    def submit(self, task) -> ray.ObjectRef:
+    def submit(self, task: ShardTask, packed: ray.ObjectRef | None = None) -> ray.ObjectRef:
+        """``packed``: the unit the task's rows are in (Ray hands it to the actors from its
+        object store; the driver never holds the rows)."""
         if not self.stages:
-            return self.last.run.remote(task)
+            return self.last.run.remote(task, packed)
         refs = []
-        ids = torch.from_numpy(np.asarray(task.input_ids, dtype=np.int64))
-        for batch in ids.split(self.batch_size):
-            ref = batch
-            for stage in self.stages:
+        first, *later = self.stages
+        for start in range(0, task.rows, self.batch_size):
+            ref = first.forward_rows.remote(task, packed, start, min(start + self.batch_size, task.rows))
+            for stage in later:
                 ref = stage.forward.remote(ref)
             refs.append(ref)
-        return self.last.run_from.remote(task, refs)
+        return self.last.run_from.remote(task, packed, refs)
 
     def actors(self) -> list:
         return [*self.stages, self.last]
 
 
-def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replicas: int) -> list[_Pipeline]:
+def _start_pipelines(
+    spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replicas: int, rank: np.ndarray
+) -> list[_Pipeline]:
     t = spec.teacher
     options = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_restarts": 0}
     common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed}
@@ -135,9 +148,9 @@ def _start_pipelines(spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replic
         **common,
         "targets": plan.targets,
         "cache_uri": cache_uri,
-        "rank": plan.rank,
+        "rank": rank,
         "compression_level": spec.cache.compression_level,
-        "task": plan.dataset.task,
+        "task": plan.dataset.task if plan.dataset is not None else {"name": "causal_lm"},
     }
     pipelines = []
     for _ in range(replicas):
@@ -171,47 +184,131 @@ def _wait_ready(spec: JobSpec, actors: list) -> None:
         ) from None
 
 
-def _run_tasks(
-    spec: JobSpec,
-    plan: PrecomputePlan,
-    cache_uri: str,
-    todo: list[ShardTask],
-    tokens_todo: int,
-    record: Callable[[ShardRecord], None],
-) -> float:
-    """Run shard tasks on a pool of teacher replicas (each one actor, or a pipeline of stage
-    actors when the teacher is sharded), keeping each replica busy with a short queue; each
-    finished shard goes to ``record`` as it lands. Returns the compute seconds."""
-    t = spec.teacher
-    replicas = min(t.replicas, len(todo))
-    pipelines = _start_pipelines(spec, plan, cache_uri, replicas)
-    actors = [a for p in pipelines for a in p.actors()]
-    queue = list(todo)
-    in_flight: dict[ray.ObjectRef, tuple[_Pipeline, ShardTask]] = {}
-    shape = f"{replicas} x {len(plan.layer_ranges)} stages" if len(plan.layer_ranges) > 1 else f"x{replicas}"
-    with bar("tok") as progress:
-        task_id = progress.add_task(f"teacher {shape} ({t.name})", total=tokens_todo, rate=0.0)
-        _wait_ready(spec, actors)  # loading counts as setup, not throughput
-        first = time.perf_counter()
-        done_tokens = 0
+class _Runner:
+    """Teacher replicas working through shard tasks (each replica one actor, or a pipeline of
+    stage actors when the teacher is sharded) with a short queue each; every finished shard is
+    recorded in the ledger as it lands. Replicas start on the first task, so a resumed cache with
+    nothing left to compute loads no teacher."""
 
-        def submit(pipeline: _Pipeline) -> None:
-            task = queue.pop(0)
-            in_flight[pipeline.submit(task)] = (pipeline, task)
+    def __init__(self, spec: JobSpec, plan: PrecomputePlan, cache_uri: str, cache: CacheWriter, rank_order):
+        self.spec, self.plan, self.cache_uri, self.cache = spec, plan, cache_uri, cache
+        self.rank = idcodec.inverse(rank_order)
+        self.pipelines: list[_Pipeline] = []
+        self.free: list[_Pipeline] = []
+        self.in_flight: dict[ray.ObjectRef, tuple[_Pipeline, ShardTask]] = {}
+        self.tokens_computed = 0
+        self.compute_seconds = 0.0
+        self.first = 0.0
+        self.on_done: Callable[[ShardTask], None] = lambda task: None
 
-        for pipeline in pipelines:
-            for _ in range(IN_FLIGHT_PER_REPLICA):
-                if queue:
-                    submit(pipeline)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            pipeline, task = in_flight.pop(ready[0])
-            record(ray.get(ready[0]))
-            done_tokens += task.tokens
-            progress.update(task_id, advance=task.tokens, rate=done_tokens / max(time.perf_counter() - first, 1e-9))
-            if queue:
-                submit(pipeline)
-        compute_seconds = time.perf_counter() - first
-    for a in actors:
-        ray.kill(a)
-    return compute_seconds
+    def _start(self, replicas: int) -> None:
+        self.pipelines = _start_pipelines(self.spec, self.plan, self.cache_uri, replicas, self.rank)
+        _wait_ready(self.spec, [a for p in self.pipelines for a in p.actors()])  # loading counts as setup
+        self.free = [p for p in self.pipelines for _ in range(IN_FLIGHT_PER_REPLICA)]
+        self.first = time.perf_counter()
+
+    def submit(self, task: ShardTask, packed: ray.ObjectRef | None = None, replicas: int | None = None) -> None:
+        if not self.pipelines:
+            self._start(replicas or self.spec.teacher.replicas)
+        while not self.free:
+            self._collect()
+        pipeline = self.free.pop(0)
+        self.in_flight[pipeline.submit(task, packed)] = (pipeline, task)
+
+    def _collect(self) -> None:
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+        pipeline, task = self.in_flight.pop(ready[0])
+        self.cache.record(ray.get(ready[0]))
+        self.tokens_computed += task.tokens
+        self.compute_seconds = time.perf_counter() - self.first
+        self.free.append(pipeline)
+        self.on_done(task)
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self._collect()
+        for a in (a for p in self.pipelines for a in p.actors()):
+            ray.kill(a)
+
+    def run_tasks(self, tasks: list[ShardTask]) -> DatasetInfo:
+        """Shard tasks planned up front (images; rows packed by the caller)."""
+        todo = [t for t in tasks if t.name not in self.cache.finished]
+        if len(todo) < len(tasks):
+            say(
+                f"Resuming cache {self.plan.cache_id}: "
+                f"{len(tasks) - len(todo)} of {len(tasks)} shards already finished."
+            )
+        with bar("tok") as progress:
+            bar_id = progress.add_task(
+                f"teacher {self._shape()} ({self.spec.teacher.name})", total=sum(t.tokens for t in todo), rate=0.0
+            )
+            self.on_done = lambda task: progress.update(bar_id, advance=task.tokens, rate=self._rate())
+            for task in todo:
+                self.submit(task, replicas=min(self.spec.teacher.replicas, len(todo)))
+            self.drain()
+        return self.plan.dataset
+
+    def run_stream(self, stream: Stream) -> tuple[DatasetInfo, list[str]]:
+        """Units as they are packed: record each, cut it into shard tasks, keep replicas busy;
+        a unit is done when its last shard lands."""
+        c, units = self.spec.corpus, self.plan.units or []
+        resumed = len(self.cache.finished)
+        if resumed:
+            say(
+                f"Resuming cache {self.plan.cache_id}: {resumed} shards already finished "
+                f"({len(self.cache.units)} of {len(units)} input units packed before; each is re-read and checked)."
+            )
+        records: list[UnitRecord] = []
+        next_index: dict[str, int] = {}
+        pending: dict[int, int] = {}
+        with bar("tok") as progress:
+            bar_id = progress.add_task(
+                f"teacher {self._shape()} ({self.spec.teacher.name}), units", total=len(units), rate=0.0
+            )
+
+            def done(task: ShardTask) -> None:
+                unit = task.source.unit
+                pending[unit] -= 1
+                if not pending[unit]:
+                    progress.update(bar_id, advance=1, rate=self._rate())
+
+            self.on_done = done
+            for meta, packed in stream.units():
+                split_rows = meta.split_rows()
+                tasks = unit_shard_tasks(meta.index, split_rows, next_index, self.spec.cache.rows_per_shard, c.seq_len)
+                records.append(_unit_record(units[meta.index], meta, split_rows, tasks, c.seq_len))
+                self.cache.record_unit(records[-1])
+                todo = [t for t in tasks if t.name not in self.cache.finished]
+                pending[meta.index] = len(todo)
+                if not todo:
+                    progress.update(bar_id, advance=1)
+                for task in todo:
+                    self.submit(task, packed)
+            progress.update(bar_id, total=len(records))  # a max_tokens slice ends before the last unit
+            self.drain()
+        dataset = text_dataset(self.plan, records)
+        check_rows(dataset.rows, dataset.documents, c)
+        order = [shard_name(split, i) for split in SPLITS for i in range(next_index.get(split, 0))]
+        return dataset, order
+
+    def _rate(self) -> float:
+        return self.tokens_computed / max(time.perf_counter() - self.first, 1e-9)
+
+    def _shape(self) -> str:
+        stages = len(self.plan.layer_ranges)
+        return f"{self.spec.teacher.replicas} x {stages} stages" if stages > 1 else f"x{self.spec.teacher.replicas}"
+
+
+def _unit_record(
+    unit: Unit, meta: UnitMeta, split_rows: dict[str, int], tasks: list[ShardTask], seq_len: int
+) -> UnitRecord:
+    return UnitRecord(
+        index=meta.index,
+        pieces=unit.descriptor(),
+        content_hash=meta.content_hash,
+        documents=meta.documents,
+        tokens=meta.rows * seq_len,
+        dropped_tokens=meta.dropped_tokens,
+        rows={split: n for split, n in split_rows.items() if n},
+        shards=[t.name for t in tasks],
+    )

@@ -16,6 +16,7 @@ from kdscale.cache import targets as extract
 from kdscale.cache.format import EVAL_SPLITS, ShardRecord, TargetsInfo
 from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
+from kdscale.data.units import PackedUnit
 from kdscale.models.sharding import split
 from kdscale.models.task import task_from_dict
 from kdscale.precompute.plan import ShardTask
@@ -48,6 +49,11 @@ class StageWorker:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.device)).cpu()
+
+    def forward_rows(self, task: ShardTask, packed: PackedUnit | None, start: int, stop: int) -> torch.Tensor:
+        """The first stage: rows [start, stop) of the task, taken from its packed unit here."""
+        ids = task.resolve(packed).input_ids[start:stop] if packed is not None else task.input_ids[start:stop]
+        return self.forward(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
 
     def ready(self) -> bool:
         return True
@@ -94,7 +100,7 @@ class TeacherWorker:
     def micro_batches(self, task: ShardTask) -> list[dict[str, np.ndarray]]:
         """The shard's rows in micro-batches of the spec's batch size (columns sliced alike)."""
         return [
-            {name: col[start : start + self.batch_size] for name, col in task.columns.items()}
+            {name: col[start : start + self.batch_size] for name, col in task.resolved_columns.items()}
             for start in range(0, task.rows, self.batch_size)
         ]
 
@@ -111,7 +117,7 @@ class TeacherWorker:
             labels = self.task.labels(batch)
             for i in range(len(labels)):
                 sid = task.seq_ids[start + i]
-                row: dict[str, Any] = {"seq_id": sid, **{name: col[start + i] for name, col in task.columns.items()}}
+                row: dict[str, Any] = {"seq_id": sid, **{name: col[i] for name, col in batch.items()}}
                 row.update(
                     extract.extract_row(
                         t.kind,
@@ -131,7 +137,12 @@ class TeacherWorker:
             start += len(labels)
         return rows
 
-    def run(self, task: ShardTask, inputs: Iterable[torch.Tensor] | None = None) -> ShardRecord:
+    def run(
+        self, task: ShardTask, packed: PackedUnit | None = None, inputs: Iterable[torch.Tensor] | None = None
+    ) -> ShardRecord:
+        """Compute and write one shard; ``packed``: the unit its rows are in (a streamed task)."""
+        if packed is not None:
+            task = task.resolve(packed)
         return write_shard(
             self.cache_uri,
             task.name,

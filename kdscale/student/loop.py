@@ -153,48 +153,67 @@ class _WorkerRun:
 
     def __init__(self, cfg: WorkerConfig):
         import ray.train
-        from transformers import AutoConfig
-
-        from kdscale.models.student import build_student
-        from kdscale.student.engine import make_engine, select_device
 
         self.cfg, self.train = cfg, cfg.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = select_device(self.train.use_gpu)
         torch.set_num_threads(max(1, cfg.threads))
-        self.targets_for = cfg.targets.open(cfg.loss.temperature, self.device)
-        self.task = task_from_dict(cfg.task)
+        self.start_reading()
+        self.build()
+
+    def start_reading(self) -> None:
+        """Start streaming this worker's batches before the model exists: Ray Data's pipeline
+        start-up (its coordinator and read tasks starting: 19 s of a tiny job's first epoch on this
+        2-core machine, against 5 s for a later epoch) then overlaps the imports, the model build
+        and DeepSpeed's initialization instead of following them."""
+        import ray.train
+
+        from kdscale.student.engine import select_device
+
+        self.device = select_device(self.train.use_gpu)
+        self.targets_for = self.cfg.targets.open(self.cfg.loss.temperature, self.device)
+        self.task = task_from_dict(self.cfg.task)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.preloaded: list = []
+        self.checkpoint = ray.train.get_checkpoint()  # Ray Train's latest, on a restarted worker group
+        self.state: dict[str, Any] = self.saved_state() or {"epoch": 0, "step": 0, "history": []}
+        epochs = range(self.state["epoch"], self.train.epochs)
+        self.prefetcher = _Prefetcher(self.epoch_batches, epochs, self.train.prefetch_batches)
+
+    def build(self) -> None:
+        from transformers import AutoConfig
+
+        from kdscale.models.student import build_student
+        from kdscale.student.engine import make_engine
+
+        cfg = self.cfg
         config_dict = dict(cfg.student_config)
         self.student_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = build_student(self.student_config, cfg.seed, cfg.init_path, self.task)
         self.engine, self.precision = make_engine(model, self.train, cfg.total_steps, self.device, self.world)
         self.divergence = Divergence(cfg.loss.divergence, beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
-        self.shard = ray.train.get_dataset_shard("train")
-        self.preloaded: list = []
-        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
 
     def run(self) -> None:
         self.restore()
-        epochs = range(self.state["epoch"], self.train.epochs)
-        prefetcher = _Prefetcher(self.epoch_batches, epochs, self.train.prefetch_batches)
-        for epoch in epochs:
-            metrics = self.train_epoch(epoch, prefetcher.epoch(epoch))
+        for epoch in range(self.state["epoch"], self.train.epochs):
+            metrics = self.train_epoch(epoch, self.prefetcher.epoch(epoch))
             self.end_epoch(epoch, metrics)
 
     # restore ------------------------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Continue from Ray Train's latest checkpoint, if there is one (a restarted worker group)."""
-        import ray.train
+    def saved_state(self) -> dict[str, Any] | None:
+        """The training state (epoch, step, history) in the latest checkpoint, if there is one."""
+        if not self.checkpoint:
+            return None
+        with self.checkpoint.as_directory() as d, open(os.path.join(d, STATE_FILE)) as f:
+            return json.load(f)
 
-        checkpoint = ray.train.get_checkpoint()
-        if not checkpoint:
+    def restore(self) -> None:
+        """Continue from the latest checkpoint's DeepSpeed state (a restarted worker group)."""
+        if not self.checkpoint:
             return
-        with checkpoint.as_directory() as d:
+        with self.checkpoint.as_directory() as d:
             self.engine.load_checkpoint(os.path.join(d, DS_DIR), tag="ckpt")
-            with open(os.path.join(d, STATE_FILE)) as f:
-                self.state = json.load(f)
         self.state.setdefault("resumed_at_epochs", []).append(self.state["epoch"])
 
     # data ---------------------------------------------------------------------------------------
