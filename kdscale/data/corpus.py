@@ -118,15 +118,16 @@ def pack_corpus(spec: CorpusSpec, tokenizer) -> PackedCorpus:
     """The rows a precompute of ``spec`` caches, packed in this process: the same units
     (:mod:`kdscale.data.units`), the same packing, the same ``max_tokens`` cut. For small corpora
     only (online students, tests, benchmarks): every row is held in memory here."""
-    from kdscale.data.units import SPLITS, list_units, pack_unit
+    from kdscale.data.units import SPLITS, list_units, pack_unit, rows_to_keep
 
     packed = PackedCorpus(seq_len=spec.seq_len)
     limit = spec.max_tokens
     for unit in list_units(corpus_files(spec), spec.format, spec.unit_bytes):
         fractions = (spec.heldout_fraction, spec.validation_fraction)
         part = pack_unit(unit, spec.field, tokenizer, spec.seq_len, *fractions, max_tokens=limit)
-        if limit and packed.tokens + part.tokens > limit:
-            part = part.truncated(-(-(limit - packed.tokens) // spec.seq_len))
+        keep = rows_to_keep(packed.tokens, len(part.seq_ids), spec.seq_len, limit)
+        if keep is not None:
+            part = part.truncated(keep)
         for row, code in zip(part.rows, part.splits):
             packed.splits[SPLITS[code]].append(row)
         packed.sources += [p.uri for p in unit.pieces if p.uri not in packed.sources]

@@ -213,12 +213,11 @@ class PackedUnit:
     def tokens(self) -> int:
         return int(self.rows.size)
 
-    def split_rows(self, split: str) -> np.ndarray:
-        return self.rows[self.splits == SPLITS.index(split)]
-
-    def split_ids(self, split: str) -> list[str]:
-        code = SPLITS.index(split)
-        return [s for s, c in zip(self.seq_ids, self.splits) if c == code]
+    def split_slice(self, split: str, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+        """Rows [start, stop) of one split, with their ids: indexes the split's rows only, so a
+        unit cut into many shards is not copied once per shard."""
+        picked = np.flatnonzero(self.splits == SPLITS.index(split))[start:stop]
+        return self.rows[picked], [self.seq_ids[i] for i in picked]
 
     def content_hash(self) -> str:
         """sha256 over the unit's row ids in packing order with their splits."""
@@ -276,6 +275,14 @@ def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def rows_to_keep(tokens_before: int, unit_rows: int, seq_len: int, max_tokens: int | None) -> int | None:
+    """How many of a unit's rows a ``max_tokens`` slice keeps once ``tokens_before`` are packed
+    (None: all of them): rows until the slice is full, the last one included."""
+    if not max_tokens or tokens_before + unit_rows * seq_len <= max_tokens:
+        return None
+    return -(-(max_tokens - tokens_before) // seq_len)
 
 
 # Identity ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from kdscale.data.corpus import CorpusError
-from kdscale.data.units import SPLITS, PackedUnit, Unit, pack_unit
+from kdscale.data.units import SPLITS, PackedUnit, Unit, pack_unit, rows_to_keep
 from kdscale.errors import find_in_chain
 
 
@@ -108,8 +108,8 @@ class UnitFeed:
             self._submit_ahead()
             meta_ref, packed_ref = self._submitted.pop(unit.index)
             meta = _get(meta_ref)
-            if self.max_tokens and self.tokens + meta.rows * self.seq_len > self.max_tokens:
-                keep = -(-(self.max_tokens - self.tokens) // self.seq_len)  # rows until the slice is full
+            keep = rows_to_keep(self.tokens, meta.rows, self.seq_len, self.max_tokens)
+            if keep is not None:
                 meta_ref, packed_ref = _truncate.remote(packed_ref, keep, self.vocab_size)  # type: ignore[misc]
                 meta = _get(meta_ref)
             self.tokens += meta.rows * self.seq_len
@@ -141,7 +141,8 @@ class Stream:
         yield from self.rest
 
     def sample_rows(self) -> dict[str, int]:
-        return {split: sum(m.split_rows()[split] for m, _ in self.sample) for split in SPLITS}
+        per_unit = [m.split_rows() for m, _ in self.sample]
+        return {split: sum(rows[split] for rows in per_unit) for split in SPLITS}
 
 
 def begin_stream(spec, tokenizer, units: list[Unit], vocab_size: int, sample_tokens: int | None = None) -> Stream:

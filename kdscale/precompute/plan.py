@@ -86,8 +86,7 @@ class ShardTask:
         if self.source is None or self.columns is not None:
             return self
         s = self.source
-        rows = packed.split_rows(self.split)[s.start : s.stop]
-        ids = packed.split_ids(self.split)[s.start : s.stop]
+        rows, ids = packed.split_slice(self.split, s.start, s.stop)
         return replace(self, columns={"input_ids": np.ascontiguousarray(rows, dtype=np.int32)}, seq_ids=ids)
 
 
