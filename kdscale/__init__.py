@@ -15,12 +15,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Imported",
     "JobResult",
     "LogitCache",
     "Report",
     "StudentResult",
     "describe_cache",
     "evaluate",
+    "export_cache",
+    "import_cache",
     "load_job",
     "open_cache",
     "plan",

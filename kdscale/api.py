@@ -133,6 +133,75 @@ def describe_cache(uri: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Imported:
+    """An imported cache: the verified cache, what the import found in the source's values (mass
+    above 1, next token in the top-k, ...), and its MLflow run (None without tracking)."""
+
+    cache: LogitCache
+    reused: bool
+    quality: dict[str, Any]
+    run_id: str | None
+
+
+def import_cache(
+    src: str,
+    dest: str,
+    fmt: str,
+    tokenizer: str,
+    *,
+    teacher_name: str | None = None,
+    seq_len: int = 256,
+    heldout_fraction: float = 0.1,
+    validation_fraction: float = 0.0,
+    tracking: bool = True,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+) -> Imported:
+    """Another tool's teacher outputs (``fmt``: ``distillkit`` or ``vllm-topk``) as a kdscale
+    ``topk`` cache at ``dest`` (:mod:`kdscale.interop.importer`); logged as an MLflow run."""
+    from kdscale.interop.importer import import_cache as run_import
+    from kdscale.tracking import lineage
+
+    uri = tracking_uri or lineage.tracking_uri()
+    if tracking:
+        lineage.check_reachable(uri)
+    result = run_import(
+        src,
+        dest,
+        fmt,
+        tokenizer,
+        teacher_name=teacher_name,
+        seq_len=seq_len,
+        heldout_fraction=heldout_fraction,
+        validation_fraction=validation_fraction,
+    )
+    run_id = None
+    if tracking:
+        m, q = result.manifest, result.quality
+        params = {"format": fmt, "source": src, "tokenizer": tokenizer, "k": m.targets.k, "seq_len": seq_len}
+        metrics = {
+            "tokens": m.totals["tokens"],
+            "bytes_per_token": m.totals["bytes_per_token"],
+            "reused": float(result.reused),
+            "mean_mass": q["mean_mass"],
+            "max_mass": q["max_mass"],
+            "positions_mass_over_1": q["positions_mass_over_1"],
+            "next_token_in_topk": q["next_token_in_topk"],
+        }
+        run_id = lineage.log_import(
+            uri, experiment or lineage.IMPORT_EXPERIMENT, m, result.cache_uri, {**params, "cache_uri": dest}, metrics
+        )
+    return Imported(LogitCache(result.cache_uri, result.manifest), result.reused, result.quality, run_id)
+
+
+def export_cache(cache: str, dest: str, fmt: str = "vllm-topk") -> dict[str, int]:
+    """A verified topk/stratified cache's top-k as vLLM-topk JSONL under ``dest``; rows per split."""
+    from kdscale.interop.importer import export_cache as run_export
+
+    return run_export(cache, dest, fmt)
+
+
+@dataclass(frozen=True)
 class Report:
     data: dict[str, Any]  # what report.json holds
     not_logged: str | None  # why it could not be logged to MLflow (None: logged, or no run to log to)

@@ -106,7 +106,7 @@ class UnitFeed:
     def _submit_ahead(self) -> None:
         while len(self._submitted) < self.lookahead and self._next < len(self.units):
             unit = self.units[self._next]
-            self._submitted[unit.index] = _pack.remote(unit, *self._args, self._histogram_of())
+            self._submitted[unit.index] = _pack.remote(unit, *self._args, self._histogram_of())  # type: ignore[assignment]
             self._next += 1
 
     def __iter__(self) -> Iterator[tuple[UnitMeta, ray.ObjectRef]]:
