@@ -227,3 +227,106 @@ def test_distillkit_smollm2_import_trains_a_student_and_shows_in_lineage(ray_ses
     assert info["origin"]["quality"]["positions_mass_over_1"] > 0
     assert info["precompute_run"]["run_name"] == "import-distillkit"
     assert [s["student"] for s in info["students"]] == ["dk-student"]
+
+
+@needs_fixtures
+def test_distillkit_import_from_and_to_object_storage(s3_bucket):
+    """Source and cache on S3 (moto): the budget fixture imports with the SmolLM2 tokenizer, the
+    cache verifies, and its provenance lists the S3 files with their sha256."""
+    import s3fs
+
+    from kdscale.api import import_cache, open_cache
+
+    fsys = s3fs.S3FileSystem(skip_instance_cache=True)
+    for name in ("data_0.parquet", "compression_config.yaml"):
+        fsys.put(str(DISTILLKIT / "synthetic-budget" / name), f"{s3_bucket}/dk/{name}")
+    result = import_cache(
+        f"{s3_bucket}/dk",
+        f"{s3_bucket}/cache",
+        "distillkit",
+        SMOLLM2_GGUF,
+        seq_len=16,
+        heldout_fraction=0.3,
+        tracking=False,
+    )
+    cache = open_cache(f"{s3_bucket}/cache")
+    assert cache.cache_id == result.cache.cache_id and cache.manifest.targets.k == 50
+    files = cache.manifest.teacher.source["imported"]["files"]
+    assert files[0]["uri"].startswith("s3://") and len(files[0]["sha256"]) == 64
+    assert result.quality["rows"] == 8 and result.quality["dropped_positions"] == 0  # 2 rows x 64 positions
+
+
+def test_an_interrupted_import_resumes_with_its_finished_shards(tmp_path, monkeypatch):
+    """A write that fails after the first shard leaves no manifest; the rerun keeps that shard
+    (not rewritten) and commits the same cache as an uninterrupted import."""
+    from kdscale.cache import writer
+    from kdscale.interop import importer
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(12):
+        ids = rng.integers(0, 512, 33).tolist()
+        lines.append({"input_ids": ids, "target_token_ids": rng.integers(0, 512, (32, 3)).tolist(),
+                      "target_logprobs": np.sort(-rng.random((32, 3)) * 5, axis=1)[:, ::-1].tolist()})  # fmt: skip
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr(importer, "ROWS_PER_SHARD", 3)
+    real, calls, failed = writer.write_shard, [], []
+
+    def failing(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 2 and not failed:
+            failed.append(args[1])
+            raise OSError("disk full")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(writer, "write_shard", failing)
+    kw = {"seq_len": 8, "heldout_fraction": 0.25}
+    with pytest.raises(OSError, match="disk full"):
+        importer.import_cache(str(src), str(tmp_path / "c"), "vllm-topk", TINY_TOKENIZER, **kw)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    first = (tmp_path / "c" / calls[0]).stat().st_mtime_ns
+    calls.clear()
+    resumed = importer.import_cache(str(src), str(tmp_path / "c"), "vllm-topk", TINY_TOKENIZER, **kw)
+    assert (
+        calls
+        and calls[0] != "train-00000.parquet"
+        and (tmp_path / "c" / "train-00000.parquet").stat().st_mtime_ns == first
+    )
+    fresh = importer.import_cache(str(src), str(tmp_path / "d"), "vllm-topk", TINY_TOKENIZER, **kw)
+    assert resumed.manifest.cache_id == fresh.manifest.cache_id
+    assert [s.sha256 for s in resumed.manifest.shards] == [s.sha256 for s in fresh.manifest.shards]
+
+
+def test_export_of_a_stratified_cache_holds_its_exact_head(tmp_path):
+    """A kdscale stratified cache (tiny teacher, no Ray) exports its k exact ids and log-probs per
+    position; importing the export gives a topk cache with the same rows, ids and probabilities."""
+    import torch
+
+    from kdscale.api import export_cache, open_cache
+    from kdscale.interop.importer import import_cache
+    from tests.test_cache import build_cache
+
+    uri, _, _, _ = build_cache(tmp_path, **{"cache.targets": {"kind": "stratified", "k": 4, "num_samples": 8}})
+    source = open_cache(uri)
+    rows = export_cache(uri, str(tmp_path / "x"))
+    assert rows == {"train": source.splits["train"], "heldout": source.splits["heldout"], "validation": 0}
+    import_cache(str(tmp_path / "x"), str(tmp_path / "b"), "vllm-topk", TINY_TOKENIZER, seq_len=64)
+    back = open_cache(str(tmp_path / "b"))
+    assert back.manifest.targets.k == 4 and sum(back.splits.values()) == sum(rows.values())
+
+    def head_by_row(cache):
+        out = {}
+        for split in cache.splits:
+            table = cache.read(split)
+            t = cache.targets(table)
+            ids, probs = t.ids[..., :4], t.probs[..., :4]
+            order = ids.argsort(-1)
+            for sid, i, p in zip(table.column("seq_id").to_pylist(), ids.gather(-1, order), probs.gather(-1, order)):
+                out[sid] = (i, p)
+        return out
+
+    theirs, mine = head_by_row(source), head_by_row(back)
+    assert theirs.keys() == mine.keys()
+    for sid, (ids, probs) in theirs.items():
+        assert torch.equal(mine[sid][0], ids) and torch.allclose(mine[sid][1], probs, rtol=1e-6)
