@@ -21,6 +21,7 @@ from typing import Any
 from kdscale.cache.store import LogitCache
 from kdscale.config import JobSpec
 from kdscale.config import load_job as _load_job
+from kdscale.interop.importer import ImportSettings
 
 
 @dataclass(frozen=True)
@@ -148,37 +149,27 @@ def import_cache(
     dest: str,
     fmt: str,
     tokenizer: str,
+    settings: ImportSettings | None = None,
     *,
-    teacher_name: str | None = None,
-    seq_len: int = 256,
-    heldout_fraction: float = 0.1,
-    validation_fraction: float = 0.0,
     tracking: bool = True,
     experiment: str | None = None,
     tracking_uri: str | None = None,
 ) -> Imported:
     """Another tool's teacher outputs (``fmt``: ``distillkit`` or ``vllm-topk``) as a kdscale
-    ``topk`` cache at ``dest`` (:mod:`kdscale.interop.importer`); logged as an MLflow run."""
+    ``topk`` cache at ``dest`` (:mod:`kdscale.interop.importer`); logged as an MLflow run.
+    ``settings``: teacher name, seq_len and split fractions (defaults: :class:`ImportSettings`)."""
     from kdscale.interop.importer import import_cache as run_import
     from kdscale.tracking import lineage
 
+    settings = settings or ImportSettings()
     uri = tracking_uri or lineage.tracking_uri()
     if tracking:
         lineage.check_reachable(uri)
-    result = run_import(
-        src,
-        dest,
-        fmt,
-        tokenizer,
-        teacher_name=teacher_name,
-        seq_len=seq_len,
-        heldout_fraction=heldout_fraction,
-        validation_fraction=validation_fraction,
-    )
+    result = run_import(src, dest, fmt, tokenizer, settings)
     run_id = None
     if tracking:
         m, q = result.manifest, result.quality
-        params = {"format": fmt, "source": src, "tokenizer": tokenizer, "k": m.targets.k, "seq_len": seq_len}
+        params = {"format": fmt, "source": src, "tokenizer": tokenizer, "k": m.targets.k, **settings.model_dump()}
         metrics = {
             "tokens": m.totals["tokens"],
             "bytes_per_token": m.totals["bytes_per_token"],

@@ -251,24 +251,30 @@ def cache_import(
     no_tracking: bool = typer.Option(False, "--no-tracking", help="Record nothing in MLflow."),
 ) -> None:
     """Import another tool's teacher outputs (DistillKit, vLLM / axolotl top-k) as a kdscale topk cache."""
+    from pydantic import ValidationError
+
     from kdscale import api
     from kdscale.interop.rows import SourceError
     from kdscale.tracking.lineage import TrackingUnavailable
 
     try:
+        settings = api.ImportSettings(
+            teacher_name=teacher_name, seq_len=seq_len, heldout_fraction=heldout, validation_fraction=validation
+        )
         result = api.import_cache(
             src,
             dest,
             fmt,
             tokenizer,
-            teacher_name=teacher_name,
-            seq_len=seq_len,
-            heldout_fraction=heldout,
-            validation_fraction=validation,
+            settings,
             tracking=not no_tracking,
             experiment=experiment,
             tracking_uri=tracking_uri,
         )
+    except ValidationError as e:
+        options = {"seq_len": "--seq-len", "heldout_fraction": "--heldout-fraction"}
+        problems = [f"{options.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+        _fail("bad import settings: " + "; ".join(problems), 2)
     except (SourceError, TrackingUnavailable) as e:
         _fail(str(e), 2)
     except CacheFormatError as e:

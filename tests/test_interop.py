@@ -142,6 +142,13 @@ def test_vllm_rows_refused_before_anything_is_written(tmp_path):
         )
         assert result.exit_code == 2 and message in result.output and "row 1" in result.output, result.output
         assert not (tmp_path / "out").exists()
+    bad_settings = _import(str(src), str(tmp_path / "out"), "--format", "vllm-topk", "--tokenizer", TINY_TOKENIZER,
+                           "--seq-len", "1", "--heldout-fraction", "1.5")  # fmt: skip
+    assert (
+        bad_settings.exit_code == 2
+        and "--seq-len" in bad_settings.output
+        and "--heldout-fraction" in bad_settings.output
+    )
     src.write_text(json.dumps(good) + "\n{not json\n")
     result = _import(str(src), str(tmp_path / "out"), "--format", "vllm-topk", "--tokenizer", TINY_TOKENIZER)
     assert result.exit_code == 2 and "line 2: not JSON" in result.output
@@ -235,20 +242,13 @@ def test_distillkit_import_from_and_to_object_storage(s3_bucket):
     cache verifies, and its provenance lists the S3 files with their sha256."""
     import s3fs
 
-    from kdscale.api import import_cache, open_cache
+    from kdscale.api import ImportSettings, import_cache, open_cache
 
     fsys = s3fs.S3FileSystem(skip_instance_cache=True)
     for name in ("data_0.parquet", "compression_config.yaml"):
         fsys.put(str(DISTILLKIT / "synthetic-budget" / name), f"{s3_bucket}/dk/{name}")
-    result = import_cache(
-        f"{s3_bucket}/dk",
-        f"{s3_bucket}/cache",
-        "distillkit",
-        SMOLLM2_GGUF,
-        seq_len=16,
-        heldout_fraction=0.3,
-        tracking=False,
-    )
+    settings = ImportSettings(seq_len=16, heldout_fraction=0.3)
+    result = import_cache(f"{s3_bucket}/dk", f"{s3_bucket}/cache", "distillkit", SMOLLM2_GGUF, settings, tracking=False)
     cache = open_cache(f"{s3_bucket}/cache")
     assert cache.cache_id == result.cache.cache_id and cache.manifest.targets.k == 50
     files = cache.manifest.teacher.source["imported"]["files"]
@@ -281,7 +281,7 @@ def test_an_interrupted_import_resumes_with_its_finished_shards(tmp_path, monkey
         return real(*args, **kw)
 
     monkeypatch.setattr(writer, "write_shard", failing)
-    kw = {"seq_len": 8, "heldout_fraction": 0.25}
+    kw = {"settings": importer.ImportSettings(seq_len=8, heldout_fraction=0.25)}
     with pytest.raises(OSError, match="disk full"):
         importer.import_cache(str(src), str(tmp_path / "c"), "vllm-topk", TINY_TOKENIZER, **kw)
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -304,14 +304,14 @@ def test_export_of_a_stratified_cache_holds_its_exact_head(tmp_path):
     import torch
 
     from kdscale.api import export_cache, open_cache
-    from kdscale.interop.importer import import_cache
+    from kdscale.interop.importer import ImportSettings, import_cache
     from tests.test_cache import build_cache
 
     uri, _, _, _ = build_cache(tmp_path, **{"cache.targets": {"kind": "stratified", "k": 4, "num_samples": 8}})
     source = open_cache(uri)
     rows = export_cache(uri, str(tmp_path / "x"))
     assert rows == {"train": source.splits["train"], "heldout": source.splits["heldout"], "validation": 0}
-    import_cache(str(tmp_path / "x"), str(tmp_path / "b"), "vllm-topk", TINY_TOKENIZER, seq_len=64)
+    import_cache(str(tmp_path / "x"), str(tmp_path / "b"), "vllm-topk", TINY_TOKENIZER, ImportSettings(seq_len=64))
     back = open_cache(str(tmp_path / "b"))
     assert back.manifest.targets.k == 4 and sum(back.splits.values()) == sum(rows.values())
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdscale import fs
 from kdscale.cache.format import (
@@ -43,6 +44,17 @@ TEACHER_NLL_NOTE = (
     "estimated from the stored top-k: exact where the next token is among the k ids, else the tail mass "
     "spread uniformly over the ids not stored"
 )
+
+
+class ImportSettings(BaseModel):
+    """How another tool's rows become kdscale rows (part of the cache's identity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher_name: str | None = Field(None, description="Recorded as the cache's teacher (default imported-<format>).")
+    seq_len: int = Field(256, ge=2, description="Positions per kdscale row; longer sequences are cut into rows.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Rows held out, by content hash.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Rows kept for validation, by content hash.")
 
 
 @dataclass
@@ -179,25 +191,14 @@ class ImportResult:
     quality: dict[str, Any]
 
 
-def import_cache(
-    src: str,
-    dest: str,
-    fmt: str,
-    tokenizer_path: str,
-    *,
-    teacher_name: str | None = None,
-    seq_len: int = 256,
-    heldout_fraction: float = 0.1,
-    validation_fraction: float = 0.0,
-) -> ImportResult:
+def import_cache(src: str, dest: str, fmt: str, tokenizer_path: str, settings: ImportSettings) -> ImportResult:
     """Import ``src`` (format ``fmt``) into a kdscale ``topk`` cache at ``dest``."""
     from kdscale.cache import idcodec
     from kdscale.fingerprint import cache_id as make_cache_id
     from kdscale.fingerprint import digest, tokenizer_fingerprint
     from kdscale.precompute.runner import existing_cache
 
-    if seq_len < 2:
-        raise SourceError(f"--seq-len must be at least 2, not {seq_len}")
+    seq_len, fractions = settings.seq_len, (settings.heldout_fraction, settings.validation_fraction)
     source = open_source(fmt, src)
     tokenizer = load_tokenizer_at(tokenizer_path)
     vocab = len(tokenizer)
@@ -206,9 +207,8 @@ def import_cache(
         raise SourceError(f"{source.uri}: {problem}: is {tokenizer_path} the teacher's tokenizer?")
     if source.k > vocab:
         raise SourceError(f"{source.uri}: k={source.k} exceeds the tokenizer's vocabulary of {vocab}")
-    fractions = (heldout_fraction, validation_fraction)
     checked = check_source(source, vocab, seq_len, fractions)
-    name = teacher_name or f"imported-{fmt}"
+    name = settings.teacher_name or f"imported-{fmt}"
     targets = TargetsInfo(kind="topk", temperature=1.0, k=source.k, seed=0)
     teacher_fp = digest({"imported": fmt, "teacher": name})
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
@@ -236,8 +236,8 @@ def import_cache(
         documents=checked.quality.sequences,
         content_hash=checked.content_hash,
         seq_len=seq_len,
-        heldout_fraction=heldout_fraction,
-        validation_fraction=validation_fraction,
+        heldout_fraction=settings.heldout_fraction,
+        validation_fraction=settings.validation_fraction,
         rows=checked.rows,
         tokens=sum(checked.rows.values()) * seq_len,
         dropped_tokens=checked.quality.dropped_positions,
