@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+jobs_app = typer.Typer(help="Jobs submitted to a Ray cluster with `kdscale submit`.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 out = Console()
 err = Console(stderr=True)
 
@@ -313,6 +315,76 @@ def cache_export(
     except CacheFormatError as e:
         _fail(str(e), 1)
     out.print(f"[green]Exported[/] {sum(rows.values()):,} rows ({rows}) to {escape(dest)}")
+
+
+AddressOpt = typer.Option(None, "--address", help="The cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS).")
+
+
+@app.command()
+def submit(
+    job: Path = JobArg,
+    address: str | None = AddressOpt,
+    workdir: str = typer.Option(
+        ..., "--workdir", help="Where the job's outputs go: a URI the cluster writes (s3://...)."
+    ),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's logs; exit with its status."),
+    overrides: list[str] | None = SetOpt,
+    allow_local_paths: bool = typer.Option(
+        False, "--allow-local-paths", help="Allow absolute local paths (a filesystem every node mounts)."
+    ),
+) -> None:
+    """Run a job on a Ray cluster through Ray Jobs (validated here first; nothing is submitted otherwise)."""
+    from kdscale import submit as jobs
+
+    try:
+        job_id = jobs.submit(
+            job, address=address, workdir=workdir, overrides=overrides or [], allow_local_paths=allow_local_paths
+        )
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except jobs.SubmitError as e:
+        _fail(str(e), 2)
+    out.print(f"[green]Submitted[/] {job_id}", highlight=False)
+    if follow:
+        state = jobs.follow(address, job_id, lambda lines: print(lines, end="", flush=True))
+        out.print(f"job {job_id}: {state}", highlight=False)
+        raise typer.Exit(0 if state == "SUCCEEDED" else 1)
+
+
+def _jobs_call(call, *args):
+    from kdscale import submit as jobs
+
+    try:
+        return call(*args)
+    except jobs.SubmitError as e:
+        _fail(str(e), 2)
+    except Exception as e:  # an unknown job id, a job already ended: Ray's own words
+        _fail(f"{type(e).__name__}: {str(e)[:500]}", 1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str | None = AddressOpt) -> None:
+    """A submitted job's status."""
+    from kdscale import submit as jobs
+
+    print(json.dumps(_jobs_call(jobs.status, address, job_id)))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str | None = AddressOpt) -> None:
+    """A submitted job's logs so far."""
+    from kdscale import submit as jobs
+
+    print(_jobs_call(jobs.logs, address, job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str | None = AddressOpt) -> None:
+    """Stop a submitted job."""
+    from kdscale import submit as jobs
+
+    stopped = _jobs_call(jobs.stop, address, job_id)
+    out.print(f"job {job_id}: {'stop requested' if stopped else 'not running'}", highlight=False)
 
 
 @app.command()
