@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,13 +191,25 @@ def submit(
         jobs = client(address)
         entrypoint = f"kdscale run {JOB_FILE} --workdir {shlex.quote(workdir)}"
         env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
-        return jobs.submit_job(
-            entrypoint=entrypoint,
-            runtime_env={"working_dir": str(package.folder), "env_vars": env_vars},
-            metadata={"kdscale.job": spec.name},
-        )
+        runtime_env = {"working_dir": str(package.folder), "env_vars": env_vars}
+        return _submit_when_ready(jobs, entrypoint, runtime_env, {"kdscale.job": spec.name})
     finally:
         shutil.rmtree(package.folder, ignore_errors=True)
+
+
+AGENT_WAIT_S = 120.0  # a cluster that just started has no job agent yet for a minute or so
+
+
+def _submit_when_ready(jobs, entrypoint: str, runtime_env: dict, metadata: dict) -> str:
+    """Submit, retrying while the cluster's job agent is not up yet ("No available agent")."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise SubmitError(f"the cluster refused the job: {str(e)[:500]}") from None
+            time.sleep(2)
 
 
 def follow(address: str | None, job_id: str, write) -> str:

@@ -37,11 +37,18 @@ def cluster(s3_endpoint, tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
     )
+
+    def own_ports() -> list[str]:  # two nodes on one machine: each agent needs ports of its own
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port")  # fmt: skip
+        return [f"--{name}={_free_port()}" for name in names]
+
     head = ["start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--temp-dir={tmp}/head", "--disable-usage-stats"]  # fmt: skip
+            f"--temp-dir={tmp}/head", "--disable-usage-stats", *own_ports()]  # fmt: skip
     second = ["start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              '--resources={"second_node": 1}', f"--temp-dir={tmp}/node2", "--disable-usage-stats"]  # fmt: skip
+              '--resources={"second_node": 1}', f"--temp-dir={tmp}/node2", "--disable-usage-stats",
+              *own_ports()]  # fmt: skip
     try:
         _ray(*head, env=env)
         _ray(*second, env=env)
@@ -72,27 +79,36 @@ def test_tiny_job_submitted_to_a_two_node_cluster_runs_from_object_storage(
     cluster, mlflow_server, s3_bucket, tmp_path, monkeypatch
 ):
     """--follow streams the logs and exits 0; the workdir (cache, checkpoints, export) is on S3;
-    the job's environment carried the S3 credentials, which no log line shows."""
+    the two teacher actors (a node's CPU each) ran on both nodes, as the manifest's shards record,
+    and the summary names each training worker's node; a second job reuses the cache from S3; the S3
+    credentials the job was given show in no log line."""
     import s3fs
 
     address, _ = cluster
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    job = write_job(
-        tmp_path, **{"students.0.train.epochs": 1, "teacher.num_cpus": 0.25, "students.0.train.cpus_per_worker": 0.25}
-    )
+    # a teacher replica needs a whole node's CPU (so one runs on each); training workers leave a
+    # CPU free for Ray Data's read tasks
+    sizes = {"students.0.train.epochs": 1, "teacher.num_cpus": 1, "students.0.train.cpus_per_worker": 0.25}
+    job = write_job(tmp_path, **sizes, **{"cache.uri": f"{s3_bucket}/cache"})
     result = _submit(str(job), "--address", address, "--workdir", f"{s3_bucket}/w", "--follow")
     assert result.exit_code == 0, result.output[-3000:]
     assert "SUCCEEDED" in result.output and SESSION_AWS_SECRET not in result.output
     store = s3fs.S3FileSystem(skip_instance_cache=True)
     summary = json.loads(store.cat(f"{s3_bucket}/w/summary.json"))
-    assert summary["cache"]["uri"].startswith("s3://") and summary["students"]["tiny-student"]["heldout_ce"] > 0
-    assert store.exists(f"{s3_bucket}/w/cache/manifest.json")
+    assert summary["cache"]["uri"] == f"{s3_bucket}/cache" and summary["students"]["tiny-student"]["heldout_ce"] > 0
+    manifest = json.loads(store.cat(f"{s3_bucket}/cache/manifest.json"))
+    assert len({s["node"] for s in manifest["shards"]}) == 2  # both teacher replicas wrote shards
+    assert len(summary["students"]["tiny-student"]["nodes"]) == 2  # one per worker
     job_id = result.output.split("Submitted", 1)[1].split()[0]
     status = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", address])
     assert status.exit_code == 0 and json.loads(status.output)["status"] == "SUCCEEDED"
     logs = CliRunner().invoke(app, ["jobs", "logs", job_id, "--address", address])
     assert "Cache" in logs.output and SESSION_AWS_SECRET not in logs.output
+    again = _submit(str(job), "--address", address, "--workdir", f"{s3_bucket}/w2", "--follow")
+    assert again.exit_code == 0, again.output[-3000:]
+    second = json.loads(store.cat(f"{s3_bucket}/w2/summary.json"))
+    assert second["cache"]["reused"] and second["cache"]["cache_id"] == manifest["cache_id"]
 
 
 def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tmp_path, monkeypatch):
