@@ -15,12 +15,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImportSettings",
+    "Imported",
     "JobResult",
     "LogitCache",
     "Report",
     "StudentResult",
     "describe_cache",
     "evaluate",
+    "export_cache",
+    "import_cache",
     "load_job",
     "open_cache",
     "plan",

@@ -21,6 +21,7 @@ from typing import Any
 from kdscale.cache.store import LogitCache
 from kdscale.config import JobSpec
 from kdscale.config import load_job as _load_job
+from kdscale.interop.importer import ImportSettings
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,65 @@ def describe_cache(uri: str) -> dict[str, Any]:
     from kdscale.cache.profile import describe
 
     return describe(open_cache(uri, checksums=False).manifest)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """An imported cache: the verified cache, what the import found in the source's values (mass
+    above 1, next token in the top-k, ...), and its MLflow run (None without tracking)."""
+
+    cache: LogitCache
+    reused: bool
+    quality: dict[str, Any]
+    run_id: str | None
+
+
+def import_cache(
+    src: str,
+    dest: str,
+    fmt: str,
+    tokenizer: str,
+    settings: ImportSettings | None = None,
+    *,
+    tracking: bool = True,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+) -> Imported:
+    """Another tool's teacher outputs (``fmt``: ``distillkit`` or ``vllm-topk``) as a kdscale
+    ``topk`` cache at ``dest`` (:mod:`kdscale.interop.importer`); logged as an MLflow run.
+    ``settings``: teacher name, seq_len and split fractions (defaults: :class:`ImportSettings`)."""
+    from kdscale.interop.importer import import_cache as run_import
+    from kdscale.tracking import lineage
+
+    settings = settings or ImportSettings()
+    uri = tracking_uri or lineage.tracking_uri()
+    if tracking:
+        lineage.check_reachable(uri)
+    result = run_import(src, dest, fmt, tokenizer, settings)
+    run_id = None
+    if tracking:
+        m, q = result.manifest, result.quality
+        params = {"format": fmt, "source": src, "tokenizer": tokenizer, "k": m.targets.k, **settings.model_dump()}
+        metrics = {
+            "tokens": m.totals["tokens"],
+            "bytes_per_token": m.totals["bytes_per_token"],
+            "reused": float(result.reused),
+            "mean_mass": q["mean_mass"],
+            "max_mass": q["max_mass"],
+            "positions_mass_over_1": q["positions_mass_over_1"],
+            "next_token_in_topk": q["next_token_in_topk"],
+        }
+        run_id = lineage.log_import(
+            uri, experiment or lineage.IMPORT_EXPERIMENT, m, result.cache_uri, {**params, "cache_uri": dest}, metrics
+        )
+    return Imported(LogitCache(result.cache_uri, result.manifest), result.reused, result.quality, run_id)
+
+
+def export_cache(cache: str, dest: str, fmt: str = "vllm-topk") -> dict[str, int]:
+    """A verified topk/stratified cache's top-k as vLLM-topk JSONL under ``dest``; rows per split."""
+    from kdscale.interop.importer import export_cache as run_export
+
+    return run_export(cache, dest, fmt)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+jobs_app = typer.Typer(help="Jobs submitted to a Ray cluster with `kdscale submit`.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 out = Console()
 err = Console(stderr=True)
 
@@ -234,6 +236,157 @@ def cache_verify(uri: str = typer.Argument(..., help="Cache folder (path or fssp
     out.print(f"[green]ok[/] {len(m.shards)} shards match the manifest (cache {m.cache_id})")
 
 
+@cache_app.command("import")
+def cache_import(
+    src: str = typer.Argument(..., help="The other tool's output folder or file (path or fsspec URI)."),
+    dest: str = typer.Argument(..., help="Where the kdscale cache is written (path or fsspec URI)."),
+    fmt: str = typer.Option(..., "--format", help="distillkit (compressed Parquet) or vllm-topk (JSONL/Parquet)."),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", help="The teacher's tokenizer: HF folder or GGUF file (checked against the source)."
+    ),
+    teacher_name: str | None = typer.Option(None, "--teacher-name", help="Recorded as the cache's teacher."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Positions per kdscale row (longer sequences are cut)."),
+    heldout: float = typer.Option(0.1, "--heldout-fraction", help="Rows held out by content hash."),
+    validation: float = typer.Option(0.0, "--validation-fraction", help="Rows kept for validation."),
+    experiment: str | None = typer.Option(None, "--experiment", help="MLflow experiment (default kdscale-imports)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
+    no_tracking: bool = typer.Option(False, "--no-tracking", help="Record nothing in MLflow."),
+) -> None:
+    """Import another tool's teacher outputs (DistillKit, vLLM / axolotl top-k) as a kdscale topk cache."""
+    from pydantic import ValidationError
+
+    from kdscale import api
+    from kdscale.interop.rows import SourceError
+    from kdscale.tracking.lineage import TrackingUnavailable
+
+    try:
+        settings = api.ImportSettings(
+            teacher_name=teacher_name, seq_len=seq_len, heldout_fraction=heldout, validation_fraction=validation
+        )
+        result = api.import_cache(
+            src,
+            dest,
+            fmt,
+            tokenizer,
+            settings,
+            tracking=not no_tracking,
+            experiment=experiment,
+            tracking_uri=tracking_uri,
+        )
+    except ValidationError as e:
+        options = {"seq_len": "--seq-len", "heldout_fraction": "--heldout-fraction"}
+        problems = [f"{options.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+        _fail("bad import settings: " + "; ".join(problems), 2)
+    except (SourceError, TrackingUnavailable) as e:
+        _fail(str(e), 2)
+    except CacheFormatError as e:
+        _fail(str(e), 1)
+    m, q = result.cache.manifest, result.quality
+    verb = "already imported, verified" if result.reused else "imported"
+    out.print(
+        f"[green]Cache {m.cache_id} {verb}[/]: {q['rows']:,} rows x {m.dataset.seq_len} = {m.totals['tokens']:,} "
+        f"tokens, top-{m.targets.k}, {m.totals['bytes_per_token']:.1f} B/token, at {escape(result.cache.uri)}"
+    )
+    out.print(
+        f"Source values: mean mass {q['mean_mass']:.4f}, max {q['max_mass']:.4f}; "
+        f"{q['positions_mass_over_1']:,} of {q['positions']:,} positions above 1 (tail clamped to 0); "
+        f"next token in the top-{m.targets.k} at {100 * q['next_token_in_topk']:.1f}% of positions; "
+        f"{q['dropped_positions']:,} positions dropped at sequence ends; {q['context_exact_rows']:,} of "
+        f"{q['rows']:,} rows context-exact."
+    )
+    if result.run_id:
+        out.print(f"MLflow run {result.run_id}")
+
+
+@cache_app.command("export")
+def cache_export(
+    cache: str = typer.Argument(..., help="A kdscale topk or stratified cache."),
+    dest: str = typer.Argument(..., help="Folder for the exported files (one JSONL per shard)."),
+    fmt: str = typer.Option("vllm-topk", "--format", help="vllm-topk (parallel id / log-prob lists)."),
+) -> None:
+    """Export a kdscale cache's top-k log-probs for other tools (vLLM-topk JSONL)."""
+    from kdscale import api
+    from kdscale.interop.rows import SourceError
+
+    try:
+        rows = api.export_cache(cache, dest, fmt)
+    except SourceError as e:
+        _fail(str(e), 2)
+    except CacheFormatError as e:
+        _fail(str(e), 1)
+    out.print(f"[green]Exported[/] {sum(rows.values()):,} rows ({rows}) to {escape(dest)}")
+
+
+AddressOpt = typer.Option(None, "--address", help="The cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS).")
+
+
+@app.command()
+def submit(
+    job: Path = JobArg,
+    address: str | None = AddressOpt,
+    workdir: str = typer.Option(
+        ..., "--workdir", help="Where the job's outputs go: a URI the cluster writes (s3://...)."
+    ),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's logs; exit with its status."),
+    overrides: list[str] | None = SetOpt,
+    allow_local_paths: bool = typer.Option(
+        False, "--allow-local-paths", help="Allow absolute local paths (a filesystem every node mounts)."
+    ),
+) -> None:
+    """Run a job on a Ray cluster through Ray Jobs (validated here first; nothing is submitted otherwise)."""
+    from kdscale import submit as jobs
+
+    try:
+        job_id = jobs.submit(
+            job, address=address, workdir=workdir, overrides=overrides or [], allow_local_paths=allow_local_paths
+        )
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except jobs.SubmitError as e:
+        _fail(str(e), 2)
+    out.print(f"[green]Submitted[/] {job_id}", highlight=False)
+    if follow:
+        state = jobs.follow(address, job_id, lambda lines: print(lines, end="", flush=True))
+        out.print(f"job {job_id}: {state}", highlight=False)
+        raise typer.Exit(0 if state == "SUCCEEDED" else 1)
+
+
+def _jobs_call(call, *args):
+    from kdscale import submit as jobs
+
+    try:
+        return call(*args)
+    except jobs.SubmitError as e:
+        _fail(str(e), 2)
+    except Exception as e:  # an unknown job id, a job already ended: Ray's own words
+        _fail(f"{type(e).__name__}: {str(e)[:500]}", 1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str | None = AddressOpt) -> None:
+    """A submitted job's status."""
+    from kdscale import submit as jobs
+
+    print(json.dumps(_jobs_call(jobs.status, address, job_id)))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str | None = AddressOpt) -> None:
+    """A submitted job's logs so far."""
+    from kdscale import submit as jobs
+
+    print(_jobs_call(jobs.logs, address, job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str | None = AddressOpt) -> None:
+    """Stop a submitted job."""
+    from kdscale import submit as jobs
+
+    stopped = _jobs_call(jobs.stop, address, job_id)
+    out.print(f"job {job_id}: {'stop requested' if stopped else 'not running'}", highlight=False)
+
+
 @app.command()
 def lineage(
     model: str | None = typer.Argument(None, help="Registered model as MODEL (latest version) or MODEL/VERSION."),
@@ -293,6 +446,7 @@ def _lineage_tree(info: dict):
         root = Tree(f"[bold cyan]cache {info['cache']['cache_id']}[/]")
     add(root, "cache", info.get("cache"), ("uri", "cache_id", "manifest_from", "manifest", "warning"))
     add(root, "precompute run", info.get("precompute_run"), ("run_id", "experiment", "job", "status", "metrics"))
+    add(root, "imported from", info.get("origin"), ("format", "uri", "files", "config", "quality"))
     add(root, "teacher", info.get("teacher"), ("name", "fingerprint", "dtype", "source"))
     add(root, "corpus", info.get("corpus"), ("patterns", "documents", "tokens", "content_hash"))
     for problem in info.get("checks", []):

@@ -326,6 +326,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": [h["loss"] for h in history],
             "resumed_at_epochs": result.resumed_at_epochs,
+            "nodes": result.nodes,
             "evals": result.evals,
             "mlflow_run_id": run_id,
             "cache_id": None if online else m.cache_id,

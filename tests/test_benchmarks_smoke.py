@@ -294,6 +294,15 @@ def test_quality(capsys):
 
 
 @on_ray
+def test_interop_quality(capsys):
+    line = json_line(capsys, "interop_quality", "--smoke")
+    check(line, {"arms", "default_arm", "default_vs_distillkit_recommended_bytes", "goal_10x_smaller"})
+    assert line["arms"].keys() == {"topk128", line["default_arm"]}
+    assert line["arms"]["topk128"]["distillkit_documented_bytes_per_token"] == 328.0
+    assert line["arms"]["topk128"]["bytes_per_token"] > line["arms"][line["default_arm"]]["bytes_per_token"]
+
+
+@on_ray
 def test_fashion_mnist(capsys):
     line = json_line(capsys, "fashion_mnist", "--smoke")
     check(line, {"fashion_mnist", "goal"})

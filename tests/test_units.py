@@ -99,6 +99,26 @@ def test_the_stream_on_ray_packs_what_pack_corpus_packs(ray_session, tok, tmp_pa
         assert sorted(map(bytes, rows)) == expected
 
 
+def test_the_rank_sample_is_the_first_units_and_only_they_carry_histograms(ray_session, tok, tmp_path):
+    """The rank table counts the first units up to the sample size, in corpus order; units past
+    the sample (beyond the ones packed ahead) send no histogram to the driver."""
+    from kdscale.cache.idcodec import rank_from_counts
+    from kdscale.precompute.feed import begin_stream
+
+    _jsonl(tmp_path / "big.jsonl", copies=6)
+    spec = _spec([tmp_path / "big.jsonl"], format="jsonl", unit_bytes=5_000)
+    local = pack_corpus(spec, tok)
+    units = list_units(corpus_files(spec), "jsonl", spec.unit_bytes)
+    stream = begin_stream(_Job(spec), tok, units, len(tok), sample_tokens=2_000)
+    got = [(meta, ray_session.get(ref)) for meta, ref in stream.units()]
+    assert [m.content_hash for m, _ in got] == local.unit_hashes and not stream.complete
+    sampled = [p for _, p in got[: len(stream.sample)]]
+    counts = np.bincount(np.concatenate([p.rows.ravel() for p in sampled]), minlength=len(tok))
+    assert counts.sum() >= 2_000 > counts.sum() - sampled[-1].rows.size
+    np.testing.assert_array_equal(stream.rank_order, rank_from_counts(counts, len(tok)))
+    assert got[-1][0].histogram is None and len(got) > len(stream.sample) + 8  # lookahead ≤ CPUs + 1
+
+
 class _Job:
     def __init__(self, corpus):
         self.corpus = corpus

@@ -194,6 +194,7 @@ class ShardRecord(_Model):
     unique_ids: int = Field(0, description="Stored (id, weight) pairs in this shard.")
     tail_mass_sum: float = 0.0
     teacher_nll_sum: float = 0.0
+    node: str | None = Field(None, description="IP/node-id of the Ray node whose teacher actor wrote the shard.")
 
 
 class Manifest(_Model):

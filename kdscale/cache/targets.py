@@ -5,7 +5,9 @@ the unique ids and their counts, so counts/N is an unbiased estimate of the teac
 distribution at ~12-16 ids per token instead of a biased top-k. Draws use a generator seeded
 from (job seed, seq_id), so recomputing a row gives identical targets.
 
-Extraction runs beside the teacher's forward on the same cores, so it touches the logits as few
+Extraction runs where the logits are (the teacher's device): only the sparse results reach the
+host (:func:`kdscale.cache.kinds.base.host`), never the [positions, vocab] logits. On a CPU it
+runs beside the teacher's forward on the same cores, so it touches the logits as few
 times as possible — one max pass (which also gives the teacher's argmax), one subtraction and one
 exp pass at the capture temperature (a second exp only when T != 1, for the T=1 likelihood) — and
 works on ``CHUNK`` positions at a time so the [chunk, vocab] temporaries stay in cache instead of
@@ -22,10 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdscale.cache.kinds.base import host
 
-def row_generator(seed: int, sid: str) -> torch.Generator:
+
+def row_generator(seed: int, sid: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The row's draws' generator, on the device its logits are on (a CUDA generator draws a
+    different stream than a CPU one from the same seed: caches made on a GPU are reproducible on
+    GPUs, and CPU caches byte for byte on CPUs; the draws' distribution is the same)."""
     value = int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "little")
-    return torch.Generator().manual_seed(value & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(value & ((1 << 63) - 1))
 
 
 @dataclass
@@ -126,7 +133,8 @@ def extract_row(
     from kdscale.cache.kinds import kind as target_kind
 
     extractor = target_kind(kind)
-    generator = row_generator(seed, sid) if extractor.draws_seeded else None
+    generator = row_generator(seed, sid, logits.device) if extractor.draws_seeded else None
+    labels = labels.to(logits.device)
     parts, top1 = [], []
     nll = 0.0
     for start, d in _chunks(logits, temperature):
@@ -140,5 +148,5 @@ def extract_row(
     out: dict = _concat(parts)
     out["teacher_nll"] = nll
     if with_top1:
-        out["teacher_top1"] = torch.cat(top1).to(torch.int32).numpy()
+        out["teacher_top1"] = host(torch.cat(top1).to(torch.int32))
     return out

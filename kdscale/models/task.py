@@ -22,6 +22,15 @@ import torch
 IGNORE = -100
 
 
+def to_device(array: np.ndarray, dtype, device=None) -> torch.Tensor:
+    """A batch column as a tensor on ``device``: through pinned host memory and an asynchronous
+    copy when that is a GPU (the copy overlaps the previous step's kernels), as is on the CPU."""
+    t = torch.from_numpy(np.array(array, dtype=dtype))  # a copy: columns read from Parquet are read-only
+    if device is not None and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device is None else t.to(device)
+
+
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     """Labels aligned with logits: position i predicts input_ids[i+1]; the last has no label."""
     labels = torch.full_like(input_ids, IGNORE)
@@ -63,7 +72,7 @@ class CausalLM:
         config_fields["vocab_size"] = n
 
     def model_inputs(self, arrays: dict[str, np.ndarray], device=None) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.as_tensor(np.asarray(arrays["input_ids"], dtype=np.int64), device=device)}
+        return {"input_ids": to_device(arrays["input_ids"], np.int64, device)}
 
     def labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
         return next_token_labels(self.model_inputs(arrays, device)["input_ids"])
@@ -109,15 +118,14 @@ class ImageClassification:
 
     def model_inputs(self, arrays: dict[str, np.ndarray], device=None) -> dict[str, torch.Tensor]:
         c, h, w = self.input_shape
-        pixels = np.array(arrays["pixels"], dtype=np.uint8)  # a copy: columns read from Parquet are read-only
-        x = torch.as_tensor(pixels, device=device).to(torch.float32) / 255.0
+        x = to_device(arrays["pixels"], np.uint8, device).to(torch.float32) / 255.0
         x = x.reshape(-1, c, h, w)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
         return {"pixel_values": (x - mean) / std}
 
     def labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(arrays["labels"], dtype=np.int64), device=device).reshape(-1, 1)
+        return to_device(arrays["labels"], np.int64, device).reshape(-1, 1)
 
     @staticmethod
     def logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Each unit is read, tokenized and packed by a Ray task on whichever node runs it; its rows stay
 in Ray's object store and go from there to the teacher actor that needs them. The driver gets
 only a unit's metadata (row counts per split, content hash, a token histogram for the id-coding
-sample) and an ObjectRef, so its memory does not grow with the corpus. A few units are tokenized
+sample units only) and an ObjectRef, so its memory does not grow with the corpus. A few units are tokenized
 ahead of the teacher (``lookahead``); units come back in corpus order, and ``max_tokens`` cuts
 the stream at the same row whatever the cluster.
 """
@@ -31,14 +31,19 @@ class UnitMeta:
     content_hash: str
     documents: int
     dropped_tokens: int
-    histogram: np.ndarray  # token counts of the unit's rows, for the id-coding sample
+    histogram: np.ndarray | None  # token counts of the unit's rows; only while the id-coding sample fills
 
     def split_rows(self) -> dict[str, int]:
         counts = np.bincount(self.split_codes, minlength=len(SPLITS))
         return {name: int(counts[i]) for i, name in enumerate(SPLITS)}
 
 
-def _meta(packed: PackedUnit, vocab_size: int) -> UnitMeta:
+def _meta(packed: PackedUnit, histogram_of: int | None) -> UnitMeta:
+    """``histogram_of``: the vocabulary size when the id-coding sample still needs this unit's
+    token counts, else None (a 49k-vocab histogram is ~0.4 MB per unit: not sent when unused)."""
+    histogram = None
+    if histogram_of is not None:
+        histogram = np.bincount(packed.rows.ravel(), minlength=histogram_of).astype(np.int64)
     return UnitMeta(
         packed.unit.index,
         len(packed.seq_ids),
@@ -46,7 +51,7 @@ def _meta(packed: PackedUnit, vocab_size: int) -> UnitMeta:
         packed.content_hash(),
         packed.documents,
         packed.dropped_tokens,
-        np.bincount(packed.rows.ravel(), minlength=vocab_size).astype(np.int64),
+        histogram,
     )
 
 
@@ -59,21 +64,24 @@ def _pack(
     tokenizer,
     seq_len: int,
     fractions: tuple[float, float],
-    vocab_size: int,
-    limit: int | None = None,
+    limit: int | None,
+    histogram_of: int | None,
 ):
     packed = pack_unit(unit, field, tokenizer, seq_len, *fractions, max_tokens=limit)
-    return _meta(packed, vocab_size), packed
+    return _meta(packed, histogram_of), packed
 
 
 @ray.remote(num_returns=2, num_cpus=0)
-def _truncate(packed: PackedUnit, rows: int, vocab_size: int):
+def _truncate(packed: PackedUnit, rows: int, histogram_of: int | None):
     cut = packed.truncated(rows)
-    return _meta(cut, vocab_size), cut
+    return _meta(cut, histogram_of), cut
 
 
 class UnitFeed:
-    """Packed units in corpus order, tokenized ``lookahead`` units ahead, cut at ``max_tokens``."""
+    """Packed units in corpus order, tokenized ``lookahead`` units ahead, cut at ``max_tokens``.
+
+    Units carry token histograms while ``histograms`` is set (the id-coding sample); units already
+    submitted when it is cleared still carry one."""
 
     def __init__(self, spec, tokenizer, units: list[Unit], vocab_size: int, lookahead: int = 4):
         c = spec.corpus
@@ -87,9 +95,9 @@ class UnitFeed:
             ray.put(tokenizer),
             c.seq_len,
             (c.heldout_fraction, c.validation_fraction),
-            vocab_size,
             c.max_tokens,
         )
+        self.histograms = True
         self._submitted: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
         self._next = 0
         self.tokens = 0
@@ -98,7 +106,7 @@ class UnitFeed:
     def _submit_ahead(self) -> None:
         while len(self._submitted) < self.lookahead and self._next < len(self.units):
             unit = self.units[self._next]
-            self._submitted[unit.index] = _pack.remote(unit, *self._args)
+            self._submitted[unit.index] = _pack.remote(unit, *self._args, self._histogram_of())  # type: ignore[assignment]
             self._next += 1
 
     def __iter__(self) -> Iterator[tuple[UnitMeta, ray.ObjectRef]]:
@@ -110,7 +118,7 @@ class UnitFeed:
             meta = _get(meta_ref)
             keep = rows_to_keep(self.tokens, meta.rows, self.seq_len, self.max_tokens)
             if keep is not None:
-                meta_ref, packed_ref = _truncate.remote(packed_ref, keep, self.vocab_size)  # type: ignore[misc]
+                meta_ref, packed_ref = _truncate.remote(packed_ref, keep, self._histogram_of())  # type: ignore[misc]
                 meta = _get(meta_ref)
             self.tokens += meta.rows * self.seq_len
             yield meta, packed_ref
@@ -118,6 +126,9 @@ class UnitFeed:
             ray.cancel(meta_ref)
         self._submitted.clear()
         self.exhausted = True
+
+    def _histogram_of(self) -> int | None:
+        return self.vocab_size if self.histograms else None
 
 
 # The id-coding rank table comes from the first units up to this many tokens: deterministic, and
@@ -157,8 +168,10 @@ def begin_stream(spec, tokenizer, units: list[Unit], vocab_size: int, sample_tok
     counts = np.zeros(vocab_size, dtype=np.int64)
     for meta, ref in stream:
         sample.append((meta, ref))
+        assert meta.histogram is not None  # every unit carries one until the sample is full
         counts += meta.histogram
         if counts.sum() >= sample_tokens:
+            feed.histograms = False
             break
     complete = feed.exhausted or len(sample) == len(units)
     return Stream(sample, stream, rank_from_counts(counts, vocab_size), complete)

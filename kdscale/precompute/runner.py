@@ -164,6 +164,14 @@ def _start_pipelines(
     return pipelines
 
 
+def actor_nodes(actors: list) -> list[str]:
+    """``IP/node-id`` of the node each actor runs on (recorded with every shard it writes; the
+    id tells apart nodes that share an address, as on one machine)."""
+    node_ids = ray.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in actors])
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return [f"{ips.get(node, '?')}/{node[:12]}" for node in node_ids]
+
+
 class TeacherStartTimeout(RuntimeError):
     pass
 
@@ -200,10 +208,12 @@ class _Runner:
         self.compute_seconds = 0.0
         self.first = 0.0
         self.on_done: Callable[[ShardTask], None] = lambda task: None
+        self.nodes: dict[int, str] = {}  # id(pipeline) -> IP of the node its shard-writing actor runs on
 
     def _start(self, replicas: int) -> None:
         self.pipelines = _start_pipelines(self.spec, self.plan, self.cache_uri, replicas, self.rank)
         _wait_ready(self.spec, [a for p in self.pipelines for a in p.actors()])  # loading counts as setup
+        self.nodes = dict(zip(map(id, self.pipelines), actor_nodes([p.last for p in self.pipelines])))
         self.free = [p for p in self.pipelines for _ in range(IN_FLIGHT_PER_REPLICA)]
         self.first = time.perf_counter()
 
@@ -218,7 +228,7 @@ class _Runner:
     def _collect(self) -> None:
         ready, _ = ray.wait(list(self.in_flight), num_returns=1)
         pipeline, task = self.in_flight.pop(ready[0])
-        self.cache.record(ray.get(ready[0]))
+        self.cache.record(ray.get(ready[0]).model_copy(update={"node": self.nodes.get(id(pipeline))}))
         self.tokens_computed += task.tokens
         self.compute_seconds = time.perf_counter() - self.first
         self.free.append(pipeline)

@@ -88,14 +88,15 @@ class TeacherWorker:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor | dict[str, np.ndarray]) -> torch.Tensor:
-        """Teacher logits [rows, positions, vocab] sliced to the true vocabulary (padded heads
-        have extra columns). ``x``: a micro-batch's columns, or the previous stage's hidden
+        """Teacher logits [rows, positions, vocab] in float32 on the teacher's device, sliced to the
+        true vocabulary (padded heads have extra columns); a bf16/fp16 teacher's logits are
+        extracted in float32. ``x``: a micro-batch's columns, or the previous stage's hidden
         states for a last stage."""
         if isinstance(x, torch.Tensor):  # a sharded last stage: the upstream hidden states
             out = self.model(x.to(self.device))
         else:
             out = self.task.logits(self.model, self.task.model_inputs(x, self.device))
-        return out[..., : self.vocab_size].float().cpu()
+        return out[..., : self.vocab_size].float()  # extraction runs on this device (kdscale.cache.targets)
 
     def micro_batches(self, task: ShardTask) -> list[dict[str, np.ndarray]]:
         """The shard's rows in micro-batches of the spec's batch size (columns sliced alike)."""

@@ -161,6 +161,18 @@ class _WorkerRun:
         self.start_reading()
         self.build()
 
+    def worker_nodes(self) -> list[str]:
+        """``IP/node-id`` of every rank (a collective): where the student trained, for its summary."""
+        import ray
+        import ray.util
+
+        ip = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:12]}"
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return [ip]
+        nodes: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(nodes, ip)
+        return nodes
+
     def start_reading(self) -> None:
         """Start streaming this worker's batches before the model exists: Ray Data's pipeline
         start-up (its coordinator and read tasks starting: 19 s of a tiny job's first epoch on this
@@ -195,6 +207,7 @@ class _WorkerRun:
 
     def run(self) -> None:
         self.restore()
+        self.state["nodes"] = self.worker_nodes()
         for epoch in range(self.state["epoch"], self.train.epochs):
             metrics = self.train_epoch(epoch, self.prefetcher.epoch(epoch))
             self.end_epoch(epoch, metrics)

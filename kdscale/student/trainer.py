@@ -35,6 +35,7 @@ class TrainResult:
     steps: int = 0
     resumed_at_epochs: list[int] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)  # held-out CE during training
+    nodes: list[str] = field(default_factory=list)  # IP/node-id of each training worker (by rank), last run
 
 
 def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int) -> list[tuple[str, str]]:
@@ -241,6 +242,7 @@ def train_student(
         steps=state["step"],
         resumed_at_epochs=state.get("resumed_at_epochs", []),
         evals=state.get("evals", []),
+        nodes=state.get("nodes", []),
     )
 
 

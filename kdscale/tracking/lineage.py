@@ -144,6 +144,47 @@ def _cache_dataset(manifest: Manifest, cache_uri: str):
     )
 
 
+def experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, created (artifacts beside a sqlite store) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=local_artifact_root(uri, name))
+
+
+IMPORT_EXPERIMENT = "kdscale-imports"
+
+
+def log_import(uri: str, experiment: str, manifest: Manifest, cache_uri: str, params: dict, metrics: dict) -> str:
+    """An import as a finished MLflow run (stage ``import``): its parameters, what it found in
+    the source's values, the cache as its output dataset and the manifest; returns the run id.
+    Lineage finds it as the cache's writer, with the imported source as the cache's origin."""
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    client = MlflowClient(uri)
+    tags = {JOB_TAG: f"import-{manifest.cache_id[:8]}", STAGE_TAG: "import", CACHE_ID_TAG: manifest.cache_id}
+    run_id = client.create_run(
+        experiment_id(client, uri, experiment), run_name=f"import-{params['format']}", tags={**tags, **owner_tags()}
+    ).info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param(k, redact_text(str(v))[:6000]) for k, v in params.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+        )
+        dataset = _cache_dataset(manifest, cache_uri)._to_mlflow_entity()
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(DATASET_CONTEXT, "output")])])
+        client.log_dict(run_id, redact(manifest.model_dump(mode="json")), MANIFEST_ARTIFACT)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
 class Tracker:
     """One job invocation's MLflow runs."""
 
@@ -156,14 +197,7 @@ class Tracker:
         self.uri = uri or tracking_uri(spec)
         self.client = MlflowClient(self.uri)
         self.spec = spec
-        experiment = self.client.get_experiment_by_name(spec.experiment_name())
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(
-                spec.experiment_name(), artifact_location=local_artifact_root(self.uri, spec.experiment_name())
-            )
-        )
+        self.experiment_id = experiment_id(self.client, self.uri, spec.experiment_name())
         self.parent_id: str | None = None
 
     def start_job(self, command: str) -> str:

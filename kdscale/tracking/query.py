@@ -91,9 +91,17 @@ def _manifest(client, cache_uri: str | None, precompute_run_id: str | None) -> t
     return None, "unavailable"
 
 
+WRITER_STAGES = ("precompute", "import")  # the stages whose runs write caches
+
+
 def precompute_run(client, cache_id: str):
-    """The run that wrote the cache (not one that found it already there and reused it)."""
-    runs = _search_runs(client, f"tags.`{CACHE_ID_TAG}` = '{cache_id}' and tags.`{STAGE_TAG}` = 'precompute'")
+    """The run that wrote the cache — a precompute, or an import of another tool's outputs — not
+    one that found it already there and reused it."""
+    runs = [
+        run
+        for stage in WRITER_STAGES
+        for run in _search_runs(client, f"tags.`{CACHE_ID_TAG}` = '{cache_id}' and tags.`{STAGE_TAG}` = '{stage}'")
+    ]
     writers = [r for r in runs if r.data.metrics.get("reused", 0.0) == 0.0 and r.info.status == "FINISHED"]
     return (writers or runs or [None])[0]
 
@@ -128,12 +136,15 @@ def _cache_block(client, cache_id: str, cache_uri: str | None) -> dict[str, Any]
             "format_version",
         )
     }
+    imported = m.teacher.source.get("imported")
     block["teacher"] = {
         "name": m.teacher.name,
         "fingerprint": m.teacher.fingerprint,
         "dtype": m.teacher.dtype,
-        "source": m.teacher.source,
+        "source": {k: v for k, v in m.teacher.source.items() if k != "imported"},
     }
+    if imported:  # another tool made the targets: where they came from, and what the import found
+        block["origin"] = {k: imported.get(k) for k in ("format", "uri", "files", "config", "quality")}
     block["tokenizer"] = {"fingerprint": m.tokenizer.fingerprint, "vocab_size": m.tokenizer.vocab_size}
     block["corpus"] = {
         "patterns": m.dataset.patterns,

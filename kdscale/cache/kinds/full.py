@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from kdscale.cache import segments
-from kdscale.cache.kinds.base import TargetKind
+from kdscale.cache.kinds.base import TargetKind, host
 from kdscale.targets import DenseTargets
 
 MAX_FULL_VOCAB = 4096
@@ -32,7 +32,7 @@ class Full(TargetKind):
         return []
 
     def extract(self, d, *, num_samples, k, generator, store_logprobs, draws):
-        return {"target_logprobs": d.logprobs().reshape(-1).numpy()}
+        return {"target_logprobs": host(d.logprobs().reshape(-1))}
 
     def decode(self, batch, m, order, epoch, temperature):
         """Re-tempered exactly when asked: log p_T' = log_softmax(log p_T * T / T')."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kdscale.cache import idcodec, segments
-from kdscale.cache.kinds.base import TargetKind
+from kdscale.cache.kinds.base import TargetKind, host
 from kdscale.targets import SparseTargets
 
 
@@ -21,7 +21,7 @@ def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     flat_first = first.reshape(-1)
     starts = flat_first.nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([flat_first.numel()])])
+    ends = torch.cat([starts[1:], torch.tensor([flat_first.numel()], device=draws.device)])
     return draws.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
 
 
@@ -48,14 +48,14 @@ class Sampled(TargetKind):
             samples = torch.stack(per_draw, dim=1).reshape(-1, num_samples)
         ids, counts, lengths = unique_counts(samples)
         out = {
-            "target_ids": ids.to(torch.int32).numpy(),
-            "target_counts": counts.to(torch.uint8).numpy(),
-            "target_lengths": lengths.to(torch.uint8).numpy(),
+            "target_ids": host(ids.to(torch.int32)),
+            "target_counts": host(counts.to(torch.uint8)),
+            "target_lengths": host(lengths.to(torch.uint8)),
         }
         if store_logprobs:
-            segment_position = torch.arange(d.scaled.shape[0]).repeat_interleave(draws)
+            segment_position = torch.arange(d.scaled.shape[0], device=ids.device).repeat_interleave(draws)
             positions = torch.repeat_interleave(segment_position, lengths)
-            out["target_logprobs"] = (d.scaled[positions, ids] - d.log_z[positions, 0]).numpy()
+            out["target_logprobs"] = host(d.scaled[positions, ids] - d.log_z[positions, 0])
         return out
 
     def code(self, row, positions, rank):

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from kdscale.cache import idcodec, segments
-from kdscale.cache.kinds.base import TargetKind
+from kdscale.cache.kinds.base import TargetKind, host
 from kdscale.cache.kinds.sampled import unique_counts
-from kdscale.cache.kinds.topk import top_ids
+from kdscale.cache.kinds.topk import top_tensors
 from kdscale.targets import SparseTargets
 
 
@@ -35,9 +35,9 @@ class Stratified(TargetKind):
         return []
 
     def extract(self, d, *, num_samples, k, generator, store_logprobs, draws):
-        head = top_ids(d, k)
+        head_ids, head_logprobs, tail_mass = top_tensors(d, k)
         tail_weights = d.weights.clone()
-        tail_weights.scatter_(1, torch.from_numpy(head["target_ids"].astype(np.int64)).view(-1, k), 0.0)
+        tail_weights.scatter_(1, head_ids, 0.0)
         empty = tail_weights.sum(dim=-1) <= 0  # all mass in the head (tiny vocabularies): nothing to draw
         tail_weights[empty] = 1.0
         samples = torch.multinomial(tail_weights, num_samples, replacement=True, generator=generator)
@@ -46,10 +46,12 @@ class Stratified(TargetKind):
             keep = ~torch.repeat_interleave(empty, lengths)
             ids, counts, lengths = ids[keep], counts[keep], lengths.masked_fill(empty, 0)
         return {
-            **head,
-            "tail_ids": ids.to(torch.int32).numpy(),
-            "tail_counts": counts.to(torch.uint8).numpy(),
-            "tail_lengths": lengths.to(torch.uint8).numpy(),
+            "target_ids": host(head_ids.to(torch.int32).reshape(-1)),
+            "target_logprobs": host(head_logprobs.reshape(-1)),
+            "tail_mass": host(tail_mass),
+            "tail_ids": host(ids.to(torch.int32)),
+            "tail_counts": host(counts.to(torch.uint8)),
+            "tail_lengths": host(lengths.to(torch.uint8)),
         }
 
     def code(self, row, positions, rank):

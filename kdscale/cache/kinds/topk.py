@@ -7,18 +7,23 @@ import numpy as np
 import torch
 
 from kdscale.cache import idcodec, segments
-from kdscale.cache.kinds.base import TargetKind
+from kdscale.cache.kinds.base import TargetKind, host
 from kdscale.targets import SparseTargets
 
 
-def top_ids(d, k: int) -> dict[str, np.ndarray]:
+def top_tensors(d, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k most likely ids [positions, k], their log-probs, and the tail mass, on the logits' device."""
     values, ids = d.scaled.topk(k, dim=-1)
     logprobs = values - d.log_z
-    tail = (1.0 - logprobs.exp().sum(dim=-1)).clamp_min(0.0)
+    return ids, logprobs, (1.0 - logprobs.exp().sum(dim=-1)).clamp_min(0.0)
+
+
+def top_ids(d, k: int) -> dict[str, np.ndarray]:
+    ids, logprobs, tail = top_tensors(d, k)
     return {
-        "target_ids": ids.to(torch.int32).reshape(-1).numpy(),
-        "target_logprobs": logprobs.reshape(-1).numpy(),
-        "tail_mass": tail.numpy(),
+        "target_ids": host(ids.to(torch.int32).reshape(-1)),
+        "target_logprobs": host(logprobs.reshape(-1)),
+        "tail_mass": host(tail),
     }
 
 

@@ -1,0 +1,1 @@
+"""Reading and writing teacher outputs made by other tools (DistillKit, vLLM / axolotl)."""

@@ -1,0 +1,137 @@
+"""`kdscale submit` for real: a two-node Ray cluster on loopback (`ray start --head` plus a second
+`ray start --address` node with its own temp dir and a custom resource), MLflow on a local server,
+the job's workdir on S3 (moto) only; and submissions refused before anything reaches a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdscale.cli import app
+from tests.conftest import SESSION_AWS_SECRET, _free_port, write_job
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ray(*args: str, env: dict) -> None:
+    subprocess.run([RAY, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint, tmp_path_factory):
+    """(dashboard address, env) of a head node (1 CPU) and a second node (1 CPU, resource
+    `second_node`), each with its own temp dir; both torn down after the module."""
+    tmp = Path("/tmp") / f"kd-cluster-{os.getpid()}"  # Ray's socket paths must stay short
+    port, dashboard = _free_port(), _free_port()
+    # token auth off explicitly: with a token file in ~/.ray a head may demand one the second node lacks
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
+    )
+
+    def own_ports() -> list[str]:  # two nodes on one machine: each agent needs ports of its own
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port")  # fmt: skip
+        return [f"--{name}={_free_port()}" for name in names]
+
+    head = ["start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--temp-dir={tmp}/head", "--disable-usage-stats", *own_ports()]  # fmt: skip
+    second = ["start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+              '--resources={"second_node": 1}', f"--temp-dir={tmp}/node2", "--disable-usage-stats",
+              *own_ports()]  # fmt: skip
+    try:
+        _ray(*head, env=env)
+        _ray(*second, env=env)
+        url = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/api/cluster_status", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield url, env
+    finally:  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
+        for signal in ("TERM", "KILL"):
+            subprocess.run(["pkill", f"-{signal}", "-f", str(tmp)], check=False)
+            time.sleep(3)
+
+
+def _submit(*args: str):
+    return CliRunner().invoke(app, ["submit", *args])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.services
+def test_tiny_job_submitted_to_a_two_node_cluster_runs_from_object_storage(
+    cluster, mlflow_server, s3_bucket, tmp_path, monkeypatch
+):
+    """--follow streams the logs and exits 0; the workdir (cache, checkpoints, export) is on S3;
+    the two teacher actors (a node's CPU each) ran on both nodes, as the manifest's shards record,
+    and the summary names each training worker's node; a second job reuses the cache from S3; the S3
+    credentials the job was given show in no log line."""
+    import s3fs
+
+    address, _ = cluster
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # a teacher replica needs a whole node's CPU (so one runs on each); training workers leave a
+    # CPU free for Ray Data's read tasks
+    sizes = {"students.0.train.epochs": 1, "teacher.num_cpus": 1, "students.0.train.cpus_per_worker": 0.25}
+    job = write_job(tmp_path, **sizes, **{"cache.uri": f"{s3_bucket}/cache"})
+    result = _submit(str(job), "--address", address, "--workdir", f"{s3_bucket}/w", "--follow")
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "SUCCEEDED" in result.output and SESSION_AWS_SECRET not in result.output
+    store = s3fs.S3FileSystem(skip_instance_cache=True)
+    summary = json.loads(store.cat(f"{s3_bucket}/w/summary.json"))
+    assert summary["cache"]["uri"] == f"{s3_bucket}/cache" and summary["students"]["tiny-student"]["heldout_ce"] > 0
+    manifest = json.loads(store.cat(f"{s3_bucket}/cache/manifest.json"))
+    assert len({s["node"] for s in manifest["shards"]}) == 2  # both teacher replicas wrote shards
+    assert len(summary["students"]["tiny-student"]["nodes"]) == 2  # one per worker
+    job_id = result.output.split("Submitted", 1)[1].split()[0]
+    status = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", address])
+    assert status.exit_code == 0 and json.loads(status.output)["status"] == "SUCCEEDED"
+    logs = CliRunner().invoke(app, ["jobs", "logs", job_id, "--address", address])
+    assert "Cache" in logs.output and SESSION_AWS_SECRET not in logs.output
+    again = _submit(str(job), "--address", address, "--workdir", f"{s3_bucket}/w2", "--follow")
+    assert again.exit_code == 0, again.output[-3000:]
+    second = json.loads(store.cat(f"{s3_bucket}/w2/summary.json"))
+    assert second["cache"]["reused"] and second["cache"]["cache_id"] == manifest["cache_id"]
+
+
+def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tmp_path, monkeypatch):
+    """Absolute local corpus and a sqlite tracking store (one message, both fields), a local
+    workdir, inputs over the size limit, a relative path leaving the job's folder, and an
+    unreachable address: exit 2, each named."""
+    from kdscale import submit as jobs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    job = write_job(tmp_path, **{"corpus.paths": [str(tmp_path / "assets" / "tiny-corpus" / "*.rst")]})
+    result = _submit(str(job), "--address", "http://127.0.0.1:9", "--workdir", str(tmp_path / "w"))
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    for field in ("corpus.paths.0", "tracking.uri", "--workdir"):
+        assert field in text, field
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setattr(jobs, "MAX_PACKAGE_BYTES", 1000)
+    big = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w")
+    assert big.exit_code == 2 and "object storage" in big.output, big.output
+    monkeypatch.setattr(jobs, "MAX_PACKAGE_BYTES", 100 * 2**20)
+    outside = write_job(tmp_path, **{"teacher.tokenizer": "../elsewhere"})
+    (tmp_path.parent / "elsewhere").mkdir(exist_ok=True)
+    left = _submit(str(outside), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w")
+    assert left.exit_code == 2 and "leaves the job's folder" in " ".join(left.output.split()), left.output
+    unreachable = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w")
+    assert unreachable.exit_code == 2 and "cannot reach the Ray cluster" in unreachable.output, unreachable.output
