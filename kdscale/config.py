@@ -10,6 +10,7 @@ spec in one round trip, and nothing is written anywhere until the spec is clean.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,19 +406,29 @@ def _relative_to(base: Path, value: str | None) -> str | None:
     return str((base / value).resolve())
 
 
-def _rebase_paths(raw: dict[str, Any], base: Path) -> None:
+def input_path_fields(raw: dict[str, Any]) -> Iterator[tuple[Any, Any, str]]:
+    """(container, key, dotted field) of every local input path a raw spec may hold (teacher
+    folder and tokenizer, corpus files, student init folders): the one list of them, which
+    rebasing relative paths and ``kdscale submit``'s packaging both walk."""
     teacher = raw.get("teacher")
     if isinstance(teacher, dict):
         for key in ("path", "tokenizer"):
             if isinstance(teacher.get(key), str):
-                teacher[key] = _relative_to(base, teacher[key])
+                yield teacher, key, f"teacher.{key}"
     corpus = raw.get("corpus")
     for key in ("paths", "labels", "heldout_paths", "heldout_labels"):
         if isinstance(corpus, dict) and isinstance(corpus.get(key), list):
-            corpus[key] = [_relative_to(base, p) if isinstance(p, str) else p for p in corpus[key]]
-    for student in raw.get("students") or []:
+            for i, value in enumerate(corpus[key]):
+                if isinstance(value, str):
+                    yield corpus[key], i, f"corpus.{key}.{i}"
+    for i, student in enumerate(raw.get("students") or []):
         if isinstance(student, dict) and isinstance(student.get("path"), str):
-            student["path"] = _relative_to(base, student["path"])
+            yield student, "path", f"students.{i}.path"
+
+
+def _rebase_paths(raw: dict[str, Any], base: Path) -> None:
+    for container, key, _ in list(input_path_fields(raw)):
+        container[key] = _relative_to(base, container[key])
 
 
 def _str(d: Any, key: str) -> str | None:

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from kdscale import fs
-from kdscale.config import ConfigError, JobSpec, apply_overrides, load_job
+from kdscale.config import ConfigError, JobSpec, apply_overrides, input_path_fields, load_job
 
 MAX_PACKAGE_BYTES = 100 * 2**20  # far below Ray's own working-directory limit; corpora go to object storage
 JOB_FILE = "job.yaml"
@@ -58,20 +58,10 @@ class SubmitError(RuntimeError):
 
 
 def _path_fields(raw: dict[str, Any]) -> Iterator[tuple[str, str, bool]]:
-    """(field, value, is_input) for every path a spec may hold; outputs (the cache URI) must be
-    readable and writable by the cluster, inputs may be packaged when relative."""
-    teacher = raw.get("teacher") or {}
-    for key in ("path", "tokenizer"):
-        if isinstance(teacher.get(key), str):
-            yield f"teacher.{key}", teacher[key], True
-    corpus = raw.get("corpus") or {}
-    for key in ("paths", "labels", "heldout_paths", "heldout_labels"):
-        for i, value in enumerate(corpus.get(key) or []):
-            if isinstance(value, str):
-                yield f"corpus.{key}.{i}", value, True
-    for i, student in enumerate(raw.get("students") or []):
-        if isinstance(student, dict) and isinstance(student.get("path"), str):
-            yield f"students.{i}.path", student["path"], True
+    """(field, value, is_input) for every path a spec may hold: its inputs (which may be packaged
+    when relative) and the cache URI (an output the cluster must read and write)."""
+    for container, key, field in input_path_fields(raw):
+        yield field, container[key], True
     cache = raw.get("cache") or {}
     if isinstance(cache.get("uri"), str):
         yield "cache.uri", cache["uri"], False

@@ -35,7 +35,6 @@ from kdscale.cache.format import (
     TeacherInfo,
     TokenizerInfo,
 )
-from kdscale.data.corpus import split_of
 from kdscale.interop.rows import Quality, SourceError, SourceRow, cache_row, check_values, sequences, windows
 
 FORMATS = ("distillkit", "vllm-topk")
@@ -134,16 +133,9 @@ def _converted(source: Source, vocab: int, seq_len: int, fractions: tuple[float,
             quality.sequences += 1
             quality.dropped_positions += len(seq.tokens) % seq_len
             for w in windows(seq, seq_len):
-                split = split_of(_sid(w.tokens), *fractions)
-                out, mass = cache_row(w, vocab, split)
+                split, out, mass = cache_row(w, vocab, fractions)
                 quality.add(w, mass)
                 yield split, out
-
-
-def _sid(tokens: np.ndarray) -> str:
-    from kdscale.data.corpus import seq_id
-
-    return seq_id(tokens)
 
 
 def _target_digest(row: dict) -> bytes:
@@ -157,16 +149,21 @@ def _target_digest(row: dict) -> bytes:
 
 
 def check_source(source: Source, vocab: int, seq_len: int, fractions: tuple[float, float]) -> Converted:
-    """Pass 1: every row checked and hashed; nothing written."""
+    """Pass 1: every row checked and hashed; nothing written. The id-coding rank table counts
+    the first rows up to a precompute's sample size (kdscale.precompute.feed.RANK_SAMPLE_TOKENS)."""
+    from kdscale.precompute.feed import RANK_SAMPLE_TOKENS
+
     hashes = {split: hashlib.sha256(split.encode()) for split in SPLITS}
     rows = dict.fromkeys(SPLITS, 0)
     counts = np.zeros(vocab, dtype=np.int64)
+    sampled = 0
     quality = Quality()
     for split, row in _converted(source, vocab, seq_len, fractions, quality):
         hashes[split].update(row["seq_id"].encode() + _target_digest(row))
         rows[split] += 1
-        if counts.sum() < RANK_SAMPLE_TOKENS:
+        if sampled < RANK_SAMPLE_TOKENS:
             counts += np.bincount(row["input_ids"], minlength=vocab)
+            sampled += len(row["input_ids"])
     if not sum(rows.values()):
         raise SourceError(f"{source.uri}: no sequence has {seq_len} positions (--seq-len)")
     if not rows["heldout"] or not rows["train"]:
@@ -178,9 +175,6 @@ def check_source(source: Source, vocab: int, seq_len: int, fractions: tuple[floa
     for split in SPLITS:
         total.update(hashes[split].hexdigest().encode())
     return Converted(quality, {split: n for split, n in rows.items() if n}, total.hexdigest(), counts)
-
-
-RANK_SAMPLE_TOKENS = 4_000_000  # as a precompute's (kdscale.precompute.feed)
 
 
 @dataclass

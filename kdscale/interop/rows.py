@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdscale.data.corpus import seq_id
+from kdscale.data.corpus import seq_id, split_of
 
 MASS_TOLERANCE = 1e-4  # float32 sums of exact log-probs reach 1 + ~1e-6; a real excess is far larger
 
@@ -120,11 +120,14 @@ def teacher_nll(w: Window, tail: np.ndarray, vocab_size: int) -> float:
     return float(-np.where(found, exact, estimate).sum())
 
 
-def cache_row(w: Window, vocab_size: int, split: str) -> tuple[dict, np.ndarray]:
-    """The kdscale ``topk`` row of a window, and its decoded mass per position."""
+def cache_row(w: Window, vocab_size: int, fractions: tuple[float, float]) -> tuple[str, dict, np.ndarray]:
+    """The split (by content hash, as a precompute's rows), the kdscale ``topk`` row of a window,
+    and its decoded mass per position."""
+    sid = seq_id(w.tokens)
+    split = split_of(sid, *fractions)
     tail, mass = tail_mass(w.logprobs)
     row = {
-        "seq_id": seq_id(w.tokens),
+        "seq_id": sid,
         "input_ids": w.tokens,
         "teacher_nll": teacher_nll(w, tail, vocab_size),
         "target_ids": w.ids.reshape(-1),
@@ -133,7 +136,7 @@ def cache_row(w: Window, vocab_size: int, split: str) -> tuple[dict, np.ndarray]
     }
     if split != "train":
         row["teacher_top1"] = w.ids[np.arange(len(w.ids)), w.logprobs.argmax(axis=1)].astype(np.int32)
-    return row, mass
+    return split, row, mass
 
 
 @dataclass
