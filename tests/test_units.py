@@ -146,6 +146,7 @@ def test_the_teacher_computes_units_as_they_are_packed_holding_every_cpu(
     cache = str(tmp_path / "w" / "cache")
     manifest, found = problems(cache)
     assert found == [] and len(manifest.dataset.units) > 2
+    assert all(s.node and "/" in s.node for s in manifest.shards)  # IP/node-id of the writing actor
     assert sum(u.tokens for u in manifest.dataset.units) == manifest.dataset.tokens == 8192
     inspect = CliRunner().invoke(app, ["cache", "inspect", cache, "--json"])
     assert json.loads(inspect.output)["units"]["count"] == len(manifest.dataset.units)

@@ -118,6 +118,7 @@ class _Pipeline:
     stages: list[Any]  # StageWorker actor handles, first to second-to-last
     last: Any  # the TeacherWorker actor handle that writes shards
     batch_size: int = 1
+    node: str | None = None  # IP/node-id of the node ``last`` runs on (recorded with its shards)
 
     def submit(self, task: ShardTask, packed: ray.ObjectRef | None = None) -> ray.ObjectRef:
         """``packed``: the unit the task's rows are in (Ray hands it to the actors from its
@@ -208,12 +209,12 @@ class _Runner:
         self.compute_seconds = 0.0
         self.first = 0.0
         self.on_done: Callable[[ShardTask], None] = lambda task: None
-        self.nodes: dict[int, str] = {}  # id(pipeline) -> IP of the node its shard-writing actor runs on
 
     def _start(self, replicas: int) -> None:
         self.pipelines = _start_pipelines(self.spec, self.plan, self.cache_uri, replicas, self.rank)
         _wait_ready(self.spec, [a for p in self.pipelines for a in p.actors()])  # loading counts as setup
-        self.nodes = dict(zip(map(id, self.pipelines), actor_nodes([p.last for p in self.pipelines])))
+        for pipeline, node in zip(self.pipelines, actor_nodes([p.last for p in self.pipelines])):
+            pipeline.node = node
         self.free = [p for p in self.pipelines for _ in range(IN_FLIGHT_PER_REPLICA)]
         self.first = time.perf_counter()
 
@@ -228,7 +229,7 @@ class _Runner:
     def _collect(self) -> None:
         ready, _ = ray.wait(list(self.in_flight), num_returns=1)
         pipeline, task = self.in_flight.pop(ready[0])
-        self.cache.record(ray.get(ready[0]).model_copy(update={"node": self.nodes.get(id(pipeline))}))
+        self.cache.record(ray.get(ready[0]).model_copy(update={"node": pipeline.node}))
         self.tokens_computed += task.tokens
         self.compute_seconds = time.perf_counter() - self.first
         self.free.append(pipeline)
