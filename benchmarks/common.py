@@ -137,11 +137,14 @@ def train_rates(students: list[dict], tokens: int, smoke: bool = False) -> tuple
     return summary, {name: steady_rate(st) for name, st in summary["students"].items()}
 
 
-def kdscale_run(job: Path, workdir: Path, mlflow_uri: str, log: Path, what: str, in_process: bool = False) -> None:
-    """``kdscale run JOB --workdir WORKDIR`` with MLflow records in ``mlflow_uri`` and its output in
-    ``log``; SystemExit when it fails. A subprocess with a Ray of its own, or with ``in_process``
-    the same CLI called in this process (reusing its Ray: a smoke test's, instead of a new one)."""
-    args = ["run", str(job), "--workdir", str(workdir)]
+def kdscale_run(
+    job: Path, workdir: Path, mlflow_uri: str, log: Path, what: str, in_process: bool = False, command: str = "run"
+) -> None:
+    """``kdscale run JOB --workdir WORKDIR`` (or another ``command``: precompute, train) with MLflow
+    records in ``mlflow_uri`` and its output in ``log``; SystemExit when it fails. A subprocess with
+    a Ray of its own, or with ``in_process`` the same CLI called in this process (reusing its Ray: a
+    smoke test's, instead of a new one)."""
+    args = [command, str(job), "--workdir", str(workdir)]
     if not in_process:
         env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
         proc = subprocess.run(

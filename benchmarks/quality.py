@@ -291,6 +291,7 @@ def run_arm(
         "tokens_per_second": student["tokens_per_second"],
         "train_tokens": sum(e["tokens"] for e in student["epochs"]),
         "steps": student["steps"],
+        "resumed_at_epochs": student.get("resumed_at_epochs", []),
         "curve": [(e["tokens"], e["heldout_ce"]) for e in student["evals"]],
         "teacher_heldout_ce": student["teacher_heldout_ce"],
         "teacher_validation_ce": student.get("teacher_validation_ce"),

@@ -241,6 +241,18 @@ class LossSpec(Strict):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture.")
     skew: float = Field(0.1, gt=0, lt=1, description="skew_kl: the teacher's weight in the student-side mixture.")
     chunk_positions: int = Field(1024, ge=1, description="Positions per chunk of the KD loss (bounds its memory).")
+    cross_tokenizer: Literal["uld", "hybrid"] = Field(
+        "hybrid",
+        description="Students with their own tokenizer: uld compares the sorted probability vectors (Boizard et "
+        "al. 2024); hybrid adds a direct KL term on ids whose bytes match across the vocabularies (TRL's GOLD).",
+    )
+    min_aligned_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Students with their own tokenizer: refuse before training when fewer of the student's "
+        "positions than this share a text boundary with a teacher position (those get the hard-label loss only).",
+    )
 
 
 class TrainSpec(Strict):
@@ -305,6 +317,17 @@ class StudentSpec(Strict):
     teacher_layers: list[int] | None = Field(
         None, description="init=teacher_layers: the teacher layers to copy (default: every other one, as DistilBERT)."
     )
+    tokenizer: str | None = Field(
+        None,
+        description="The student's own tokenizer (a Hugging Face folder or a GGUF file), when it is not the "
+        "teacher's: its rows are the cached text re-tokenized, aligned to the teacher by byte boundaries.",
+    )
+    seq_len: int | None = Field(
+        None,
+        ge=2,
+        description="With `tokenizer`: the student's row length (default twice the corpus seq_len; longer "
+        "re-tokenized rows are cut and counted).",
+    )
     targets: Literal["cache", "online"] = Field(
         "cache",
         description="cache: read the teacher's targets from the logit cache; online: run the teacher in "
@@ -321,6 +344,16 @@ class StudentSpec(Strict):
             raise ValueError("init=teacher_layers copies the teacher's architecture; drop `architecture`")
         if self.init != "teacher_layers" and self.teacher_layers is not None:
             raise ValueError("`teacher_layers` needs init=teacher_layers")
+        if self.tokenizer and self.init == "teacher_layers":
+            raise ValueError("init=teacher_layers copies the teacher's embeddings, which need the teacher's tokenizer")
+        if self.tokenizer and self.targets == "online":
+            raise ValueError("a student with its own tokenizer trains from the cache (targets: cache)")
+        if self.tokenizer and self.loss.divergence != "forward_kl":
+            raise ValueError(
+                "a student with its own tokenizer uses loss.cross_tokenizer (uld|hybrid), not `divergence`"
+            )
+        if self.seq_len is not None and not self.tokenizer:
+            raise ValueError("`seq_len` is for a student with its own `tokenizer` (others use the cache's rows)")
         return self
 
 
@@ -422,8 +455,9 @@ def input_path_fields(raw: dict[str, Any]) -> Iterator[tuple[Any, Any, str]]:
                 if isinstance(value, str):
                     yield corpus[key], i, f"corpus.{key}.{i}"
     for i, student in enumerate(raw.get("students") or []):
-        if isinstance(student, dict) and isinstance(student.get("path"), str):
-            yield student, "path", f"students.{i}.path"
+        for key in ("path", "tokenizer"):
+            if isinstance(student, dict) and isinstance(student.get(key), str):
+                yield student, key, f"students.{i}.{key}"
 
 
 def _rebase_paths(raw: dict[str, Any], base: Path) -> None:
@@ -473,6 +507,9 @@ def _resource_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
             and not fs.exists(fs.join(spath, "config.json"))
         ):
             problems.append((f"students.{i}.path", f"not a Hugging Face model folder: {spath}"))
+        stok = _str(s, "tokenizer")
+        if stok and not fs.exists(stok):
+            problems.append((f"students.{i}.tokenizer", f"no such folder or file: {stok}"))
     return problems
 
 
@@ -534,6 +571,8 @@ def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append((f"students.{i}.targets", "online students are supported for causal_lm only; use cache"))
         if s.init == "teacher_layers":
             problems.append((f"students.{i}.init", "teacher_layers is supported for causal_lm only"))
+        if s.tokenizer:
+            problems.append((f"students.{i}.tokenizer", "a student tokenizer is for causal_lm students only"))
     return problems
 
 

@@ -62,6 +62,7 @@ def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) 
         problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if "train" in stages else []
         if problems:
             raise ConfigError(spec.name, problems)
+        Sources(manifest=m).tasks(p)  # students with their own tokenizer: alignment data and fraction
         plan["cache"] = cache_summary(p.cache_uri, m)
     return plan
 
@@ -159,10 +160,51 @@ def metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return {(f"validation/{k}" if "validation" in k else f"heldout/{k}"): v for k, v in metrics.items()}
 
 
-def _evaluate(p: Prepared, model, heldout):
+def _evaluate(p: Prepared, model, heldout, task=None):
     from kdscale.student.evaluate import evaluate
 
-    return evaluate(model, heldout, p.spec.eval.batch_size, p.task)
+    return evaluate(model, heldout, p.spec.eval.batch_size, task or p.task, p.vocabulary_bytes())
+
+
+# Rows of the train split a student with its own tokenizer is aligned on before training (the
+# aligned fraction it must reach, loss.min_aligned_fraction)
+ALIGNMENT_SAMPLE_ROWS = 32
+
+
+def student_task(p: Prepared, index: int, m: Manifest | None):
+    """The task a student trains and is evaluated as: the job's, or for a student with its own
+    tokenizer the cross-tokenizer one over this cache — refused (naming the field) when the cache
+    holds no token bytes or too few of the student's positions align with the teacher's."""
+    from kdscale.cache.format import CacheFormatError
+    from kdscale.models.cross_task import CrossTokenizerLM, aligned_fraction_of
+
+    s = p.spec.students[index]
+    if not s.tokenizer or m is None:
+        return p.task
+    task = CrossTokenizerLM(s.tokenizer, p.cache_uri, s.seq_len or 2 * m.dataset.seq_len)
+    where = f"students.{index}.tokenizer"
+    try:
+        task.teacher_bytes  # noqa: B018  # loads and checks the cache's token bytes
+    except CacheFormatError as e:
+        raise ConfigError(p.spec.name, [(where, str(e))]) from None
+    sample = table_arrays(read_split(p.cache_uri, m, "train", ALIGNMENT_SAMPLE_ROWS), ("input_ids",))["input_ids"]
+    aligned, cut = aligned_fraction_of(task, sample)
+    if aligned < s.loss.min_aligned_fraction:
+        raise ConfigError(
+            p.spec.name,
+            [
+                (
+                    where,
+                    f"only {aligned:.1%} of the student's positions share a text boundary with the teacher's (on "
+                    f"{len(sample)} training rows; loss.min_aligned_fraction is {s.loss.min_aligned_fraction})",
+                )
+            ],
+        )
+    say(
+        f"Student {s.name}: own tokenizer, {aligned:.1%} of its positions aligned with the teacher's"
+        + (f"; {cut:.0%} of rows cut at {task.student_len} tokens (students.{index}.seq_len)" if cut else "")
+    )
+    return task
 
 
 @dataclass
@@ -173,6 +215,13 @@ class Sources:
     manifest: Manifest | None = None
     corpus: Any = None  # PackedCorpus, only when some student trains online
     _scored: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    _tasks: dict[str, Any] = field(default_factory=dict)
+
+    def tasks(self, p: Prepared) -> dict[str, Any]:
+        """Each student's task (:func:`student_task`), made (and checked) once."""
+        if not self._tasks:
+            self._tasks = {s.name: student_task(p, i, self.manifest) for i, s in enumerate(p.spec.students)}
+        return self._tasks
 
     def scored(self, p: Prepared, online: bool, split: str = "heldout"):
         """The rows of a scored split (``heldout``, or ``validation``) with the teacher's NLL and argmax."""
@@ -190,14 +239,14 @@ class Sources:
     def has_validation(self, online: bool) -> bool:
         return bool(self.corpus.validation) if online else bool(self.manifest.shards_of("validation"))
 
-    def evaluate(self, p: Prepared, model, online: bool) -> tuple[dict[str, float], list[float]]:
-        """Held-out metrics, and beside them ``validation_*`` (CE, accuracy, top-1 agreement, the
-        teacher's CE and accuracy) when the data has a validation split (the one to choose settings
-        on); and each held-out row's CE (for paired comparisons between students)."""
-        heldout = _evaluate(p, model, self.scored(p, online))
+    def evaluate(self, p: Prepared, model, online: bool, task=None) -> tuple[dict[str, float], dict[str, list]]:
+        """Held-out metrics, and beside them ``validation_*`` (CE, bits per byte, accuracy, top-1
+        agreement, the teacher's CE and accuracy) when the data has a validation split (the one to
+        choose settings on); and each held-out row's CE (for paired comparisons between students)."""
+        heldout = _evaluate(p, model, self.scored(p, online), task)
         metrics = heldout.as_dict()
         if self.has_validation(online):
-            v = _evaluate(p, model, self.scored(p, online, "validation"))
+            v = _evaluate(p, model, self.scored(p, online, "validation"), task)
             metrics.update(
                 validation_ce=v.heldout_ce,
                 teacher_validation_ce=v.teacher_heldout_ce,
@@ -205,14 +254,21 @@ class Sources:
                 validation_accuracy=v.accuracy,
                 teacher_validation_accuracy=v.teacher_accuracy,
             )
-        return metrics, heldout.row_ce
+            if v.bits_per_byte is not None:
+                metrics["validation_bits_per_byte"] = v.bits_per_byte
+        return metrics, {"heldout_row_ce": heldout.row_ce, "heldout_row_bits_per_byte": heldout.row_bits_per_byte}
 
-    def training_data(self, p: Prepared, online: bool):
+    def training_data(self, p: Prepared, online: bool, task=None):
+        """``task``: a student with its own tokenizer trains on rows of its ``student_len``."""
+        import dataclasses
+
         from kdscale.student.trainer import cache_data, online_data
 
         if online:
             return online_data(p.spec, self.corpus.train, len(p.tokenizer), self.corpus.content_hash())
-        return cache_data(p.cache_uri, self.manifest)
+        data = cache_data(p.cache_uri, self.manifest)
+        student_len = getattr(task, "student_len", None)
+        return dataclasses.replace(data, seq_len=student_len) if student_len else data
 
 
 def _train_rows(plan, reuse: Manifest | None, stream) -> int | None:
@@ -240,11 +296,12 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
     ]
     if problems:
         raise ConfigError(spec.name, problems)
-    write_teacher_layer_inits(spec, len(p.tokenizer), p.teacher_config, p.student_configs, p.init_uri)
     m = sources.manifest
+    tasks = sources.tasks(p)  # every refusal before any student trains
+    write_teacher_layer_inits(spec, len(p.tokenizer), p.teacher_config, p.student_configs, p.init_uri)
     results = {}
     for s in spec.students:
-        online = s.targets == "online"
+        online, task = s.targets == "online", tasks[s.name]
         heldout = sources.scored(p, online)
         cfg = p.student_configs[s.name]
         run_id = tracker.start_child(
@@ -259,7 +316,8 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                     "student": s.name,
                     "init": s.init,
                     "targets": s.targets,
-                    "parameters": count_parameters(cfg, p.task),
+                    "parameters": count_parameters(cfg, task),
+                    "tokenizer": s.tokenizer or "teacher's",
                     **{f"arch.{k}": v for k, v in describe(cfg).items()},
                     **{f"loss.{k}": v for k, v in s.loss.model_dump().items()},
                     **{f"train.{k}": v for k, v in s.train.model_dump().items()},
@@ -276,22 +334,22 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 },
             )
             seed = s.train.seed if s.train.seed is not None else spec.seed
-            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), p.task), heldout).as_dict()
+            untrained = _evaluate(p, build_student(cfg, seed, p.init_uri(s), task), heldout, task).as_dict()
             result = train_student(
                 spec,
                 s,
                 cfg,
-                sources.training_data(p, online),
+                sources.training_data(p, online, task),
                 p.student_dir(s.name),
                 tracker.uri,
                 run_id,
                 p.init_uri(s),
-                table_arrays(heldout, p.task.input_columns),
-                p.task.describe(),
+                table_arrays(heldout, task.input_columns),
+                task.describe(),
             )
-            metrics, row_ce = sources.evaluate(p, load_exported(hf_folder(result), p.task), online)
+            metrics, per_row = sources.evaluate(p, load_exported(hf_folder(result), task), online, task)
             check_finite(s.name, metrics)
-            export_uri = export(hf_folder(result), p.tokenizer, p.export_uri(s.name))
+            export_uri = export(hf_folder(result), p.tokenizer_for(s.name), p.export_uri(s.name))
             tracker.log_metrics(
                 run_id,
                 {
@@ -303,7 +361,10 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 step=result.steps,
             )
             log_student_plots(tracker, run_id, s.name, result, metrics, untrained["heldout_ce"])
-            registered = tracker.register(run_id, export_uri, s.name, lineage_tags(p, sources, online))
+            tags = lineage_tags(p, sources, online)
+            if s.tokenizer:  # the cache's tokenizer is the teacher's; the model reads its own
+                tags["kdscale.student_tokenizer"] = tokenizer_fingerprint(p.tokenizer_for(s.name))
+            registered = tracker.register(run_id, export_uri, s.name, tags)
             tracker.end(run_id)
         except BaseException:
             tracker.end(run_id, "FAILED")
@@ -312,9 +373,10 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         results[s.name] = {
             **metrics,
             "heldout_ce_untrained": untrained["heldout_ce"],
-            "heldout_row_ce": row_ce,
+            **per_row,
             "targets": s.targets,
             "init": s.init,
+            "tokenizer": s.tokenizer,  # None: the teacher's
             "loss": s.loss.model_dump(),
             "train_tokens": sum(e["tokens"] for e in result.epochs),
             "export": export_uri,
@@ -400,18 +462,19 @@ def stage_eval(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any
     from kdscale.student.evaluate import exported, load_exported
 
     results = {}
+    tasks = sources.tasks(p)
     for s in p.spec.students:
         uri = p.export_uri(s.name)
         if not exported(uri):
             raise FileNotFoundError(f"student {s.name} has no export at {uri}; run `kdscale train` first")
         online = s.targets == "online"
         run_id = tracker.start_child(f"eval-{s.name}", "eval", {"kdscale.student": s.name})
-        metrics, row_ce = sources.evaluate(p, load_exported(uri, p.task), online)
+        metrics, per_row = sources.evaluate(p, load_exported(uri, tasks[s.name]), online, tasks[s.name])
         if not online:
             tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="evaluation")
         tracker.log_metrics(run_id, metric_names(metrics))
         tracker.end(run_id)
-        results[s.name] = {**metrics, "heldout_row_ce": row_ce, "export": uri, "eval_run_id": run_id}
+        results[s.name] = {**metrics, **per_row, "export": uri, "eval_run_id": run_id}
         say(f"Student {s.name}: held-out CE {metrics['heldout_ce']:.3f}, teacher {metrics['teacher_heldout_ce']:.3f}")
     write_summary(p.workdir, {"students": results})
     return results
@@ -452,6 +515,7 @@ def run(
                 raise ConfigError(spec.name, problems)
     if students_need and from_cache and plan is None:
         sources.manifest = open_cache_for_students(p, "train" in stages and spec.cache.verify_before_training)
+        sources.tasks(p)  # students with their own tokenizer: refused now, before any run or work
     if students_need and not all(s.targets == "cache" for s in spec.students):
         sources.corpus = pack_corpus(spec.corpus, p.tokenizer)  # the cache's rows, packed here
     fs.makedirs(p.workdir)

@@ -34,6 +34,22 @@ class Prepared:
     teacher_config: Any
     task: Any  # the task adapter (kdscale.models.task) every stage uses
     student_configs: dict[str, Any] = field(default_factory=dict)
+    student_tokenizers: dict[str, Any] = field(default_factory=dict)  # students with their own tokenizer
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def tokenizer_for(self, name: str):
+        """The tokenizer a student reads (and is exported with): its own, else the teacher's."""
+        return self.student_tokenizers.get(name, self.tokenizer)
+
+    def vocabulary_bytes(self):
+        """The teacher vocabulary's bytes (kdscale.data.alignment.TokenBytes; None for images or
+        a tokenizer whose bytes cannot be recovered): bits per byte, and what caches store for
+        students with their own tokenizer."""
+        if "bytes" not in self._memo:
+            from kdscale.data.alignment import exact_token_bytes
+
+            self._memo["bytes"] = exact_token_bytes(self.tokenizer) if self.spec.task == "causal_lm" else None
+        return self._memo["bytes"]
 
     def student_dir(self, name: str) -> str:
         return fs.join(self.workdir, "students", name)
@@ -71,28 +87,97 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
         ("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
         for pr in shape_problems(teacher_config)
     ]
+    own, tokenizer_problems = student_tokenizers(spec, tokenizer)
+    problems += tokenizer_problems
     configs = {}
     for i, s in enumerate(spec.students):
+        if s.tokenizer and s.name not in own:
+            continue
+        student_vocab = len(own[s.name]) if s.name in own else vocab
         try:
-            configs[s.name] = student_config(s, teacher_config, vocab, task)
+            configs[s.name] = student_config(s, teacher_config, student_vocab, task)
         except ValueError as e:
             problems.append(
                 (f"students.{i}.{'teacher_layers' if s.init == 'teacher_layers' else 'architecture'}", str(e))
             )
             continue
+        if s.name in own:
+            use_own_special_tokens(configs[s.name], own[s.name])
         size = task.output_size(configs[s.name])
-        if size != vocab:
-            problems.append(
-                (
-                    f"students.{i}",
-                    f"vocabulary {size} differs from the teacher tokenizer's {vocab}"
-                    if spec.task == "causal_lm"
-                    else f"{size} classes differ from the teacher's {vocab}",
-                )
-            )
+        too_small, differs = size < student_vocab, size != vocab
+        if too_small if s.name in own else differs:
+            problems.append((f"students.{i}", vocabulary_problem(spec, size, student_vocab, s.name in own)))
     if problems:
         raise ConfigError(spec.name, problems)
-    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs)
+    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs, own)
+
+
+def vocabulary_problem(spec: JobSpec, size: int, vocab: int, own: bool) -> str:
+    if own:
+        return f"vocabulary {size} is smaller than its own tokenizer's {vocab}"
+    if spec.task == "causal_lm":
+        return (
+            f"vocabulary {size} differs from the teacher tokenizer's {vocab} (or give the student its own `tokenizer`)"
+        )
+    return f"{size} classes differ from the teacher's {vocab}"
+
+
+def student_tokenizers(spec: JobSpec, teacher_tokenizer) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The students' own tokenizers, and every reason one cannot serve: unreadable, no offsets
+    (a slow tokenizer), no end-of-text token (packed documents are separated by it), a teacher
+    tokenizer whose bytes cannot be recovered (nothing can be aligned to its rows), or the hybrid
+    loss with a student vocabulary whose bytes cannot be recovered (it matches ids by bytes)."""
+    from kdscale.data.alignment import exact_token_bytes
+    from kdscale.interop.importer import load_tokenizer_at
+
+    found, problems = {}, []
+    teacher_bytes = None
+    for i, s in enumerate(spec.students):
+        if not s.tokenizer:
+            continue
+        where = f"students.{i}.tokenizer"
+        if teacher_bytes is None:
+            teacher_bytes = exact_token_bytes(teacher_tokenizer) or False
+        if teacher_bytes is False:
+            problems.append(
+                (
+                    where,
+                    "the teacher's tokenizer does not give its tokens' exact bytes, so its rows cannot be "
+                    "aligned to another tokenizer's",
+                )
+            )
+            continue
+        try:
+            tok = load_tokenizer_at(s.tokenizer)
+        except (OSError, ValueError) as e:
+            problems.append((where, f"cannot load the tokenizer: {str(e)[:300]}"))
+            continue
+        if not getattr(tok, "is_fast", False):
+            problems.append(
+                (where, f"{s.tokenizer} cannot produce character offsets (a fast tokenizer is needed to align it)")
+            )
+            continue
+        if tok.eos_token_id is None:
+            problems.append((where, f"{s.tokenizer} has no end-of-text token to separate packed documents"))
+            continue
+        if s.loss.cross_tokenizer == "hybrid" and exact_token_bytes(tok) is None:
+            problems.append(
+                (
+                    f"students.{i}.loss.cross_tokenizer",
+                    "hybrid matches ids by their bytes, which this tokenizer does not give; use uld",
+                )
+            )
+            continue
+        found[s.name] = tok
+    return found, problems
+
+
+def use_own_special_tokens(config, tokenizer) -> None:
+    """A student with its own tokenizer starts, ends and pads with that tokenizer's tokens."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None or hasattr(config, name):
+            setattr(config, name, value)
 
 
 def _teacher(spec: JobSpec):
@@ -190,6 +275,8 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
             s.name: {
                 "architecture": describe(p.student_configs[s.name]),
                 "init": s.init,
+                "tokenizer": s.tokenizer,  # None: the teacher's
+                "vocab_size": len(p.tokenizer_for(s.name)),
                 "parameters": count_parameters(p.student_configs[s.name], p.task),
                 "workers": s.train.num_workers,
                 "zero_stage": s.train.zero_stage,

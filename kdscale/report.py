@@ -10,6 +10,10 @@ rows: both students are scored on the same rows, so the row-to-row variation of 
 and what is left is how consistently one beats the other. That is evaluation noise only; another
 seed of the same student moves its CE too (0.02-0.13 nats at 30-56 steps in docs/results-short.md),
 which only several seeds measure (benchmarks/quality.py).
+
+Students with different tokenizers predict different tokens, so their per-token CE cannot be
+compared; there Δ is taken in held-out bits per byte of text (per row, paired alike), and the
+table says which unit each Δ is in.
 """
 
 from __future__ import annotations
@@ -51,6 +55,26 @@ def verdict(delta: float, se: float | None) -> str:
     return "better" if delta < 0 else "worse"
 
 
+def _delta(st: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Δ vs the baseline in held-out CE, or in bits per byte when the tokenizers differ."""
+    same_tokenizer = st.get("tokenizer") == base.get("tokenizer")
+    key, rows, unit = ("heldout_ce", "heldout_row_ce", "CE")
+    if not same_tokenizer:
+        key, rows, unit = ("bits_per_byte", "heldout_row_bits_per_byte", "bits/byte")
+    if st.get(key) is None or base.get(key) is None:
+        return {"delta": None, "delta_pct": None, "delta_se": None, "delta_unit": unit, "verdict": "not comparable"}
+    delta = st[key] - base[key]
+    paired = paired_difference(st.get(rows) or [], base.get(rows) or [])
+    se = paired[1] if paired else None
+    return {
+        "delta": delta,
+        "delta_pct": 100 * delta / base[key],
+        "delta_se": se,
+        "delta_unit": unit,
+        "verdict": "baseline" if st is base else verdict(delta, se),
+    }
+
+
 def student_row(name: str, st: dict[str, Any], cache: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
     alpha = (st.get("loss") or {}).get("alpha")
     uses_cache = st.get("targets") == "cache" and alpha != 0
@@ -59,7 +83,10 @@ def student_row(name: str, st: dict[str, Any], cache: dict[str, Any], base: dict
         "targets": "none (CE only)" if alpha == 0 else st.get("targets"),
         "alpha": alpha,
         "init": st.get("init"),
+        "tokenizer": st.get("tokenizer"),
         "heldout_ce": st["heldout_ce"],
+        "bits_per_byte": st.get("bits_per_byte"),
+        "aligned_fraction": st.get("aligned_fraction"),
         "validation_ce": st.get("validation_ce"),
         "perplexity": st.get("perplexity"),
         "top1_agreement": st.get("top1_agreement"),
@@ -69,15 +96,7 @@ def student_row(name: str, st: dict[str, Any], cache: dict[str, Any], base: dict
         "steps": st.get("steps"),
     }
     if base is not None:
-        delta = st["heldout_ce"] - base["heldout_ce"]
-        paired = paired_difference(st.get("heldout_row_ce") or [], base.get("heldout_row_ce") or [])
-        se = paired[1] if paired else None
-        row.update(
-            delta=delta,
-            delta_pct=100 * delta / base["heldout_ce"],
-            delta_se=se,
-            verdict="baseline" if st is base else verdict(delta, se),
-        )
+        row.update(_delta(st, base))
     return row
 
 
@@ -98,6 +117,7 @@ def build_report(summary: dict[str, Any], baseline: str | None = None) -> dict[s
         "noise_rule": f"|Δ| > {NOISE_SE:g} standard errors of the paired per-row held-out CE differences",
         "teacher_heldout_ce": teacher.get("teacher_heldout_ce"),
         "teacher_validation_ce": teacher.get("teacher_validation_ce"),
+        "teacher_bits_per_byte": teacher.get("teacher_bits_per_byte"),
         "cache_id": cache.get("cache_id"),
         "students": rows,
     }
@@ -125,29 +145,46 @@ def _fmt(value: Any, spec: str) -> str:
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Column headers and formatted cells, shared by the console table and the markdown file."""
     has_base = report["baseline"] is not None
-    headers = ["student", "targets", "α", "held-out CE", "validation CE", "perplexity", "top-1 agree"]
+    own = any(r.get("tokenizer") for r in report["students"])  # some student has its own tokenizer
+    headers = ["student", "targets", "α"] + (["tokenizer"] if own else [])
+    headers += ["held-out CE", "bits/byte", "validation CE", "perplexity", "top-1 agree"]
+    headers += ["aligned"] if own else []
     headers += ["Δ vs " + report["baseline"], "verdict"] if has_base else []
     headers += ["B/token", "train tokens", "train s"]
     cells = []
     for r in report["students"]:
-        row = [
-            r["student"],
-            str(r["targets"]),
-            _fmt(r["alpha"], "g"),
+        row = [r["student"], str(r["targets"]), _fmt(r["alpha"], "g")]
+        row += [_tokenizer_cell(r.get("tokenizer"))] if own else []
+        row += [
             _fmt(r["heldout_ce"], ".4f"),
+            _fmt(r.get("bits_per_byte"), ".4f"),
             _fmt(r["validation_ce"], ".4f"),
             _fmt(r["perplexity"], ".1f"),
             _fmt(r["top1_agreement"], ".3f"),
         ]
+        row += [_fmt(r.get("aligned_fraction"), ".1%")] if own else []
         if has_base:
-            se = "" if r.get("delta_se") is None else f" ± {2 * r['delta_se']:.4f}"
-            row += [
-                "–" if r["verdict"] == "baseline" else f"{r['delta']:+.4f}{se} ({r['delta_pct']:+.2f}%)",
-                r["verdict"],
-            ]
+            row += [_delta_cell(r), r["verdict"]]
         row += [_fmt(r["bytes_per_token"], ".1f"), _fmt(r["train_tokens"], ","), _fmt(r["train_seconds"], ".0f")]
         cells.append(row)
     return headers, cells
+
+
+def _teacher_bits(report: dict[str, Any]) -> str:
+    bits = report.get("teacher_bits_per_byte")
+    return "" if bits is None else f" ({bits:.4f} bits/byte)"
+
+
+def _tokenizer_cell(path: str | None) -> str:
+    return "teacher's" if not path else path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _delta_cell(r: dict[str, Any]) -> str:
+    if r["verdict"] == "baseline" or r.get("delta") is None:
+        return "–"
+    se = "" if r.get("delta_se") is None else f" ± {2 * r['delta_se']:.4f}"
+    unit = "" if r.get("delta_unit", "CE") == "CE" else " bits/byte"
+    return f"{r['delta']:+.4f}{se}{unit} ({r['delta_pct']:+.2f}%)"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -156,8 +193,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     lines += [
         "",
-        f"Teacher held-out CE {_fmt(report['teacher_heldout_ce'], '.4f')}. Δ: held-out CE minus the "
-        f"baseline's (± two paired standard errors); a verdict is given when {report['noise_rule']}.",
+        f"Teacher held-out CE {_fmt(report['teacher_heldout_ce'], '.4f')}"
+        f"{_teacher_bits(report)}. Δ: held-out CE minus the baseline's (in bits per byte between students "
+        f"of different tokenizers; ± two paired standard errors); a verdict is given when {report['noise_rule']}.",
         "",
     ]
     return "\n".join(lines)

@@ -23,3 +23,14 @@ class SparseTargets:
 @dataclass
 class DenseTargets:
     logprobs: torch.Tensor  # [B, L, V]
+
+
+@dataclass
+class AlignedTargets:
+    """Teacher targets for a student with its own tokenizer (kdscale.models.cross_task): one row
+    of sparse targets per *aligned* student position, in row-major order of ``aligned`` — the
+    student positions that end at the same text byte as a teacher position. Teacher ids stay in
+    the teacher's vocabulary; the cross-tokenizer losses compare them without a shared one."""
+
+    targets: SparseTargets  # ids / probs [N, K], tail_mass [N] or None
+    aligned: torch.Tensor  # bool [B, S], N True entries

@@ -70,6 +70,10 @@ SPLITS: tuple[Split, ...] = ("train", "heldout", "validation")  # the order shar
 EVAL_SPLITS = ("heldout", "validation")  # scored, never trained on; validation is optional
 
 ID_CODING_SCHEME = "rank-delta"
+# The teacher vocabulary's bytes (kdscale.data.alignment.TokenBytes): with the rows' token ids they
+# give every row's text and each token's byte span exactly, for students with their own tokenizer.
+# One table per cache (~0.4 MB for a 49k vocabulary) instead of spans per row (>= 1 byte/token).
+TOKEN_BYTES_FILE = "token_bytes.parquet"
 
 
 def target_columns(kind: str, store_logprobs: bool = False) -> tuple[str, ...]:
@@ -210,6 +214,11 @@ class Manifest(_Model):
     id_coding: dict[str, Any] = Field(..., description="Scheme, rank file name and its sha256.")
     shards: list[ShardRecord]
     totals: dict[str, Any]
+    alignment: dict[str, Any] | None = Field(
+        None,
+        description="token_bytes (file name), sha256 and digest of the teacher vocabulary's bytes; absent in "
+        "caches made before kdscale aligned tokenizers (they cannot serve students with their own tokenizer).",
+    )
 
     def shards_of(self, split: str) -> list[ShardRecord]:
         return [s for s in self.shards if s.split == split]

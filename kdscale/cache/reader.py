@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import torch
 
 from kdscale import fs
-from kdscale.cache.format import ID_CODING_SCHEME, LEDGER_DIR, MANIFEST, READABLE_VERSIONS, CacheFormatError, Manifest
+from kdscale.cache.format import (
+    ID_CODING_SCHEME,
+    LEDGER_DIR,
+    MANIFEST,
+    READABLE_VERSIONS,
+    CacheFormatError,
+    Manifest,
+)
 from kdscale.cache.segments import flat
 from kdscale.targets import DenseTargets, SparseTargets  # noqa: F401  # re-exported for readers of targets
 
@@ -67,6 +74,32 @@ def load_rank_order(cache_uri: str, manifest: Manifest) -> np.ndarray:
             f"{cache_uri}: rank table has {len(order)} entries, vocab is {manifest.tokenizer.vocab_size}"
         )
     return order.astype(np.int64)
+
+
+def load_token_bytes(cache_uri: str, manifest: Manifest):
+    """The teacher vocabulary's bytes (:class:`kdscale.data.alignment.TokenBytes`), checked
+    against the manifest's sha256 and digest; a cache without them cannot serve a student with
+    its own tokenizer, and the error says so."""
+    from kdscale.data.alignment import TokenBytes
+
+    info = manifest.alignment
+    if not info:
+        raise CacheFormatError(
+            f"the cache {manifest.cache_id} at {cache_uri} holds no token bytes (it was made before kdscale aligned "
+            "tokenizers, or its teacher tokenizer's bytes cannot be recovered exactly), so it cannot serve a "
+            "student with its own tokenizer: precompute the cache again with this kdscale, or give the student "
+            "the teacher's tokenizer"
+        )
+    data = fs.read_bytes(fs.join(cache_uri, info["token_bytes"]))
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CacheFormatError(f"corrupted cache: {info['token_bytes']} does not match its sha256 in the manifest")
+    table = TokenBytes.from_arrow(pq.read_table(io.BytesIO(data)))
+    if len(table) != manifest.tokenizer.vocab_size or table.digest() != info["digest"]:
+        raise CacheFormatError(
+            f"{cache_uri}: {info['token_bytes']} holds {len(table)} tokens (digest {table.digest()[:12]}), the "
+            f"manifest says vocab {manifest.tokenizer.vocab_size} (digest {str(info['digest'])[:12]})"
+        )
+    return table
 
 
 def shard_uris(cache_uri: str, manifest: Manifest, split: str) -> list[str]:

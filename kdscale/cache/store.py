@@ -93,10 +93,15 @@ class CacheWriter:
     Leaving the block without a commit (an exception) releases the lease and keeps the ledger,
     so a rerun resumes with the finished shards."""
 
-    def __init__(self, uri: str, cache_id: str, rank_order: np.ndarray):
+    def __init__(self, uri: str, cache_id: str, rank_order: np.ndarray, token_bytes: Any = None):
+        """``token_bytes``: the teacher vocabulary's bytes (kdscale.data.alignment.TokenBytes),
+        stored so students with their own tokenizer can align to the rows; None when the
+        tokenizer's bytes cannot be recovered exactly (or for images)."""
         self.uri = uri
         self.cache_id = cache_id
         self.rank_order = rank_order
+        self.token_bytes = token_bytes
+        self.alignment: dict[str, Any] | None = None
         self.id_coding: dict[str, Any] = {}
         self.finished: dict[str, ShardRecord] = {}
         self.units: dict[int, UnitRecord] = {}
@@ -108,6 +113,8 @@ class CacheWriter:
         writer.start_or_check_plan(self.uri, self.cache_id)
         writer.acquire_lease(self.uri)
         self.id_coding = writer.write_rank_file(self.uri, self.rank_order)
+        if self.token_bytes is not None:
+            self.alignment = writer.write_token_bytes(self.uri, self.token_bytes)
         self.finished = writer.finished_shards(self.uri)
         self.units = writer.recorded_units(self.uri)
         return self
@@ -159,6 +166,7 @@ class CacheWriter:
             dataset=dataset,
             id_coding=self.id_coding,
             shards=[self.finished[name] for name in order],
+            alignment=self.alignment,
         )
         writer.commit(self.uri, manifest)
         return manifest, len(stale)

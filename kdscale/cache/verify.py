@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from kdscale import fs
 from kdscale.cache import idcodec
-from kdscale.cache.format import SPLITS, CacheFormatError, Manifest, shard_name
+from kdscale.cache.format import SPLITS, TOKEN_BYTES_FILE, CacheFormatError, Manifest, shard_name
 from kdscale.cache.kinds import kind as target_kind
 from kdscale.cache.reader import batch_targets, load_rank_order, open_manifest
 from kdscale.cache.writer import manifest_totals, present_splits, shard_columns
@@ -173,6 +173,7 @@ def file_problems(cache_uri: str, m: Manifest, checksums: bool) -> list[str]:
         found.append(f"{m.id_coding['rank_file']} is missing")
     elif checksums and fs.sha256(rank_uri) != m.id_coding.get("sha256"):
         found.append(f"{m.id_coding['rank_file']} does not match its sha256 in the manifest")
+    found += _token_bytes_problems(cache_uri, m, checksums)
     for s in m.shards:
         uri = fs.join(cache_uri, s.path)
         if not fs.exists(uri):
@@ -186,6 +187,21 @@ def file_problems(cache_uri: str, m: Manifest, checksums: bool) -> list[str]:
         else:
             found += footer_problems(uri, m, s)
     return found
+
+
+def _token_bytes_problems(cache_uri: str, m: Manifest, checksums: bool) -> list[str]:
+    """The alignment table, where the manifest names one: the expected name, present, unaltered."""
+    if not m.alignment:
+        return []
+    name = m.alignment.get("token_bytes")
+    if name != TOKEN_BYTES_FILE:
+        return [f"token bytes file {name!r} is not {TOKEN_BYTES_FILE!r}"]
+    uri = fs.join(cache_uri, name)
+    if not fs.exists(uri):
+        return [f"{name} is missing"]
+    if checksums and fs.sha256(uri) != m.alignment.get("sha256"):
+        return [f"{name} does not match its sha256 in the manifest"]
+    return []
 
 
 def _leaf_counts(meta) -> dict[str, int]:

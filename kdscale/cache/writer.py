@@ -27,6 +27,7 @@ from kdscale.cache.format import (
     MANIFEST,
     PLAN,
     SPLITS,
+    TOKEN_BYTES_FILE,
     CacheFormatError,
     DatasetInfo,
     Manifest,
@@ -309,6 +310,16 @@ def write_rank_file(cache_uri: str, order: np.ndarray) -> dict[str, Any]:
     return {"scheme": ID_CODING_SCHEME, "rank_file": idcodec.RANK_FILE, "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def write_token_bytes(cache_uri: str, token_bytes) -> dict[str, Any]:
+    """Store the teacher vocabulary's bytes (a :class:`kdscale.data.alignment.TokenBytes`);
+    returns the manifest's ``alignment``."""
+    buf = io.BytesIO()
+    pq.write_table(token_bytes.to_arrow(), buf, compression="zstd")
+    data = buf.getvalue()
+    fs.write_bytes(fs.join(cache_uri, TOKEN_BYTES_FILE), data)
+    return {"token_bytes": TOKEN_BYTES_FILE, "sha256": hashlib.sha256(data).hexdigest(), "digest": token_bytes.digest()}
+
+
 def finished_shards(cache_uri: str, verify: bool = True) -> dict[str, ShardRecord]:
     """Ledger entries whose shard is present with the recorded size and checksum."""
     done: dict[str, ShardRecord] = {}
@@ -337,6 +348,7 @@ def build_manifest(
     dataset: DatasetInfo,
     id_coding: dict[str, Any],
     shards: list[ShardRecord],
+    alignment: dict[str, Any] | None = None,
 ) -> Manifest:
     shards = sorted(shards, key=lambda s: (SPLITS.index(s.split), s.index))
     splits = present_splits(shards)
@@ -355,6 +367,7 @@ def build_manifest(
         id_coding=id_coding,
         shards=shards,
         totals=manifest_totals(targets, dataset, shards),
+        alignment=alignment,
     )
 
 

@@ -237,7 +237,15 @@ def import_cache(src: str, dest: str, fmt: str, tokenizer_path: str, settings: I
         dropped_tokens=checked.quality.dropped_positions,
     )
     rank_order = idcodec.rank_from_counts(checked.token_counts, vocab)
-    info = {"targets": targets, "teacher": teacher, "tokenizer": tokenizer_info, "dataset": dataset}
+    from kdscale.data.alignment import exact_token_bytes
+
+    info = {
+        "targets": targets,
+        "teacher": teacher,
+        "tokenizer": tokenizer_info,
+        "dataset": dataset,
+        "token_bytes": exact_token_bytes(tokenizer),
+    }
     manifest = _write(source, dest, cache_id, rank_order, (vocab, seq_len, fractions), info)
     return ImportResult(dest, manifest, False, checked.quality.summary())
 
@@ -255,7 +263,8 @@ def _write(source: Source, dest: str, cache_id: str, rank_order: np.ndarray, pac
     rank = idcodec.inverse(rank_order)
     buffers: dict[Split, list[dict]] = {split: [] for split in SPLITS}
     written: dict[Split, int] = dict.fromkeys(SPLITS, 0)
-    with CacheWriter(dest, cache_id, rank_order) as cache:
+    token_bytes = info.pop("token_bytes")
+    with CacheWriter(dest, cache_id, rank_order, token_bytes) as cache:
 
         def flush(split: Split) -> None:
             name = shard_name(split, written[split])

@@ -84,6 +84,37 @@ class CausalLM:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
+    # What a student with its own tokenizer changes (kdscale.models.cross_task); here the
+    # student's rows are the cache's rows.
+
+    @staticmethod
+    def expand(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The stored rows' columns plus whatever the student's inputs are made from (nothing more here)."""
+        return arrays
+
+    def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
+        """What each stored position's teacher target predicts (the teacher's own labels)."""
+        return self.labels(arrays, device)
+
+    @staticmethod
+    def gather_targets(targets, arrays: dict[str, np.ndarray]):
+        """The decoded teacher targets as this task's loss takes them."""
+        return targets
+
+    @staticmethod
+    def teacher_argmax(arrays: dict[str, np.ndarray], teacher_top1: np.ndarray) -> torch.Tensor:
+        """The teacher's argmax at each student position in the student's ids (-1: none)."""
+        return torch.from_numpy(teacher_top1.astype(np.int64))
+
+    @staticmethod
+    def label_bytes(arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
+        """Bytes of text each row's labels cover (bits per byte), from the teacher vocabulary's
+        bytes (``pieces``, a TokenBytes; None: unknown)."""
+        if pieces is None:
+            return None
+        lengths = pieces.lengths()
+        return lengths[arrays["input_ids"][:, 1:]].sum(axis=1)
+
 
 @dataclass(frozen=True)
 class ImageClassification:
@@ -126,6 +157,17 @@ class ImageClassification:
 
     def labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
         return to_device(arrays["labels"], np.int64, device).reshape(-1, 1)
+
+    expand = staticmethod(CausalLM.expand)
+    gather_targets = staticmethod(CausalLM.gather_targets)
+    teacher_argmax = staticmethod(CausalLM.teacher_argmax)
+
+    def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
+        return self.labels(arrays, device)
+
+    @staticmethod
+    def label_bytes(arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
+        return None  # images are not text
 
     @staticmethod
     def logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -173,7 +215,7 @@ class ImageClassification:
         ).save_pretrained(folder)
 
 
-Task = CausalLM | ImageClassification
+Task = CausalLM | ImageClassification  # (kdscale.models.cross_task.CrossTokenizerLM is a CausalLM)
 
 
 TASK_CLASSES: dict[str, type[CausalLM] | type[ImageClassification]] = {
@@ -188,4 +230,8 @@ def task_from_dict(d: dict[str, Any]) -> Task:
         return CausalLM()
     if d["name"] == ImageClassification.name:
         return ImageClassification(tuple(d["input_shape"]), tuple(d["mean"]), tuple(d["std"]), tuple(d["labels"]))
+    if d["name"] == "cross_tokenizer_lm":
+        from kdscale.models.cross_task import CrossTokenizerLM
+
+        return CrossTokenizerLM(d["tokenizer"], d["cache_uri"], int(d["student_len"]))
     raise ValueError(f"unknown task {d['name']!r} (known: {', '.join(TASK_CLASSES)})")

@@ -30,6 +30,7 @@ from kdscale.cache.format import (
 )
 from kdscale.cache.kinds import kind as target_kind
 from kdscale.config import JobSpec
+from kdscale.data.alignment import exact_token_bytes
 from kdscale.data.corpus import PackedCorpus, pack_corpus, seq_id
 from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.fingerprint import tokenizer_fingerprint
@@ -124,6 +125,7 @@ class PrecomputePlan:
     tasks: list[ShardTask] = field(default_factory=list)
     units: list[Unit] | None = None
     corpus: dict[str, Any] = field(default_factory=dict)  # text: patterns, packing settings, identity
+    token_bytes: Any = None  # text: the vocabulary's bytes (alignment.TokenBytes), for students' own tokenizers
 
     @property
     def rank(self) -> np.ndarray:
@@ -304,7 +306,18 @@ def build_text_plan(spec: JobSpec, tokenizer) -> PrecomputePlan:
     identity = dataset_identity(units, packing)
     cid = make_cache_id(teacher.fingerprint, tok.fingerprint, identity, targets.params(), FORMAT_VERSION)
     corpus = {"identity": identity, "patterns": redact(list(c.paths)), **packing}
-    return PrecomputePlan(cid, targets, teacher, tok, None, None, ranges, units=units, corpus=corpus)
+    return PrecomputePlan(
+        cid,
+        targets,
+        teacher,
+        tok,
+        None,
+        None,
+        ranges,
+        units=units,
+        corpus=corpus,
+        token_bytes=exact_token_bytes(tokenizer),
+    )
 
 
 def text_dataset(plan: PrecomputePlan, units: list[UnitRecord]) -> DatasetInfo:

@@ -83,7 +83,7 @@ def run_precompute(
     if plan.streamed and stream is None:
         raise ValueError("a text precompute needs its started stream of units")
     rank_order = stream.rank_order if stream is not None else plan.rank_order
-    with CacheWriter(cache_uri, plan.cache_id, rank_order) as cache:
+    with CacheWriter(cache_uri, plan.cache_id, rank_order, plan.token_bytes) as cache:
         runner = _Runner(spec, plan, cache_uri, cache, rank_order)
         if stream is not None:
             dataset, order = runner.run_stream(stream)

@@ -25,8 +25,10 @@ import torch
 
 from kdscale.config import TrainSpec
 from kdscale.models.task import Task, table_arrays, task_from_dict
+from kdscale.student.cross_losses import cross_tokenizer_loss
 from kdscale.student.losses import Divergence, distillation_loss, nll_sum
 from kdscale.student.worker_config import WorkerConfig
+from kdscale.targets import AlignedTargets
 
 STATE_FILE = "kdscale_state.json"
 CHECKPOINT_PREFIX = "kdscale-ckpt-"
@@ -187,6 +189,7 @@ class _WorkerRun:
         self.task = task_from_dict(self.cfg.task)
         self.shard = ray.train.get_dataset_shard("train")
         self.preloaded: list = []
+        self.heldout: dict | None = None
         self.checkpoint = ray.train.get_checkpoint()  # Ray Train's latest, on a restarted worker group
         self.state: dict[str, Any] = self.saved_state() or {"epoch": 0, "step": 0, "history": []}
         epochs = range(self.state["epoch"], self.train.epochs)
@@ -246,9 +249,13 @@ class _WorkerRun:
         for n, batch in enumerate(stream):
             if n >= self.cfg.micro_batches_per_epoch:
                 break
-            arrays = table_arrays(batch, task.input_columns)
+            arrays = task.expand(table_arrays(batch, task.input_columns))
             inputs, labels = task.model_inputs(arrays, self.device), task.labels(arrays, self.device)
-            yield inputs, labels, (self.targets_for(batch, inputs, epoch) if decode else batch)
+            yield inputs, labels, (self.targets(batch, arrays, inputs, epoch) if decode else (batch, arrays))
+
+    def targets(self, batch, arrays: dict, inputs: dict, epoch: int):
+        """The teacher's targets for a batch, as the task's loss takes them."""
+        return self.task.gather_targets(self.targets_for(batch, inputs, epoch), arrays)
 
     def epoch_batches(self, epoch: int) -> Iterator:
         """One epoch's batches: streamed, or (``preload``) from the worker's share read once and
@@ -258,11 +265,14 @@ class _WorkerRun:
             return
         per_epoch = self.targets_for.varies_by_epoch
         if not self.preloaded:
-            self.preloaded.extend(self.batches(epoch, decode=not per_epoch))
+            # read in epoch 0's stream order whatever epoch this run starts at, so the seeded
+            # permutations below pick the same batches after a resume as in an uninterrupted run
+            # (read at the resumed epoch's order instead, 47 of 60 losses of the tiny job differed)
+            self.preloaded.extend(self.batches(0, decode=not per_epoch))
         generator = torch.Generator().manual_seed(self.cfg.shuffle_seed(epoch))
         for i in torch.randperm(len(self.preloaded), generator=generator).tolist():
             inputs, labels, stored = self.preloaded[i]
-            yield inputs, labels, self.targets_for(stored, inputs, epoch) if per_epoch else stored
+            yield inputs, labels, self.targets(*stored, inputs, epoch) if per_epoch else stored
 
     # steps --------------------------------------------------------------------------------------
 
@@ -305,16 +315,7 @@ class _WorkerRun:
     def micro_step(self, epoch: int, inputs, labels, targets) -> list[float]:
         """Loss, backward and (at the accumulation boundary, inside DeepSpeed) the optimizer step;
         returns [total, kd, ce]. A non-finite loss stops the run."""
-        loss = self.cfg.loss
-        parts = distillation_loss(
-            self.task.logits(self.engine, inputs),
-            labels,
-            targets,
-            alpha=loss.alpha,
-            temperature=loss.temperature,
-            chunk_positions=loss.chunk_positions,
-            divergence_spec=self.divergence,
-        )
+        parts = self.loss(self.task.logits(self.engine, inputs), labels, targets)
         self.engine.backward(parts.total)
         self.engine.step()
         values = [parts.total.item(), parts.kd.item(), parts.ce.item()]
@@ -326,6 +327,31 @@ class _WorkerRun:
         if self.cfg.counter is not None:
             self.cfg.counter.add.remote("tokens", self.cfg.tokens_per_micro_batch)
         return values
+
+    def loss(self, logits, labels, targets):
+        """The spec's loss: the cross-tokenizer one for a student with its own tokenizer."""
+        loss = self.cfg.loss
+        if isinstance(targets, AlignedTargets):
+            return cross_tokenizer_loss(
+                logits,
+                labels,
+                targets.targets,
+                targets.aligned.to(logits.device),
+                alpha=loss.alpha,
+                temperature=loss.temperature,
+                method=loss.cross_tokenizer,
+                vocab_map=getattr(self.task, "vocab_map", None),
+                chunk_positions=loss.chunk_positions,
+            )
+        return distillation_loss(
+            logits,
+            labels,
+            targets,
+            alpha=loss.alpha,
+            temperature=loss.temperature,
+            chunk_positions=loss.chunk_positions,
+            divergence_spec=self.divergence,
+        )
 
     def log(self, epoch: int, window: list[list[float]]) -> None:
         """The window's mean losses over all ranks, into the history and (rank 0) MLflow."""
@@ -350,9 +376,11 @@ class _WorkerRun:
         from kdscale.tracking.lineage import log_step_metrics
 
         assert self.cfg.heldout is not None
+        if self.heldout is None:  # the student's rows of the held-out split, made once
+            self.heldout = self.task.expand(self.cfg.heldout)
         step = self.state["step"]
         ce = heldout_ce(
-            self.engine, self.task, self.cfg.heldout, self.rank, self.world, self.train.micro_batch_size, self.device
+            self.engine, self.task, self.heldout, self.rank, self.world, self.train.micro_batch_size, self.device
         )
         point = {"step": step, "tokens": step * self.cfg.tokens_per_micro_batch * self.train.grad_accum * self.world}
         point["heldout_ce"] = ce
