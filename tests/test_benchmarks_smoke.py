@@ -303,6 +303,16 @@ def test_interop_quality(capsys):
 
 
 @on_ray
+def test_cross_tokenizer(capsys):
+    line = json_line(capsys, "cross_tokenizer", "--smoke")
+    check(line, {"arms", "best_cross_recipe", "best_vs_own_ce_pct_by_seed", "goal_beats_ce_twin_every_seed"})
+    assert line["arms"].keys() == {"own_ce", "own_hybrid"}
+    for arm in line["arms"].values():
+        assert arm["bits_per_byte"] > 0 and 0 < arm["aligned_fraction"] <= 1
+    assert line["teacher_bits_per_byte"] > 0
+
+
+@on_ray
 def test_fashion_mnist(capsys):
     line = json_line(capsys, "fashion_mnist", "--smoke")
     check(line, {"fashion_mnist", "goal"})

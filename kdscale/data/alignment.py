@@ -139,7 +139,7 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
         if tok is None or i in special:
             pieces.append(b"")
         elif i in added:
-            pieces.append(added[i].content.encode("utf-8"))  # matched in the raw text as written
+            pieces.append(_added_piece(added[i], style))
         else:
             pieces.append(_piece(tok, style, i, tokenizer))
     return TokenBytes(tuple(pieces))
@@ -157,9 +157,14 @@ def _name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
+def _is_backend(tokenizer: Any) -> bool:
+    """A ``tokenizers.Tokenizer`` (told apart by its methods, so tokenizers need not be imported)."""
+    return hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_added_tokens_decoder")
+
+
 def _backend(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers tokenizer (or the tokenizer itself)."""
-    if hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_added_tokens_decoder"):
+    if _is_backend(tokenizer):
         return tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -214,6 +219,15 @@ def _style(spec: dict, name: str) -> str:
     )
 
 
+def _added_piece(token: Any, style: str) -> bytes:
+    """A non-special added token: its text as written, matched in the raw text (or, ``normalized``
+    in a SentencePiece-style tokenizer, in the text with spaces as '▁')."""
+    content = str(token.content)
+    if style == "sentencepiece" and token.normalized:
+        content = content.replace(_SPACE, " ")
+    return content.encode("utf-8")
+
+
 def _piece(tok: str, style: str, i: int, tokenizer: Any) -> bytes:
     if style == "sentencepiece":
         fallback = _BYTE_FALLBACK.fullmatch(tok)
@@ -254,10 +268,10 @@ def align_row(
     vocabulary, ``student``, where known) and cut to ``student_len`` tokens.
 
     Bytes before the row's first whole character and after its last are left out (a row can be cut
-    inside a multi-byte character). Where a byte end is shared by several teacher positions (empty
-    special tokens), the last is taken: the token after it is the one that starts the text there.
-    A student token that ends where the one before it does (or, the first, at the text's start)
-    covers no text and is not aligned.
+    inside a multi-byte character). Where several positions on a side share a byte end, the last
+    is the one aligned: the token after it is the one that starts the text at that byte (before
+    it, on the teacher's side, come empty special tokens; on the student's, with offsets, the
+    other byte-fallback or byte-level tokens of the same character, which end inside it).
     """
     data = teacher.row_bytes(teacher_ids)
     ends_t = teacher.ends(teacher_ids)
@@ -267,12 +281,14 @@ def align_row(
     ids, offsets = _encode(student_tokenizer, text)
     ends_s, inexact = _student_ends(ids, offsets, body, text, char_bytes, student)
     inexact = inexact or char_bytes is not None
+    ends_s = ends_s + s0
+    teacher_pos = _match(ends_s, ends_t)  # before the cut: a run of equal ends may cross it
     truncated = len(ids) > student_len
     length = min(len(ids), max(student_len, 0))
-    ids, ends_s = ids[:length], ends_s[:length] + s0
+    ids, ends_s = ids[:length], ends_s[:length]
     return AlignedRow(
         student_ids=ids,
-        teacher_pos=_match(ends_s, ends_t, s0),
+        teacher_pos=teacher_pos[:length],
         length=length,
         truncated=truncated,
         label_bytes=int(ends_s[-1] - ends_s[0]) if length >= 2 else 0,
@@ -342,7 +358,7 @@ def _decode(body: bytes) -> tuple[str, np.ndarray | None]:
 def _encode(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [n], char offsets int64 [n, 2]) of ``text``, without special tokens added, and
     with special tokens' strings in the text read as text (transformers tokenizers)."""
-    if hasattr(tokenizer, "encode_batch"):  # a tokenizers.Tokenizer
+    if _is_backend(tokenizer):  # special tokens' strings in the text are matched as such here
         enc = tokenizer.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
     else:
@@ -367,31 +383,46 @@ def _student_ends(
     char_bytes: np.ndarray | None,
     student: TokenBytes | None,
 ) -> tuple[np.ndarray, bool]:
-    """(each student token's byte end in ``body``, inexact): from the student's token bytes where
-    they spell ``body`` (or a space and ``body``: a SentencePiece dummy prefix), else from offsets."""
-    if student is not None and len(ids) and int(ids.max()) < len(student) and int(ids.min()) >= 0:
-        spelled = student.row_bytes(ids)
-        if spelled == body:
-            return student.ends(ids), False
-        if spelled == b" " + body:
-            return np.maximum(student.ends(ids) - 1, 0), False
-    elif student is not None and not len(ids):
-        return np.zeros(0, dtype=np.int64), False
+    """(each student token's byte end in ``body``, inexact): exact where the student's token bytes
+    spell ``body``, else from the offsets mapping."""
+    exact = _exact_ends(ids, body, student)
+    if exact is not None:
+        return exact, False
+    return _offset_ends(offsets, text, char_bytes), True
+
+
+def _exact_ends(ids: np.ndarray, body: bytes, student: TokenBytes | None) -> np.ndarray | None:
+    """The ends from the student's token bytes, where they spell ``body``, or a space and ``body``
+    (a SentencePiece dummy prefix, or add_prefix_space: the space is then no text's); else None."""
+    if student is None or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(student))):
+        return None
+    spelled = student.row_bytes(ids)
+    if spelled == body:
+        return student.ends(ids)
+    if spelled == b" " + body:
+        return np.maximum(student.ends(ids) - 1, 0)
+    return None
+
+
+def _offset_ends(offsets: np.ndarray, text: str, char_bytes: np.ndarray | None) -> np.ndarray:
+    """Byte ends from the offsets' character ends (made non-decreasing)."""
+    if not len(offsets):
+        return np.zeros(0, dtype=np.int64)
     sizes = _utf8_lengths(text) if char_bytes is None else char_bytes
     prefix = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes, dtype=np.int64)])
-    char_end = np.clip(offsets[:, 1], 0, len(text)) if len(offsets) else np.zeros(0, dtype=np.int64)
-    return np.maximum.accumulate(prefix[char_end]) if len(char_end) else char_end, True
+    return np.maximum.accumulate(prefix[np.clip(offsets[:, 1], 0, len(text))])
 
 
-def _match(ends_s: np.ndarray, ends_t: np.ndarray, s0: int) -> np.ndarray:
-    """For each student end, the last teacher position with that end; -1 where there is none or
-    the student token covers no bytes."""
+def _match(ends_s: np.ndarray, ends_t: np.ndarray) -> np.ndarray:
+    """For each student end, the last teacher position with that end (-1: none); of student
+    positions sharing an end, only the last is aligned."""
     pos = np.full(len(ends_s), -1, dtype=np.int64)
     if not len(ends_s) or not len(ends_t):
         return pos
     j = np.searchsorted(ends_t, ends_s, side="right") - 1
-    previous = np.concatenate([np.array([s0], dtype=np.int64), ends_s[:-1]])
-    ok = (j >= 0) & (ends_t[np.maximum(j, 0)] == ends_s) & (ends_s > previous)
+    last = np.ones(len(ends_s), dtype=bool)
+    last[:-1] = ends_s[1:] != ends_s[:-1]
+    ok = (j >= 0) & (ends_t[np.maximum(j, 0)] == ends_s) & last
     pos[ok] = j[ok]
     return pos
 

@@ -50,8 +50,36 @@ def table_arrays(table: pa.Table, names: tuple[str, ...]) -> dict[str, np.ndarra
     return out
 
 
+class StoredRows:
+    """What a student with its own tokenizer changes (kdscale.models.cross_task), as it is for
+    every other student: its rows are the cache's rows, its targets the decoded ones."""
+
+    def labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expand(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The stored rows' columns plus whatever the student's inputs are made from (nothing more here)."""
+        return arrays
+
+    def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
+        """What each stored position's teacher target predicts (the teacher's own labels)."""
+        return self.labels(arrays, device)
+
+    def gather_targets(self, targets, arrays: dict[str, np.ndarray]):
+        """The decoded teacher targets as this task's loss takes them."""
+        return targets
+
+    def teacher_argmax(self, arrays: dict[str, np.ndarray], teacher_top1: np.ndarray) -> torch.Tensor:
+        """The teacher's argmax at each student position in the student's ids (-1: none)."""
+        return torch.from_numpy(teacher_top1.astype(np.int64))
+
+    def label_bytes(self, arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
+        """Bytes of text each row's labels cover, for bits per byte (None: not text)."""
+        return None
+
+
 @dataclass(frozen=True)
-class CausalLM:
+class CausalLM(StoredRows):
     """Next-token prediction over packed token sequences."""
 
     name: ClassVar[str] = "causal_lm"
@@ -84,30 +112,7 @@ class CausalLM:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    # What a student with its own tokenizer changes (kdscale.models.cross_task); here the
-    # student's rows are the cache's rows.
-
-    @staticmethod
-    def expand(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The stored rows' columns plus whatever the student's inputs are made from (nothing more here)."""
-        return arrays
-
-    def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
-        """What each stored position's teacher target predicts (the teacher's own labels)."""
-        return self.labels(arrays, device)
-
-    @staticmethod
-    def gather_targets(targets, arrays: dict[str, np.ndarray]):
-        """The decoded teacher targets as this task's loss takes them."""
-        return targets
-
-    @staticmethod
-    def teacher_argmax(arrays: dict[str, np.ndarray], teacher_top1: np.ndarray) -> torch.Tensor:
-        """The teacher's argmax at each student position in the student's ids (-1: none)."""
-        return torch.from_numpy(teacher_top1.astype(np.int64))
-
-    @staticmethod
-    def label_bytes(arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
+    def label_bytes(self, arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
         """Bytes of text each row's labels cover (bits per byte), from the teacher vocabulary's
         bytes (``pieces``, a TokenBytes; None: unknown)."""
         if pieces is None:
@@ -117,7 +122,7 @@ class CausalLM:
 
 
 @dataclass(frozen=True)
-class ImageClassification:
+class ImageClassification(StoredRows):
     """One class per image. Pixels are stored as raw uint8 and normalised here, the way the
     teacher was trained (``mean``/``std`` per channel after scaling to [0, 1]), so the cache
     keeps the data exact and small and the normalisation is part of the input contract."""
@@ -157,17 +162,6 @@ class ImageClassification:
 
     def labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
         return to_device(arrays["labels"], np.int64, device).reshape(-1, 1)
-
-    expand = staticmethod(CausalLM.expand)
-    gather_targets = staticmethod(CausalLM.gather_targets)
-    teacher_argmax = staticmethod(CausalLM.teacher_argmax)
-
-    def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
-        return self.labels(arrays, device)
-
-    @staticmethod
-    def label_bytes(arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
-        return None  # images are not text
 
     @staticmethod
     def logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -86,7 +86,7 @@ def _score(tally: _Tally, model, task: Task, batch: pa.Table, pieces) -> None:
     tally.teacher_correct += int(((stored == teacher_labels) & (teacher_labels != IGNORE)).sum())
     tally.teacher_labelled += int((teacher_labels != IGNORE).sum())
     own = task.label_bytes(arrays, pieces)
-    teacher_own = CausalLM.label_bytes(arrays, pieces) if "input_ids" in arrays else None
+    teacher_own = CausalLM().label_bytes(arrays, pieces) if "input_ids" in arrays else None
     if own is not None and teacher_own is not None:
         tally.label_bytes += int(own.sum())
         tally.teacher_label_bytes += int(teacher_own.sum())

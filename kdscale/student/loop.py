@@ -272,7 +272,7 @@ class _WorkerRun:
         generator = torch.Generator().manual_seed(self.cfg.shuffle_seed(epoch))
         for i in torch.randperm(len(self.preloaded), generator=generator).tolist():
             inputs, labels, stored = self.preloaded[i]
-            yield inputs, labels, self.targets(*stored, inputs, epoch) if per_epoch else stored
+            yield inputs, labels, self.targets(stored[0], stored[1], inputs, epoch) if per_epoch else stored
 
     # steps --------------------------------------------------------------------------------------
 
