@@ -103,6 +103,24 @@ def test_flipped_byte_named_by_verify_and_training_refuses(committed, tmp_path, 
     assert not (work / "students").exists()
 
 
+def test_altered_token_bytes_are_named_by_verify(committed, tmp_path):
+    """The teacher vocabulary's bytes (what students with their own tokenizer align by) are checked
+    like every other file of the cache."""
+    _, work = _copy(committed, tmp_path)
+    m = open_manifest(str(work / "cache"))
+    assert m.alignment and m.alignment["token_bytes"] == "token_bytes.parquet"
+    victim = work / "cache" / "token_bytes.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    verify = CliRunner().invoke(app, ["cache", "verify", str(work / "cache")])
+    assert verify.exit_code == 1
+    assert "token_bytes.parquet does not match its sha256" in " ".join(verify.output.split())
+    victim.unlink()
+    verify = CliRunner().invoke(app, ["cache", "verify", str(work / "cache")])
+    assert verify.exit_code == 1 and "token_bytes.parquet is missing" in " ".join(verify.output.split())
+
+
 def test_deleted_manifest_is_an_incomplete_cache(committed, tmp_path, mlflow_uri):
     job, work = _copy(committed, tmp_path)
     (work / "cache" / MANIFEST).unlink()

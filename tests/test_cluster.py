@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -25,10 +28,18 @@ def _ray(*args: str, env: dict) -> None:
     subprocess.run([RAY, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
 
 
+@dataclass
+class Cluster:
+    address: str  # the head's dashboard URL (what `kdscale submit --address` takes)
+    env: dict
+    start_second: Callable[[], None]  # (re)start the second node
+    second_dir: Path  # the second node's temp dir (its processes name it)
+
+
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint, tmp_path_factory):
-    """(dashboard address, env) of a head node (1 CPU) and a second node (1 CPU, resource
-    `second_node`), each with its own temp dir; both torn down after the module."""
+    """A head node (1 CPU) and a second node (1 CPU, resource `second_node`), each with its own
+    temp dir; both torn down after the module."""
     tmp = Path("/tmp") / f"kd-cluster-{os.getpid()}"  # Ray's socket paths must stay short
     port, dashboard = _free_port(), _free_port()
     # token auth off explicitly: with a token file in ~/.ray a head may demand one the second node lacks
@@ -46,12 +57,15 @@ def cluster(s3_endpoint, tmp_path_factory):
     head = ["start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--temp-dir={tmp}/head", "--disable-usage-stats", *own_ports()]  # fmt: skip
-    second = ["start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              '--resources={"second_node": 1}', f"--temp-dir={tmp}/node2", "--disable-usage-stats",
-              *own_ports()]  # fmt: skip
+
+    def start_second() -> None:
+        _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             '--resources={"second_node": 1}', f"--temp-dir={tmp}/node2", "--disable-usage-stats",
+             *own_ports(), env=env)  # fmt: skip
+
     try:
         _ray(*head, env=env)
-        _ray(*second, env=env)
+        start_second()
         url = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -61,7 +75,7 @@ def cluster(s3_endpoint, tmp_path_factory):
                         break
             except OSError:
                 time.sleep(1)
-        yield url, env
+        yield Cluster(url, env, start_second, tmp / "node2")
     finally:  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
         for signal in ("TERM", "KILL"):
             subprocess.run(["pkill", f"-{signal}", "-f", str(tmp)], check=False)
@@ -84,7 +98,7 @@ def test_tiny_job_submitted_to_a_two_node_cluster_runs_from_object_storage(
     credentials the job was given show in no log line."""
     import s3fs
 
-    address, _ = cluster
+    address = cluster.address
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # a teacher replica needs a whole node's CPU (so one runs on each); training workers leave a
@@ -109,6 +123,91 @@ def test_tiny_job_submitted_to_a_two_node_cluster_runs_from_object_storage(
     assert again.exit_code == 0, again.output[-3000:]
     second = json.loads(store.cat(f"{s3_bucket}/w2/summary.json"))
     assert second["cache"]["reused"] and second["cache"]["cache_id"] == manifest["cache_id"]
+
+
+def _ledger_shards(store, cache: str) -> list[str]:
+    """Finished-shard entries in a cache's ledger on S3 (not the claim, lease or unit entries)."""
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in store.ls(f"{cache}/_ledger", refresh=True)]
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n.endswith(".json") and n not in ("plan.json", "lease.json")]
+
+
+def _kill_raylet(node_dir: Path) -> int:
+    """SIGKILL the raylet of the node whose temp dir is ``node_dir``; how many were killed."""
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in cmdline.split(" ", 1)[0] and str(node_dir) in cmdline:
+            proc.kill()
+            killed += 1
+    return killed
+
+
+def _final_state(address: str, job_id: str, timeout: float = 420) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", address])
+        state = json.loads(status.output)["status"] if status.exit_code == 0 else None
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} did not end within {timeout} s after its node was lost")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.services
+def test_a_lost_node_during_precompute_fails_cleanly_and_a_rerun_resumes_the_cache(
+    cluster, mlflow_server, s3_bucket, tmp_path, monkeypatch
+):
+    """The second node's raylet is killed while its teacher replica writes shards: the job ends
+    (teacher actors are not restarted, so it fails, naming the lost actor — or it had already
+    finished its work); with the node back, a rerun resumes the unfinished cache from its ledger
+    and commits it under the cache_id the first run claimed, keeping the shards that had landed."""
+    import s3fs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cache = f"{s3_bucket}/cache-lost-node"
+    sizes = {
+        "students.0.train.epochs": 1,
+        "teacher.num_cpus": 1,  # one replica per node
+        "teacher.batch_size": 1,
+        "cache.rows_per_shard": 1,  # one S3 object per row: a precompute long enough to interrupt
+        "students.0.train.cpus_per_worker": 0.25,
+        "cache.uri": cache,
+    }
+    job = write_job(tmp_path, **sizes)
+    result = _submit(str(job), "--address", cluster.address, "--workdir", f"{s3_bucket}/lost")
+    assert result.exit_code == 0, result.output[-3000:]
+    job_id = result.output.split("Submitted", 1)[1].split()[0]
+    store = s3fs.S3FileSystem(skip_instance_cache=True)
+    deadline = time.time() + 300
+    while not _ledger_shards(store, cache) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _ledger_shards(store, cache), "no shard landed"
+    assert _kill_raylet(cluster.second_dir) == 1
+    landed = set(_ledger_shards(store, cache))
+    state = _final_state(cluster.address, job_id)
+    logs = CliRunner().invoke(app, ["jobs", "logs", job_id, "--address", cluster.address]).output
+    if state != "SUCCEEDED":
+        assert state == "FAILED" and not store.exists(f"{cache}/manifest.json")  # nothing half-committed
+        assert "Actor" in logs or "actor" in logs, logs[-2000:]
+
+    cluster.start_second()
+    claimed = json.loads(store.cat(f"{cache}/_ledger/plan.json"))["cache_id"]
+    again = _submit(str(job), "--address", cluster.address, "--workdir", f"{s3_bucket}/lost2", "--follow")
+    assert again.exit_code == 0, again.output[-3000:]
+    manifest = json.loads(store.cat(f"{cache}/manifest.json"))
+    assert manifest["cache_id"] == claimed
+    if state != "SUCCEEDED":
+        assert "Resuming cache" in " ".join(again.output.split())
+    recorded = {s["path"] for s in manifest["shards"]}
+    assert {n.replace(".json", ".parquet") for n in landed} <= recorded
+    verify = CliRunner().invoke(app, ["cache", "verify", cache])
+    assert verify.exit_code == 0, verify.output
 
 
 def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tmp_path, monkeypatch):
