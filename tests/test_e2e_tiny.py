@@ -65,7 +65,8 @@ def test_manifest_matches_shards(tiny_run):
     assert m.cache_id == tiny_run["summary"]["cache"]["cache_id"]
     assert problems(cache)[1] == []
     on_disk = sorted(p for p in fs.listdir(cache) if p.endswith(".parquet"))
-    assert on_disk == sorted([s.path for s in m.shards] + [m.id_coding["rank_file"]])
+    assert m.alignment is not None  # the teacher vocabulary's bytes: students with their own tokenizer align by them
+    assert on_disk == sorted([s.path for s in m.shards] + [m.id_coding["rank_file"], m.alignment["token_bytes"]])
     assert m.totals["tokens"] == tiny_run["summary"]["cache"]["tokens"] == 8192
 
 
