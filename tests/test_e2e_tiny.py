@@ -57,6 +57,12 @@ def test_run_succeeds_and_lays_out_the_workdir(tiny_run):
     st = s["students"]["tiny-student"]
     for key in ("heldout_ce", "teacher_heldout_ce", "heldout_ce_untrained", "export", "mlflow_run_id"):
         assert st[key] is not None
+    # bits per byte of the held-out text (from the cache's token bytes), comparable across tokenizers
+    assert st["teacher_bits_per_byte"] > 0 and st["bits_per_byte"] > 0 and "aligned_fraction" not in st
+    # nats per token over bytes per token: bits/byte = CE x labelled positions / (ln 2 x their bytes)
+    per_byte = st["teacher_bits_per_byte"] / st["teacher_heldout_ce"]  # the same rows: the same ratio
+    assert st["bits_per_byte"] / st["heldout_ce"] == pytest.approx(per_byte)
+    assert len(st["heldout_row_bits_per_byte"]) == st["rows"]
 
 
 def test_manifest_matches_shards(tiny_run):

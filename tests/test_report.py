@@ -57,6 +57,29 @@ def test_baseline_is_the_only_student_without_the_teacher():
     assert pick_baseline(two_ce, None) is None  # ambiguous: must be named
 
 
+def test_students_of_different_tokenizers_are_compared_in_bits_per_byte():
+    """Per-token CE of two tokenizers is not comparable: Δ is taken in held-out bits per byte,
+    paired per row, and the markdown says so; the same tokenizer keeps Δ in CE."""
+    from kdscale.report import markdown
+
+    own = {**_student(6.0, 0.5, [6.0] * 4), "tokenizer": "/t/bpe-8k", "bits_per_byte": 2.0, "aligned_fraction": 0.9}
+    own["heldout_row_bits_per_byte"] = [1.9, 2.0, 2.1, 2.0]
+    twin = {**_student(6.5, 0.0, [6.5] * 4), "tokenizer": "/t/bpe-8k", "bits_per_byte": 2.4, "aligned_fraction": 0.9}
+    twin["heldout_row_bits_per_byte"] = [2.3, 2.4, 2.5, 2.4]
+    teacher_tok = {**_student(5.0, 1.0, [5.0] * 4), "bits_per_byte": 1.8}
+    teacher_tok["heldout_row_bits_per_byte"] = [1.7, 1.8, 1.9, 1.8]
+    summary = {**SUMMARY, "students": {"own": own, "twin": twin, "teacher-tok": teacher_tok}}
+    rows = {r["student"]: r for r in build_report(summary)["students"]}
+    assert rows["own"]["delta_unit"] == "CE" and rows["own"]["delta"] == pytest.approx(-0.5)
+    assert rows["teacher-tok"]["delta_unit"] == "bits/byte"
+    assert rows["teacher-tok"]["delta"] == pytest.approx(-0.6) and rows["teacher-tok"]["verdict"] == "better"
+    text = markdown(build_report(summary))
+    assert "-0.6000 ± 0.0000 bits/byte (-25.00%)" in text and "bpe-8k" in text and "90.0%" in text
+    no_bits = {**teacher_tok, "bits_per_byte": None}
+    row = build_report({**summary, "students": {"twin": twin, "x": no_bits}})["students"][1]
+    assert row["verdict"] == "not comparable" and row["delta"] is None
+
+
 def test_paired_difference_and_verdicts():
     mean, se = paired_difference([4.9, 5.0, 5.1, 5.0], [5.1, 5.2, 5.3, 5.2])
     assert mean == pytest.approx(-0.2) and se == pytest.approx(0.0, abs=1e-9)
