@@ -157,13 +157,24 @@ def test_quality_report_on_a_copy_of_the_results(capsys, tmp_path):
     shutil.copytree(DOCS / "results", results)
     line = json_line(capsys, "quality", "--report", "--results", str(results))
     check(line, {"regimes", "goals", "teacher_other_genre_ce"})
-    regimes = {p.name for p in results.iterdir() if p.is_dir() and any(p.glob("*.json"))}
+    studied = benchmark("quality").REGIMES  # (cross_tokenizer/ has its own report, below)
+    regimes = {p.name for p in results.iterdir() if p.is_dir() and any(p.glob("*.json")) and p.name in studied}
     assert line["regimes"].keys() == regimes
     for regime, arms in line["regimes"].items():
         files = {json.loads(f.read_text())["arm"] for f in (results / regime).glob("*.json")}
         assert arms.keys() == files
     assert (tmp_path / "docs" / "results.png").stat().st_size > 1000
     assert "# Does the teacher help?" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_cross_tokenizer_report_from_the_committed_results(capsys, tmp_path):
+    """--report summarises docs/results/cross_tokenizer/ alone (no cache at --out: the teacher-
+    tokenizer comparison is left out, the rest is there)."""
+    line = json_line(capsys, "cross_tokenizer", "--report", "--out", str(tmp_path / "none"))
+    check(line, {"arms", "best_cross_recipe", "goal_beats_ce_twin_every_seed", "teacher_bits_per_byte"})
+    files = {json.loads(f.read_text())["arm"] for f in (DOCS / "results" / "cross_tokenizer").glob("*.json")}
+    assert line["arms"].keys() == files and line["teacher_tokenizer_bits_per_byte"] == {}
+    assert all(arm["seeds"] == [0, 1, 2] for arm in line["arms"].values())
 
 
 # On the session's Ray ---------------------------------------------------------------------------
