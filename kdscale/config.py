@@ -244,7 +244,9 @@ class LossSpec(Strict):
     cross_tokenizer: Literal["uld", "hybrid"] = Field(
         "hybrid",
         description="Students with their own tokenizer: uld compares the sorted probability vectors (Boizard et "
-        "al. 2024); hybrid adds a direct KL term on ids whose bytes match across the vocabularies (TRL's GOLD).",
+        "al. 2024); hybrid adds a direct KL term on ids whose bytes match across the vocabularies (TRL's GOLD). "
+        "Default hybrid: on benchmarks/cross_tokenizer.py (3 seeds) it gave 2.085 held-out bits/byte against "
+        "2.493 for uld and 2.481 for the CE-only twin.",
     )
     min_aligned_fraction: float = Field(
         0.5,
