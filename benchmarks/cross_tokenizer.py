@@ -155,12 +155,13 @@ def teacher_tokenizer_bits(results: Path, cache: Path | None) -> dict[str, float
     if cache is None or not (cache / "manifest.json").exists():
         return {}
     from kdscale.cache.reader import load_token_bytes, open_manifest, read_split
+    from kdscale.data.alignment import teacher_label_bytes
 
     manifest = open_manifest(str(cache))
     pieces = load_token_bytes(str(cache), manifest)
     rows = read_split(str(cache), manifest, "heldout").column("input_ids").to_pylist()
     positions = sum(len(r) - 1 for r in rows)
-    label_bytes = sum(int(pieces.lengths()[r[1:]].sum()) for r in rows)
+    label_bytes = sum(teacher_label_bytes(r, pieces) for r in rows)
     found = quality.load_results(results).get("long", {})
     return {
         arm: statistics.fmean(r["heldout_ce"] for r in found[arm] if r["seed"] in (0, 1, 2))

@@ -60,15 +60,20 @@ def check_tokenizer(manifest: Manifest, fingerprint: str, vocab_size: int, who: 
         )
 
 
+def _read_table(cache_uri: str, name: str, sha256: str) -> pa.Table:
+    """A side table of the cache (rank table, token bytes), refused unless it matches the manifest's sha256."""
+    data = fs.read_bytes(fs.join(cache_uri, name))
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CacheFormatError(f"corrupted cache: {name} does not match its sha256 in the manifest")
+    return pq.read_table(io.BytesIO(data))
+
+
 def load_rank_order(cache_uri: str, manifest: Manifest) -> np.ndarray:
     """The id-coding rank table (``order[rank] = token id``), checked against its sha256."""
     coding = manifest.id_coding
     if coding.get("scheme") != ID_CODING_SCHEME:
         raise CacheFormatError(f"{cache_uri}: unknown id coding {coding.get('scheme')!r}")
-    data = fs.read_bytes(fs.join(cache_uri, coding["rank_file"]))
-    if hashlib.sha256(data).hexdigest() != coding["sha256"]:
-        raise CacheFormatError(f"corrupted cache: {coding['rank_file']} does not match its sha256 in the manifest")
-    order = pq.read_table(io.BytesIO(data)).column("token_id").to_numpy()
+    order = _read_table(cache_uri, coding["rank_file"], coding["sha256"]).column("token_id").to_numpy()
     if len(order) != manifest.tokenizer.vocab_size:
         raise CacheFormatError(
             f"{cache_uri}: rank table has {len(order)} entries, vocab is {manifest.tokenizer.vocab_size}"
@@ -90,10 +95,7 @@ def load_token_bytes(cache_uri: str, manifest: Manifest):
             "student with its own tokenizer: precompute the cache again with this kdscale, or give the student "
             "the teacher's tokenizer"
         )
-    data = fs.read_bytes(fs.join(cache_uri, info["token_bytes"]))
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise CacheFormatError(f"corrupted cache: {info['token_bytes']} does not match its sha256 in the manifest")
-    table = TokenBytes.from_arrow(pq.read_table(io.BytesIO(data)))
+    table = TokenBytes.from_arrow(_read_table(cache_uri, info["token_bytes"], info["sha256"]))
     if len(table) != manifest.tokenizer.vocab_size or table.digest() != info["digest"]:
         raise CacheFormatError(
             f"{cache_uri}: {info['token_bytes']} holds {len(table)} tokens (digest {table.digest()[:12]}), the "

@@ -301,23 +301,26 @@ def _lease_live(held: dict[str, Any]) -> bool:
     return time.time() - float(held.get("renewed", 0)) < LEASE_SECONDS
 
 
+def _write_table(cache_uri: str, name: str, table: pa.Table) -> str:
+    """A side table of the cache (one object, written whole); returns the sha256 the manifest records."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    fs.write_bytes(fs.join(cache_uri, name), data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def write_rank_file(cache_uri: str, order: np.ndarray) -> dict[str, Any]:
     """Store the id-coding rank table (before any shard); returns the manifest's ``id_coding``."""
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"token_id": pa.array(order, type=pa.int32())}), buf, compression="zstd")
-    data = buf.getvalue()
-    fs.write_bytes(fs.join(cache_uri, idcodec.RANK_FILE), data)
-    return {"scheme": ID_CODING_SCHEME, "rank_file": idcodec.RANK_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+    sha = _write_table(cache_uri, idcodec.RANK_FILE, pa.table({"token_id": pa.array(order, type=pa.int32())}))
+    return {"scheme": ID_CODING_SCHEME, "rank_file": idcodec.RANK_FILE, "sha256": sha}
 
 
 def write_token_bytes(cache_uri: str, token_bytes) -> dict[str, Any]:
     """Store the teacher vocabulary's bytes (a :class:`kdscale.data.alignment.TokenBytes`);
     returns the manifest's ``alignment``."""
-    buf = io.BytesIO()
-    pq.write_table(token_bytes.to_arrow(), buf, compression="zstd")
-    data = buf.getvalue()
-    fs.write_bytes(fs.join(cache_uri, TOKEN_BYTES_FILE), data)
-    return {"token_bytes": TOKEN_BYTES_FILE, "sha256": hashlib.sha256(data).hexdigest(), "digest": token_bytes.digest()}
+    sha = _write_table(cache_uri, TOKEN_BYTES_FILE, token_bytes.to_arrow())
+    return {"token_bytes": TOKEN_BYTES_FILE, "sha256": sha, "digest": token_bytes.digest()}
 
 
 def finished_shards(cache_uri: str, verify: bool = True) -> dict[str, ShardRecord]:

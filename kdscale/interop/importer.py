@@ -239,31 +239,27 @@ def import_cache(src: str, dest: str, fmt: str, tokenizer_path: str, settings: I
     rank_order = idcodec.rank_from_counts(checked.token_counts, vocab)
     from kdscale.data.alignment import exact_token_bytes
 
-    info = {
-        "targets": targets,
-        "teacher": teacher,
-        "tokenizer": tokenizer_info,
-        "dataset": dataset,
-        "token_bytes": exact_token_bytes(tokenizer),
-    }
-    manifest = _write(source, dest, cache_id, rank_order, (vocab, seq_len, fractions), info)
+    info = {"targets": targets, "teacher": teacher, "tokenizer": tokenizer_info, "dataset": dataset}
+    tables = (rank_order, exact_token_bytes(tokenizer))
+    manifest = _write(source, dest, cache_id, tables, (vocab, seq_len, fractions), info)
     return ImportResult(dest, manifest, False, checked.quality.summary())
 
 
 Packing = tuple[int, int, tuple[float, float]]  # vocabulary, seq_len, (held-out, validation) fractions
 
 
-def _write(source: Source, dest: str, cache_id: str, rank_order: np.ndarray, packing: Packing, info: dict) -> Manifest:
-    """Pass 2: write the shards (skipping those a killed import finished), then commit."""
+def _write(source: Source, dest: str, cache_id: str, tables: tuple, packing: Packing, info: dict) -> Manifest:
+    """Pass 2: write the shards (skipping those a killed import finished), then commit.
+    ``tables``: the id-coding rank order and the vocabulary's bytes (None: not recoverable)."""
     from kdscale.cache import idcodec
     from kdscale.cache.format import shard_name
     from kdscale.cache.store import CacheWriter
     from kdscale.cache.writer import write_shard
 
+    rank_order, token_bytes = tables
     rank = idcodec.inverse(rank_order)
     buffers: dict[Split, list[dict]] = {split: [] for split in SPLITS}
     written: dict[Split, int] = dict.fromkeys(SPLITS, 0)
-    token_bytes = info.pop("token_bytes")
     with CacheWriter(dest, cache_id, rank_order, token_bytes) as cache:
 
         def flush(split: Split) -> None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kdscale.data.alignment import AlignedRow, align_row, exact_matches, exact_token_bytes
+from kdscale.data.alignment import AlignedRow, align_row, aligned_fraction, exact_matches, exact_token_bytes
 from kdscale.models.task import IGNORE, CausalLM, next_token_labels, to_device
 from kdscale.targets import AlignedTargets, DenseTargets, SparseTargets
 
@@ -166,9 +166,6 @@ class CrossTokenizerLM(CausalLM):
     def teacher_labels(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
         return next_token_labels(to_device(arrays["input_ids"], np.int64, device))
 
-    def aligned(self, arrays: dict[str, np.ndarray], device=None) -> torch.Tensor:
-        return to_device(self.expand(arrays)["teacher_pos"] >= 0, np.bool_, device)
-
     def gather_targets(self, targets, arrays: dict[str, np.ndarray]) -> AlignedTargets:
         """The teacher's targets at the aligned positions, one row per aligned student position."""
         arrays = self.expand(arrays)
@@ -209,8 +206,5 @@ def _sparse_from_dense(logprobs: torch.Tensor, k: int = DENSE_TO_SPARSE_K) -> Sp
 
 def aligned_fraction_of(task: CrossTokenizerLM, teacher_rows: np.ndarray) -> tuple[float, float]:
     """(aligned share of the student's positions, share of rows cut at student_len) over rows."""
-    arrays = task.expand({"input_ids": teacher_rows})
-    lengths = arrays["student_lengths"]
-    positions = int(lengths.sum())
-    aligned = int((arrays["teacher_pos"] >= 0).sum())
-    return (aligned / positions if positions else 0.0), float(arrays["truncated"].mean()) if len(lengths) else 0.0
+    rows = [task.align(r) for r in teacher_rows]
+    return aligned_fraction(rows), (sum(r.truncated for r in rows) / len(rows) if rows else 0.0)

@@ -115,10 +115,11 @@ class CausalLM(StoredRows):
     def label_bytes(self, arrays: dict[str, np.ndarray], pieces) -> np.ndarray | None:
         """Bytes of text each row's labels cover (bits per byte), from the teacher vocabulary's
         bytes (``pieces``, a TokenBytes; None: unknown)."""
+        from kdscale.data.alignment import teacher_label_bytes
+
         if pieces is None:
             return None
-        lengths = pieces.lengths()
-        return lengths[arrays["input_ids"][:, 1:]].sum(axis=1)
+        return np.array([teacher_label_bytes(row, pieces) for row in arrays["input_ids"]], dtype=np.int64)
 
 
 @dataclass(frozen=True)
