@@ -12,6 +12,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,29 @@ def kdscale_run(
     log.write_text(output)
     if code != 0:
         raise SystemExit(f"kdscale run ({what}) failed (exit {code}); see {log}")
+
+
+def git_head() -> str:
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def commit_file(path: Path, message: str) -> None:
+    """Commit one result file (only it: other staged work is left alone); retried while another
+    git command holds the index."""
+    top = subprocess.run(
+        ["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"], capture_output=True, text=True
+    ).stdout.strip()
+    for _ in range(20):
+        add = subprocess.run(["git", "-C", top, "add", str(path)], capture_output=True, text=True)
+        done = (
+            add.returncode == 0
+            and subprocess.run(
+                ["git", "-C", top, "commit", "-q", "-m", message, "--", str(path)], capture_output=True, text=True
+            ).returncode
+            == 0
+        )
+        if done:
+            return
+        time.sleep(3)
+    print(f"could not commit {path}", file=sys.stderr)

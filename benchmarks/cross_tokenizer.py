@@ -42,7 +42,7 @@ from pathlib import Path
 
 import quality
 import yaml
-from common import add_smoke, kdscale_run, set_dotted
+from common import add_smoke, commit_file, git_head, kdscale_run, set_dotted
 
 REGIME = "cross_tokenizer"
 VOCAB = 8192
@@ -139,13 +139,13 @@ def run_arm(
         "curve": [(e["tokens"], e["heldout_ce"]) for e in st["evals"]],
         "bytes_per_token": summary["cache"]["bytes_per_token"],
         "seconds": time.perf_counter() - started,
-        "code": quality.git_head(),
+        "code": git_head(),
     }
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{REGIME}/{quality.run_name(arm, seed)}: {result['bits_per_byte']:.4f} bits/byte", file=sys.stderr)
     if commit:
-        quality.commit_file(done, f"Cross-tokenizer benchmark: {quality.run_name(arm, seed)} result")
+        commit_file(done, f"Cross-tokenizer benchmark: {quality.run_name(arm, seed)} result")
     return result
 
 

@@ -12,7 +12,12 @@ teacher start included). Prints one JSON line.
 Goals (issue 15): driver peak RSS at 30M <= 1.2x at 3M; time to first shard at 30M <= 1.5x at
 3M; tokens/s at 30M >= 0.9x at 3M; a single large file tokenized by more than one task.
 
-    .venv/bin/python benchmarks/precompute_scale.py [--sizes 3000000 30000000] [--cpus 2]
+The four arms take ~1.5 h on 2 cores, so each finished arm is kept in
+``docs/results/precompute_scale/<layout>-<size>.json`` (``--commit``: and committed) with the
+settings and the kdscale code it measured; a rerun measures only the arms missing for these
+settings, and the ratios say whether all arms measured the same kdscale code.
+
+    .venv/bin/python benchmarks/precompute_scale.py [--sizes 3000000 30000000] [--cpus 2] [--commit]
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import TINY, add_smoke, tiny_job  # noqa: E402
+from common import TINY, add_smoke, commit_file, tiny_job  # noqa: E402
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/library/*.rst.txt"
 PARAGRAPHS_PER_DOC = 20
 LARGE_FILES = 4
+RESULTS = REPO / "docs" / "results" / "precompute_scale"
 
 
 def precompute_arm(job: str, workdir: str) -> dict:
@@ -142,6 +148,23 @@ def arm(tmp: Path, name: str, pattern: str, fmt: str, cpus: int, unit_bytes: int
     }
 
 
+def kdscale_code() -> str:
+    """The git tree of kdscale/ (what an arm measured; unchanged by commits elsewhere, such as
+    result files), with ``-dirty`` when it has uncommitted changes."""
+    git = ["git", "-C", str(REPO)]
+    tree = subprocess.run([*git, "rev-parse", "--short", "HEAD:kdscale"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "kdscale"]).returncode != 0
+    return (tree.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+
+
+def kept_arm(path: Path, settings: dict) -> dict | None:
+    """A finished arm's result, if it was measured with these settings."""
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    return kept if kept.get("settings") == settings else None
+
+
 def ratios(small: dict, large: dict) -> dict:
     return {
         "rss": large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"],
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--unit-bytes", type=int, default=None, help="corpus.unit_bytes (default: kdscale's)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where finished arms are kept")
+    ap.add_argument("--commit", action="store_true", help="commit each finished arm's result file")
     ap.add_argument("--arm", nargs=2, metavar=("JOB", "WORKDIR"), help=argparse.SUPPRESS)
     add_smoke(ap)
     args = ap.parse_args(argv)
@@ -174,11 +199,22 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        kept_in = tmp / "results" if args.smoke else args.results  # (a smoke run never touches docs/)
         for layout, fmt in (("large", "jsonl"), ("small", "text")):
             for size in args.sizes:
                 name = f"{layout}-{size}"
-                pattern = write_corpus(tmp / name, layout, documents(paras, size, tokenizer, args.seed))
-                results[name] = arm(tmp, name, pattern, fmt, args.cpus, unit_bytes, args.smoke)
+                settings = {"size": size, "layout": layout, "cpus": args.cpus, "unit_bytes": unit_bytes}
+                settings["seed"] = args.seed
+                path = kept_in / f"{name}.json"
+                results[name] = kept_arm(path, settings)
+                if results[name] is None:
+                    pattern = write_corpus(tmp / name, layout, documents(paras, size, tokenizer, args.seed))
+                    measured = arm(tmp, name, pattern, fmt, args.cpus, unit_bytes, args.smoke)
+                    results[name] = {**measured, "settings": settings, "code": kdscale_code()}
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(results[name], indent=1) + "\n")
+                    if args.commit:
+                        commit_file(path, f"precompute_scale benchmark: {name} arm")
     small, large = args.sizes
     r = {layout: ratios(results[f"{layout}-{small}"], results[f"{layout}-{large}"]) for layout in ("large", "small")}
     goals = {"rss_max": 1.2, "first_shard_max": 1.5, "tokens_per_second_min": 0.9}
@@ -191,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         and results[f"large-{large}"]["max_units_per_file"] > 1
     )
+    codes = sorted({a["code"] for a in results.values()})
     print(
         json.dumps(
             {
@@ -203,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
                 "ratios": r,
                 "ratio_meaning": f"each layout's {large}-token arm / its {small}-token arm",
                 "one_large_file_by_several_tasks": results[f"large-{large}"]["max_units_per_file"] > 1,
+                "kdscale_code": codes,
+                "same_code": len(codes) == 1,
                 "goal": goals,
-                "goal_met": met,
+                "goal_met": met and len(codes) == 1,
             }
         )
     )

@@ -49,7 +49,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from common import SMOKE_EPOCHS, SMOKE_TOKENS, add_smoke, kdscale_run, set_dotted, tiny_job
+from common import SMOKE_EPOCHS, SMOKE_TOKENS, add_smoke, commit_file, git_head, kdscale_run, set_dotted, tiny_job
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_JOB = REPO / "jobs" / "quality.yaml"
@@ -227,32 +226,6 @@ def load_results(results: Path) -> dict[str, dict[str, list[dict]]]:
         for runs in arms.values():
             runs.sort(key=lambda r: r["seed"])
     return found
-
-
-def git_head() -> str:
-    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
-
-
-def commit_file(path: Path, message: str) -> None:
-    """Commit one result file (only it: other staged work is left alone); retried while another
-    git command holds the index."""
-    top = subprocess.run(
-        ["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"], capture_output=True, text=True
-    ).stdout.strip()
-    for _ in range(20):
-        add = subprocess.run(["git", "-C", top, "add", str(path)], capture_output=True, text=True)
-        done = (
-            add.returncode == 0
-            and subprocess.run(
-                ["git", "-C", top, "commit", "-q", "-m", message, "--", str(path)], capture_output=True, text=True
-            ).returncode
-            == 0
-        )
-        if done:
-            return
-        time.sleep(3)
-    print(f"could not commit {path}", file=sys.stderr)
 
 
 def run_arm(

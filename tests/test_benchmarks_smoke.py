@@ -217,11 +217,25 @@ def test_precompute_efficiency(capsys):
 @on_ray
 def test_precompute_scale(capsys):
     line = json_line(capsys, "precompute_scale", "--smoke")
-    check(line, {"benchmark", "arms", "ratios", "ratio_meaning", "one_large_file_by_several_tasks", "goal", "goal_met"})
+    keys = {"benchmark", "arms", "ratios", "ratio_meaning", "one_large_file_by_several_tasks", "same_code", "goal"}
+    check(line, keys | {"goal_met", "kdscale_code"})
+    assert line["same_code"] and all(a["settings"]["cpus"] == 2 for a in line["arms"].values())
     assert set(line["arms"]) == {"large-4000", "large-12000", "small-4000", "small-12000"}
     for arm in line["arms"].values():
         assert arm["tokens"] > 0 and arm["units"] >= 1 and arm["first_shard_seconds"] <= arm["seconds"]
     assert line["one_large_file_by_several_tasks"] and line["arms"]["small-12000"]["units"] > 1
+
+
+def test_precompute_scale_keeps_an_arm_only_for_its_settings(tmp_path):
+    """A rerun reuses a finished arm measured with the same settings, and remeasures otherwise."""
+    scale = benchmark("precompute_scale")
+    settings = {"size": 3_000_000, "layout": "large", "cpus": 2, "unit_bytes": 1 << 26, "seed": 0}
+    path = tmp_path / "large-3000000.json"
+    assert scale.kept_arm(path, settings) is None
+    path.write_text(json.dumps({"tokens": 3_000_000, "settings": settings, "code": "abc"}))
+    assert scale.kept_arm(path, settings)["code"] == "abc"
+    assert scale.kept_arm(path, {**settings, "cpus": 4}) is None
+    assert scale.kdscale_code()  # the git tree of kdscale/, or "unknown" outside a checkout
 
 
 @on_ray

@@ -63,9 +63,12 @@ class RowDistribution:
         at = (labels >= 0).nonzero().squeeze(1)
         if at.numel() == 0:
             return 0.0
-        shifted = self.shifted[at]
-        log_z1 = self.log_z[at] if temperature == 1.0 else torch.logsumexp(shifted, dim=-1, keepdim=True)
-        return float((log_z1 - shifted.gather(1, labels[at].long().unsqueeze(1))).sum())
+        picked = self.shifted[at, labels[at].long()].unsqueeze(1)  # one entry per position, not a row copy
+        if temperature == 1.0:  # (copying the rows [chunk, vocab] was 15% of sampled extraction on one core)
+            log_z1 = self.log_z[at]
+        else:
+            log_z1 = torch.logsumexp(self.shifted[at], dim=-1, keepdim=True)
+        return float((log_z1 - picked).sum())
 
 
 CHUNK = 16

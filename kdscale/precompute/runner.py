@@ -27,6 +27,7 @@ from kdscale.config import JobSpec
 from kdscale.data.units import Unit
 from kdscale.precompute.feed import Stream, UnitMeta
 from kdscale.precompute.plan import PrecomputePlan, ShardTask, check_rows, text_dataset, unit_shard_tasks
+from kdscale.precompute.schedule import ReplicaSchedule
 from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
 
@@ -203,8 +204,8 @@ class _Runner:
         self.spec, self.plan, self.cache_uri, self.cache = spec, plan, cache_uri, cache
         self.rank = idcodec.inverse(rank_order)
         self.pipelines: list[_Pipeline] = []
-        self.free: list[_Pipeline] = []
-        self.in_flight: dict[ray.ObjectRef, tuple[_Pipeline, ShardTask]] = {}
+        self.schedule = ReplicaSchedule(1, IN_FLIGHT_PER_REPLICA)
+        self.in_flight: dict[ray.ObjectRef, tuple[int, ShardTask]] = {}
         self.tokens_computed = 0
         self.compute_seconds = 0.0
         self.first = 0.0
@@ -215,24 +216,37 @@ class _Runner:
         _wait_ready(self.spec, [a for p in self.pipelines for a in p.actors()])  # loading counts as setup
         for pipeline, node in zip(self.pipelines, actor_nodes([p.last for p in self.pipelines])):
             pipeline.node = node
-        self.free = [p for p in self.pipelines for _ in range(IN_FLIGHT_PER_REPLICA)]
+        self.schedule = ReplicaSchedule(len(self.pipelines), IN_FLIGHT_PER_REPLICA)
         self.first = time.perf_counter()
 
-    def submit(self, task: ShardTask, packed: ray.ObjectRef | None = None, replicas: int | None = None) -> None:
+    def _now(self) -> float:
+        return time.perf_counter() - self.first
+
+    def submit(self, tasks: list[tuple[ShardTask, ray.ObjectRef | None]], replicas: int | None = None) -> None:
+        """Hand ``tasks`` (each with the unit its rows are in, or None) to the replicas, largest
+        first, each to the replica :class:`ReplicaSchedule` picks; returns once all are in flight."""
+        if not tasks:
+            return
         if not self.pipelines:
             self._start(replicas or self.spec.teacher.replicas)
-        while not self.free:
-            self._collect()
-        pipeline = self.free.pop(0)
-        self.in_flight[pipeline.submit(task, packed)] = (pipeline, task)
+        ready = sorted(tasks, key=lambda tp: -tp[0].tokens)
+        while ready:
+            task, packed = ready[0]
+            replica = self.schedule.choose(task.tokens, self._now())
+            if replica is None:
+                self._collect()
+                continue
+            ready.pop(0)
+            self.schedule.submitted(replica, task.tokens, self._now())
+            self.in_flight[self.pipelines[replica].submit(task, packed)] = (replica, task)
 
     def _collect(self) -> None:
         ready, _ = ray.wait(list(self.in_flight), num_returns=1)
-        pipeline, task = self.in_flight.pop(ready[0])
-        self.cache.record(ray.get(ready[0]).model_copy(update={"node": pipeline.node}))
+        replica, task = self.in_flight.pop(ready[0])
+        self.cache.record(ray.get(ready[0]).model_copy(update={"node": self.pipelines[replica].node}))
+        self.schedule.finished(replica, task.tokens, self._now())
         self.tokens_computed += task.tokens
-        self.compute_seconds = time.perf_counter() - self.first
-        self.free.append(pipeline)
+        self.compute_seconds = self._now()
         self.on_done(task)
 
     def drain(self) -> None:
@@ -254,8 +268,7 @@ class _Runner:
                 f"teacher {self._shape()} ({self.spec.teacher.name})", total=sum(t.tokens for t in todo), rate=0.0
             )
             self.on_done = lambda task: progress.update(bar_id, advance=task.tokens, rate=self._rate())
-            for task in todo:
-                self.submit(task, replicas=min(self.spec.teacher.replicas, len(todo)))
+            self.submit([(task, None) for task in todo], replicas=min(self.spec.teacher.replicas, len(todo)))
             self.drain()
         return self.plan.dataset
 
@@ -293,8 +306,7 @@ class _Runner:
                 pending[meta.index] = len(todo)
                 if not todo:
                     progress.update(bar_id, advance=1)
-                for task in todo:
-                    self.submit(task, packed)
+                self.submit([(task, packed) for task in todo])
             progress.update(bar_id, total=len(records))  # a max_tokens slice ends before the last unit
             self.drain()
         dataset = text_dataset(self.plan, records)
