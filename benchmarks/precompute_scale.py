@@ -203,8 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         for layout, fmt in (("large", "jsonl"), ("small", "text")):
             for size in args.sizes:
                 name = f"{layout}-{size}"
-                settings = {"size": size, "layout": layout, "cpus": args.cpus, "unit_bytes": unit_bytes}
-                settings["seed"] = args.seed
+                settings = {
+                    "size": size,
+                    "layout": layout,
+                    "cpus": args.cpus,
+                    "unit_bytes": unit_bytes,
+                    "seed": args.seed,
+                }
                 path = kept_in / f"{name}.json"
                 results[name] = kept_arm(path, settings)
                 if results[name] is None:
