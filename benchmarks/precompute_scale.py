@@ -12,12 +12,19 @@ teacher start included). Prints one JSON line.
 Goals (issue 15): driver peak RSS at 30M <= 1.2x at 3M; time to first shard at 30M <= 1.5x at
 3M; tokens/s at 30M >= 0.9x at 3M; a single large file tokenized by more than one task.
 
-The four arms take ~1.5 h on 2 cores, so each finished arm is kept in
-``docs/results/precompute_scale/<layout>-<size>.json`` (``--commit``: and committed) with the
-settings and the kdscale code it measured; a rerun measures only the arms missing for these
+Units are 4 MiB here, not kdscale's default 32 MiB, so that the 3M corpus is already several
+units, as any corpus of billions of tokens is (the tiny tokenizer makes ~2 bytes/token). At 32 MiB
+(measured 2026-12-03, kept under ``*-32MiB.json``) the 3M corpus was one unit and the 30M one two,
+its 15.7 MB "large" files were smaller than a unit, so no file could be split, and the first
+shard waited for one unit that was 2.5x larger at 30M (first shard 14.1 s -> 24.2 s, 1.72x): that
+measured the unit size, not scaling.
+
+The four arms take ~25 min on 2 cores; each finished arm is kept in
+``docs/results/precompute_scale/<layout>-<size>-<unit>.json`` (``--commit``: and committed) with
+the settings and the kdscale code it measured; a rerun measures only the arms missing for these
 settings, and the ratios say whether all arms measured the same kdscale code.
 
-    .venv/bin/python benchmarks/precompute_scale.py [--sizes 3000000 30000000] [--cpus 2] [--commit]
+    .venv/bin/python benchmarks/precompute_scale.py [--sizes 3000000 30000000] [--cpus 2] [--unit-bytes N] [--commit]
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ DOCS = "/usr/share/doc/python3.11/html/_sources/library/*.rst.txt"
 PARAGRAPHS_PER_DOC = 20
 LARGE_FILES = 4
 RESULTS = REPO / "docs" / "results" / "precompute_scale"
+UNIT_BYTES = 4 << 20  # (why: the module's docstring)
 
 
 def precompute_arm(job: str, workdir: str) -> dict:
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs=2, default=[3_000_000, 30_000_000])
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unit-bytes", type=int, default=None, help="corpus.unit_bytes (default: kdscale's)")
+    ap.add_argument("--unit-bytes", type=int, default=UNIT_BYTES, help="corpus.unit_bytes (default 4 MiB)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where finished arms are kept")
     ap.add_argument("--commit", action="store_true", help="commit each finished arm's result file")
     ap.add_argument("--arm", nargs=2, metavar=("JOB", "WORKDIR"), help=argparse.SUPPRESS)
@@ -190,11 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.sizes, args.unit_bytes = [4_000, 12_000], 8_192
 
-    from kdscale.config import CorpusSpec, load_job
+    from kdscale.config import load_job
     from kdscale.teachers import load_tokenizer
 
     tokenizer = load_tokenizer(load_job(TINY).teacher)
-    unit_bytes = args.unit_bytes or CorpusSpec.model_fields["unit_bytes"].default
+    unit_bytes = args.unit_bytes
+    unit = f"{unit_bytes >> 20}MiB" if unit_bytes % (1 << 20) == 0 else f"{unit_bytes}B"
     paras = paragraphs(DOCS, str(REPO / "jobs" / "assets" / "tiny-corpus" / "*.rst"))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                     "unit_bytes": unit_bytes,
                     "seed": args.seed,
                 }
-                path = kept_in / f"{name}.json"
+                path = kept_in / f"{name}-{unit}.json"
                 results[name] = kept_arm(path, settings)
                 if results[name] is None:
                     pattern = write_corpus(tmp / name, layout, documents(paras, size, tokenizer, args.seed))
