@@ -215,12 +215,17 @@ def result_path(results: Path, regime: str, arm: str, seed: int) -> Path:
 
 
 def load_results(results: Path) -> dict[str, dict[str, list[dict]]]:
-    """Every committed result: ``{regime: {arm: [runs by seed]}}``."""
+    """Every committed student run: ``{regime: {arm: [runs by seed]}}``.
+
+    Other benchmarks keep their arms beside these (``precompute_scale/`` measures precompute, not a
+    student): a file without an ``arm`` is not a run and is left to its own benchmark."""
     found: dict[str, dict[str, list[dict]]] = {}
     for f in sorted(results.glob("*/*.json")):
         if f.name.startswith("_"):
             continue
         r = json.loads(f.read_text())
+        if "arm" not in r:
+            continue
         found.setdefault(f.parent.name, {}).setdefault(r["arm"], []).append(r)
     for arms in found.values():
         for runs in arms.values():
