@@ -7,12 +7,13 @@ manifest), not from renames: :func:`write_bytes` writes one object whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -89,21 +90,35 @@ def read_text(uri: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write one object whole. Local files go through a temp file + rename so a crash never
-    leaves a half-written file under the final name; object stores publish on close anyway."""
+    """Write one object whole (see :func:`open_for_write`)."""
+    with open_for_write(uri) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_for_write(uri: str) -> Iterator[IO[bytes]]:
+    """A binary file that appears under ``uri`` only once the block ends without an error, so a
+    crash never leaves a half-written file under the final name and a large file can be written
+    piece by piece: local files go through a temp file + fsync + rename, object stores publish
+    on close (a failed block aborts the upload)."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_remote(uri):
         with fs.open(path, "wb") as f:
-            f.write(data)
+            yield f
         return
     tmp = f"{path}{TEMP_MARK}{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

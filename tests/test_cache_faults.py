@@ -158,3 +158,19 @@ def test_precompute_refuses_to_overwrite_another_cache(committed, tmp_path, mlfl
         json.loads((work / "cache" / MANIFEST).read_text())["cache_id"] == open_manifest(str(work / "cache")).cache_id
     )
     assert fs.exists(str(work / "cache" / MANIFEST))
+
+
+def test_a_write_that_fails_midway_leaves_nothing_under_its_name(tmp_path):
+    """fs.open_for_write publishes a file only when its block ends cleanly: a writer that fails
+    after some pieces leaves neither the file nor its temp file (an export's JSONL, written line
+    by line, is never read half-written)."""
+    dest = str(tmp_path / "out" / "train-00000.jsonl")
+    with pytest.raises(RuntimeError, match="killed"):
+        with fs.open_for_write(dest) as f:
+            f.write(b'{"input_ids":[1]}\n')
+            raise RuntimeError("killed mid-export")
+    assert os.listdir(tmp_path / "out") == []
+    with fs.open_for_write(dest) as f:
+        f.write(b"a\n")
+        f.write(b"b\n")
+    assert fs.read_bytes(dest) == b"a\nb\n" and os.listdir(tmp_path / "out") == ["train-00000.jsonl"]

@@ -55,11 +55,16 @@ def test_workers_start_with_huge_page_malloc_and_keep_the_users_tunables(monkeyp
     from kdscale.ray_runtime import MALLOC_TUNABLE, worker_env
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert worker_env() == {"GLIBC_TUNABLES": MALLOC_TUNABLE}
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert worker_env() == {"GLIBC_TUNABLES": MALLOC_TUNABLE, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    assert worker_env() == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{MALLOC_TUNABLE}"}
+    assert worker_env()["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{MALLOC_TUNABLE}"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
-    assert worker_env() == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's choice wins
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    assert worker_env() == {  # the user's choices win
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
+    }
 
 
 PROBE = """
@@ -78,7 +83,8 @@ def probe():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
         (x @ w).log_softmax(-1)  # 200 MB results: above glibc's mmap threshold
-    return os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return os.environ.get("GLIBC_TUNABLES"), faults, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 print(json.dumps(ray.get(probe.remote())))
 """
@@ -96,7 +102,8 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAY_ADDRESS")}
+    dropped = ("GLIBC_TUNABLES", "RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE],
         capture_output=True,
@@ -106,8 +113,9 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    tunables, faults = json.loads(proc.stdout.strip().splitlines()[-1])
+    tunables, faults, health_check = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "glibc.malloc.hugetlb=1" in tunables
+    assert health_check == "0.25"  # Ray Train's controller in such a Ray notices a finished run sooner
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert faults < 100_000, faults

@@ -142,20 +142,17 @@ def write_rows(dest: str, rows: Iterator[tuple[np.ndarray, np.ndarray, np.ndarra
     parallel-list layout, entry p describing token p + 1 (L entries: the last predicts the token
     after the row). Log-probs are the shortest decimals that read back to the same float32, so a
     re-import stores the same bytes of targets."""
-    lines = [
-        json.dumps(
-            {
+    written = 0
+    with fs.open_for_write(dest) as f:  # line by line: a shard's JSONL is never held whole
+        for tokens, ids, logprobs in rows:
+            line = {
                 "input_ids": tokens.tolist(),
                 "target_token_ids": ids.tolist(),
                 "target_logprobs": [[float(_shortest(v)) for v in pos] for pos in logprobs],
-            },
-            separators=(",", ":"),
-        )
-        + "\n"
-        for tokens, ids, logprobs in rows
-    ]
-    fs.write_bytes(dest, "".join(lines).encode())
-    return len(lines)
+            }
+            f.write((json.dumps(line, separators=(",", ":")) + "\n").encode())
+            written += 1
+    return written
 
 
 def _shortest(value: np.floating) -> str:
