@@ -55,6 +55,12 @@ def ensure_ray(spec: RaySpec) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # the same seed reads rows in the same order
+    # Ray Data's V2 Parquet reader lists a cache's shards again at every execution, reading their
+    # footers on a fresh pool of FooterReader actors (new processes) each epoch; V1 reads them
+    # once, when the dataset is made. The manifest already names every shard and its rows, so the
+    # per-epoch listing buys nothing: measured on the tiny job (2 epochs, 2 cores), a student's
+    # training took 20.7 s with V1 against 26.2 s with V2.
+    ctx.use_datasource_v2 = False
 
 
 def capacity(spec: RaySpec) -> Capacity:
