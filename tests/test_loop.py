@@ -119,3 +119,23 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert faults < 100_000, faults
+
+
+@pytest.mark.ray
+def test_caches_are_read_by_ray_datas_v1_parquet_reader_unless_the_user_says(ray_session, monkeypatch):
+    """V2 re-reads every shard's footer on new actor processes each epoch (kdscale.ray_runtime);
+    a user's RAY_DATA_USE_DATASOURCE_V2 is kept."""
+    import ray
+
+    from kdscale.config import RaySpec
+    from kdscale.ray_runtime import ensure_ray
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    ensure_ray(RaySpec())
+    assert ctx.use_datasource_v2 is False
+    ctx.use_datasource_v2 = True
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
+    ensure_ray(RaySpec())
+    assert ctx.use_datasource_v2 is True
