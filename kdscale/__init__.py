@@ -24,7 +24,10 @@ __all__ = [
     "describe_cache",
     "evaluate",
     "export_cache",
+    "follow_job",
     "import_cache",
+    "job_logs",
+    "job_status",
     "load_job",
     "open_cache",
     "plan",
@@ -32,6 +35,8 @@ __all__ = [
     "report",
     "run",
     "run_stages",
+    "stop_job",
+    "submit_job",
     "train",
 ]
 

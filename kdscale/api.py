@@ -121,6 +121,64 @@ def run(spec: JobSpec, workdir: str | None = None, tracking: bool = True) -> Job
     return JobResult(summary, _students(summary), _cache(summary))
 
 
+# On a Ray cluster (``kdscale submit`` / ``kdscale jobs``) -----------------------------------------
+
+
+def submit_job(
+    job: str | Path,
+    workdir: str,
+    *,
+    address: str | None = None,
+    overrides: list[str] | None = None,
+    stage: str = "run",
+    allow_local_paths: bool = False,
+) -> str:
+    """``kdscale submit``: the job spec at ``job`` (its relative files travel with it) runs
+    ``kdscale <stage>`` on the Ray cluster at ``address`` (default RAY_ADDRESS) through Ray Jobs,
+    writing to ``workdir`` (a URI the cluster can write); the Ray job id. Raises ConfigError or
+    SubmitError before anything reaches the cluster."""
+    from kdscale import submit as jobs
+
+    return jobs.submit(
+        Path(job),
+        address=address,
+        workdir=workdir,
+        overrides=overrides or [],
+        allow_local_paths=allow_local_paths,
+        stage=stage,
+    )
+
+
+def follow_job(job_id: str, address: str | None = None, write: Any = None) -> str:
+    """Stream a submitted job's logs to ``write`` (default: stdout) until it ends; its final status."""
+    import sys
+
+    from kdscale import submit as jobs
+
+    return jobs.follow(address, job_id, write or (lambda lines: sys.stdout.write(lines)))
+
+
+def job_status(job_id: str, address: str | None = None) -> dict[str, Any]:
+    """A submitted job's status, message and entrypoint (``kdscale jobs status``)."""
+    from kdscale import submit as jobs
+
+    return jobs.status(address, job_id)
+
+
+def job_logs(job_id: str, address: str | None = None) -> str:
+    """A submitted job's logs so far."""
+    from kdscale import submit as jobs
+
+    return jobs.logs(address, job_id)
+
+
+def stop_job(job_id: str, address: str | None = None) -> bool:
+    """Ask Ray to stop a submitted job; False if it had already ended."""
+    from kdscale import submit as jobs
+
+    return jobs.stop(address, job_id)
+
+
 def open_cache(uri: str, checksums: bool = True) -> LogitCache:
     """A committed cache, verified (every reader's checks; ``checksums`` adds every file's sha256)."""
     return LogitCache.open(uri, checksums=checksums)

@@ -332,13 +332,21 @@ def submit(
     allow_local_paths: bool = typer.Option(
         False, "--allow-local-paths", help="Allow absolute local paths (a filesystem every node mounts)."
     ),
+    stage: str = typer.Option(
+        "run", "--stage", help="What the job runs: run (every stage), precompute, train or eval."
+    ),
 ) -> None:
     """Run a job on a Ray cluster through Ray Jobs (validated here first; nothing is submitted otherwise)."""
     from kdscale import submit as jobs
 
     try:
         job_id = jobs.submit(
-            job, address=address, workdir=workdir, overrides=overrides or [], allow_local_paths=allow_local_paths
+            job,
+            address=address,
+            workdir=workdir,
+            overrides=overrides or [],
+            allow_local_paths=allow_local_paths,
+            stage=stage,
         )
     except ConfigError as e:
         _fail(str(e), 2)

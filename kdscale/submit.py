@@ -164,6 +164,10 @@ def client(address: str | None):
         raise SubmitError(f"cannot reach the Ray cluster at {address}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
+# What a submitted job runs: the CLI command of the same name on the cluster.
+STAGES = ("run", "precompute", "train", "eval")
+
+
 def submit(
     job: Path,
     *,
@@ -172,14 +176,18 @@ def submit(
     overrides: list[str],
     allow_local_paths: bool = False,
     env: dict[str, str] | None = None,
+    stage: str = "run",
 ) -> str:
-    """Submit ``kdscale run`` of the job; returns the Ray job id. Nothing reaches the cluster
-    unless the spec validates and packages."""
+    """Submit ``kdscale <stage>`` of the job (default ``run``: every stage; ``precompute`` runs
+    the teacher into the cache alone); returns the Ray job id. Nothing reaches the cluster unless
+    the spec validates and packages."""
+    if stage not in STAGES:
+        raise SubmitError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
     env = dict(os.environ if env is None else env)
     package, spec = package_job(job, overrides, workdir, allow_local_paths, env)
     try:
         jobs = client(address)
-        entrypoint = f"kdscale run {JOB_FILE} --workdir {shlex.quote(workdir)}"
+        entrypoint = f"kdscale {stage} {JOB_FILE} --workdir {shlex.quote(workdir)}"
         env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
         runtime_env = {"working_dir": str(package.folder), "env_vars": env_vars}
         return _submit_when_ready(jobs, entrypoint, runtime_env, {"kdscale.job": spec.name})

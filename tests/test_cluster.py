@@ -165,8 +165,11 @@ def test_a_lost_node_during_precompute_fails_cleanly_and_a_rerun_resumes_the_cac
     """The second node's raylet is killed while its teacher replica writes shards: the job ends
     (teacher actors are not restarted, so it fails, naming the lost actor — or it had already
     finished its work); with the node back, a rerun resumes the unfinished cache from its ledger
-    and commits it under the cache_id the first run claimed, keeping the shards that had landed."""
+    and commits it under the cache_id the first run claimed, keeping the shards that had landed.
+    Both jobs run the precompute stage alone, submitted from the Python API."""
     import s3fs
+
+    import kdscale
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -180,9 +183,7 @@ def test_a_lost_node_during_precompute_fails_cleanly_and_a_rerun_resumes_the_cac
         "cache.uri": cache,
     }
     job = write_job(tmp_path, **sizes)
-    result = _submit(str(job), "--address", cluster.address, "--workdir", f"{s3_bucket}/lost")
-    assert result.exit_code == 0, result.output[-3000:]
-    job_id = result.output.split("Submitted", 1)[1].split()[0]
+    job_id = kdscale.submit_job(job, f"{s3_bucket}/lost", address=cluster.address, stage="precompute")
     store = s3fs.S3FileSystem(skip_instance_cache=True)
     deadline = time.time() + 300
     while not _ledger_shards(store, cache) and time.time() < deadline:
@@ -191,19 +192,22 @@ def test_a_lost_node_during_precompute_fails_cleanly_and_a_rerun_resumes_the_cac
     assert _kill_raylet(cluster.second_dir) == 1
     landed = set(_ledger_shards(store, cache))
     state = _final_state(cluster.address, job_id)
-    logs = CliRunner().invoke(app, ["jobs", "logs", job_id, "--address", cluster.address]).output
+    assert kdscale.job_status(job_id, cluster.address)["entrypoint"].startswith("kdscale precompute job.yaml")
+    logs = kdscale.job_logs(job_id, cluster.address)
     if state != "SUCCEEDED":
         assert state == "FAILED" and not store.exists(f"{cache}/manifest.json")  # nothing half-committed
         assert "Actor" in logs or "actor" in logs, logs[-2000:]
 
     cluster.start_second()
     claimed = json.loads(store.cat(f"{cache}/_ledger/plan.json"))["cache_id"]
-    again = _submit(str(job), "--address", cluster.address, "--workdir", f"{s3_bucket}/lost2", "--follow")
-    assert again.exit_code == 0, again.output[-3000:]
+    again = kdscale.submit_job(job, f"{s3_bucket}/lost2", address=cluster.address, stage="precompute")
+    lines: list[str] = []
+    assert kdscale.follow_job(again, cluster.address, lines.append) == "SUCCEEDED", "".join(lines)[-3000:]
     manifest = json.loads(store.cat(f"{cache}/manifest.json"))
     assert manifest["cache_id"] == claimed
     if state != "SUCCEEDED":
-        assert "Resuming cache" in " ".join(again.output.split())
+        assert "Resuming cache" in " ".join("".join(lines).split())
+    assert not store.exists(f"{s3_bucket}/lost2/students")  # the precompute stage alone
     recorded = {s["path"] for s in manifest["shards"]}
     assert {n.replace(".json", ".parquet") for n in landed} <= recorded
     verify = CliRunner().invoke(app, ["cache", "verify", cache])
@@ -234,3 +238,5 @@ def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tm
     assert left.exit_code == 2 and "leaves the job's folder" in " ".join(left.output.split()), left.output
     unreachable = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w")
     assert unreachable.exit_code == 2 and "cannot reach the Ray cluster" in unreachable.output, unreachable.output
+    stage = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w", "--stage=x")
+    assert stage.exit_code == 2 and "stage 'x' is not one of run, precompute, train, eval" in stage.output, stage.output
