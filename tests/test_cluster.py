@@ -203,6 +203,7 @@ def test_a_lost_node_during_precompute_fails_cleanly_and_a_rerun_resumes_the_cac
     again = kdscale.submit_job(job, f"{s3_bucket}/lost2", address=cluster.address, stage="precompute")
     lines: list[str] = []
     assert kdscale.follow_job(again, cluster.address, lines.append) == "SUCCEEDED", "".join(lines)[-3000:]
+    store.invalidate_cache()  # s3fs keeps the listing it saw while the manifest did not exist yet
     manifest = json.loads(store.cat(f"{cache}/manifest.json"))
     assert manifest["cache_id"] == claimed
     if state != "SUCCEEDED":
