@@ -99,8 +99,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 def open_for_write(uri: str) -> Iterator[IO[bytes]]:
     """A binary file that appears under ``uri`` only once the block ends without an error, so a
     crash never leaves a half-written file under the final name and a large file can be written
-    piece by piece: local files go through a temp file + fsync + rename, object stores publish
-    on close (a failed block aborts the upload)."""
+    piece by piece: local files go through a temp file + fsync + rename. Object stores publish
+    on close, and fsspec closes on a failed block too, so there a failed write can still leave
+    what was written (known gap, to be fixed by discarding the upload)."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
