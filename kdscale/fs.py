@@ -99,16 +99,21 @@ def write_bytes(uri: str, data: bytes) -> None:
 def open_for_write(uri: str) -> Iterator[IO[bytes]]:
     """A binary file that appears under ``uri`` only once the block ends without an error, so a
     crash never leaves a half-written file under the final name and a large file can be written
-    piece by piece: local files go through a temp file + fsync + rename. Object stores publish
-    on close, and fsspec closes on a failed block too, so there a failed write can still leave
-    what was written (known gap, to be fixed by discarding the upload)."""
+    piece by piece: local files go through a temp file + fsync + rename; an object store
+    publishes the object on close, so a failed block is discarded instead (a multipart upload
+    aborted) and never closed."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_remote(uri):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            _abandon(f)
+            raise
+        f.close()
         return
     tmp = f"{path}{TEMP_MARK}{os.getpid()}"
     try:
@@ -121,6 +126,17 @@ def open_for_write(uri: str) -> Iterator[IO[bytes]]:
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+def _abandon(f: Any) -> None:
+    """Drop an object-store file being written without publishing it: fsspec's buffered files
+    upload what they hold when closed (also when garbage-collected), so discard the upload and
+    mark the file closed."""
+    getattr(f, "discard", lambda: None)()
+    try:
+        f.closed = True
+    except AttributeError:  # a file type whose closed flag is read-only (fsspec's in-memory one)
+        pass
 
 
 def remove_temp_files(folder_uri: str) -> list[str]:
