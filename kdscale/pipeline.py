@@ -7,6 +7,8 @@ Stages can run alone (``kdscale precompute|train|eval``); each reads what the pr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,6 +309,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         run_id = tracker.start_child(
             f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name}
         )
+        final = tempfile.mkdtemp(prefix=f"kdscale-final-{s.name}-")  # the trained model, until exported
         try:
             if not online:
                 tracker.log_cache(run_id, m, p.cache_uri, context="training")
@@ -346,6 +349,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 p.init_uri(s),
                 table_arrays(heldout, task.input_columns),
                 task.describe(),
+                final,
             )
             metrics, per_row = sources.evaluate(p, load_exported(hf_folder(result), task), online, task)
             check_finite(s.name, metrics)
@@ -369,6 +373,8 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
         except BaseException:
             tracker.end(run_id, "FAILED")
             raise
+        finally:
+            shutil.rmtree(final, ignore_errors=True)
         history = result.history
         results[s.name] = {
             **metrics,

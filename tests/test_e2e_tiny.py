@@ -29,8 +29,13 @@ def tiny_run(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
+    driver_tmp = tmp / "driver-tmp"  # the driver's temporary folder during the run, to see what it leaves
+    driver_tmp.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(driver_tmp))
+        result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
     yield {
+        "driver_tmp_left": sorted(p.name for p in driver_tmp.iterdir()),
         "result": result,
         "job": job,
         "workdir": workdir,
@@ -51,6 +56,9 @@ def test_run_succeeds_and_lays_out_the_workdir(tiny_run):
     assert (wd / "students" / "tiny-student" / "checkpoints").is_dir()
     leftovers = glob.glob(os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}tiny-student-*"))
     assert leftovers == []  # each epoch's checkpoint folder went to Ray Train's storage, none left in /tmp
+    # the final model was copied out of Ray Train's storage for evaluation and export, then removed
+    # (Ray's Checkpoint.to_directory() left a checkpoint_tmp_* copy of every student in /tmp)
+    assert not [n for n in tiny_run["driver_tmp_left"] if n.startswith(("checkpoint_tmp_", "kdscale-final-"))]
     s = tiny_run["summary"]
     for key in ("uri", "cache_id", "tokens", "bytes_per_token"):
         assert key in s["cache"]

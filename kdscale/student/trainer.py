@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -146,10 +147,12 @@ def train_student(
     init_path: str | None = None,
     heldout: dict | None = None,
     task: dict | None = None,
+    final_dir: str | None = None,
 ) -> TrainResult:
     """Train one student on Ray Train for ``task`` (its description; default causal LM);
     ``heldout`` (the held-out rows' input columns) is scored during training when
-    ``train.eval_every_steps`` asks for it."""
+    ``train.eval_every_steps`` asks for it. The final model and training state are copied into
+    ``final_dir`` (the caller's to remove; default: a new temporary folder)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -221,7 +224,7 @@ def train_student(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training {student.name} finished without a checkpoint")
-    local = result.checkpoint.to_directory()
+    local = download_final(result.checkpoint, final_dir or tempfile.mkdtemp(prefix="kdscale-final-"))
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
     if done == 0 and state["epoch"] >= t.epochs:
@@ -244,6 +247,29 @@ def train_student(
         evals=state.get("evals", []),
         nodes=state.get("nodes", []),
     )
+
+
+def download_final(checkpoint, into: str) -> str:
+    """The final checkpoint's model (``hf/``) and training state, copied into ``into``: what
+    evaluation and export read. Not its DeepSpeed state (AdamW's two moments: twice the model
+    again), which only a resumed run reads, from Ray Train's storage. Ray's own
+    ``Checkpoint.to_directory()`` copies all of it into a new /tmp folder that nothing removes:
+    233 of them, one per trained student, had piled up in /tmp on this machine."""
+    import pyarrow.fs as pafs
+
+    source = checkpoint.filesystem
+    hf = f"{checkpoint.path}/{HF_DIR}"
+    folders = [i.path for i in source.get_file_info(pafs.FileSelector(hf, recursive=True)) if i.type.name == "Directory"]
+    for folder in [hf, *folders]:  # (copy_files does not make a local file's folder)
+        os.makedirs(os.path.join(into, os.path.relpath(folder, checkpoint.path)), exist_ok=True)
+    for name in (HF_DIR, STATE_FILE):
+        pafs.copy_files(
+            f"{checkpoint.path}/{name}",
+            os.path.join(into, name),
+            source_filesystem=source,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+    return into
 
 
 def hf_folder(result: TrainResult) -> str:
