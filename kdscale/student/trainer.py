@@ -259,7 +259,8 @@ def download_final(checkpoint, into: str) -> str:
 
     source = checkpoint.filesystem
     hf = f"{checkpoint.path}/{HF_DIR}"
-    folders = [i.path for i in source.get_file_info(pafs.FileSelector(hf, recursive=True)) if i.type.name == "Directory"]
+    listing = source.get_file_info(pafs.FileSelector(hf, recursive=True))
+    folders = [i.path for i in listing if i.type == pafs.FileType.Directory]
     for folder in [hf, *folders]:  # (copy_files does not make a local file's folder)
         os.makedirs(os.path.join(into, os.path.relpath(folder, checkpoint.path)), exist_ok=True)
     for name in (HF_DIR, STATE_FILE):
