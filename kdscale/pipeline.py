@@ -349,7 +349,7 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
                 p.init_uri(s),
                 table_arrays(heldout, task.input_columns),
                 task.describe(),
-                final,
+                final_dir=final,
             )
             metrics, per_row = sources.evaluate(p, load_exported(hf_folder(result), task), online, task)
             check_finite(s.name, metrics)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -147,12 +146,13 @@ def train_student(
     init_path: str | None = None,
     heldout: dict | None = None,
     task: dict | None = None,
-    final_dir: str | None = None,
+    *,
+    final_dir: str,
 ) -> TrainResult:
     """Train one student on Ray Train for ``task`` (its description; default causal LM);
     ``heldout`` (the held-out rows' input columns) is scored during training when
     ``train.eval_every_steps`` asks for it. The final model and training state are copied into
-    ``final_dir`` (the caller's to remove; default: a new temporary folder)."""
+    ``final_dir``, an existing local folder the caller removes once it is done with them."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -224,7 +224,7 @@ def train_student(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training {student.name} finished without a checkpoint")
-    local = download_final(result.checkpoint, final_dir or tempfile.mkdtemp(prefix="kdscale-final-"))
+    local = download_final(result.checkpoint, final_dir)
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
     if done == 0 and state["epoch"] >= t.epochs:
