@@ -257,19 +257,17 @@ def download_final(checkpoint, into: str) -> str:
     233 of them, one per trained student, had piled up in /tmp on this machine."""
     import pyarrow.fs as pafs
 
-    source = checkpoint.filesystem
-    hf = f"{checkpoint.path}/{HF_DIR}"
-    listing = source.get_file_info(pafs.FileSelector(hf, recursive=True))
-    folders = [i.path for i in listing if i.type == pafs.FileType.Directory]
-    for folder in [hf, *folders]:  # (copy_files does not make a local file's folder)
-        os.makedirs(os.path.join(into, os.path.relpath(folder, checkpoint.path)), exist_ok=True)
-    for name in (HF_DIR, STATE_FILE):
-        pafs.copy_files(
-            f"{checkpoint.path}/{name}",
-            os.path.join(into, name),
-            source_filesystem=source,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
+    source, root, local = checkpoint.filesystem, checkpoint.path, pafs.LocalFileSystem()
+    os.makedirs(os.path.join(into, HF_DIR), exist_ok=True)
+    model = source.get_file_info(pafs.FileSelector(f"{root}/{HF_DIR}", recursive=True))
+    for info in sorted(model, key=lambda i: i.path):  # a folder before its files (copy_files makes no folders)
+        target = os.path.join(into, os.path.relpath(info.path, root))
+        if info.type == pafs.FileType.Directory:
+            os.makedirs(target, exist_ok=True)
+        else:
+            pafs.copy_files(info.path, target, source_filesystem=source, destination_filesystem=local)
+    state = os.path.join(into, STATE_FILE)
+    pafs.copy_files(f"{root}/{STATE_FILE}", state, source_filesystem=source, destination_filesystem=local)
     return into
 
 
