@@ -91,6 +91,16 @@ def training_args(
     return args
 
 
+def same_allocator_here() -> None:
+    """Re-run this script with the malloc setting kdscale's workers start with, so the bare loop (in
+    this process) is not slowed by page faults the workers avoid (kdscale.ray_runtime.worker_env)."""
+    from kdscale.ray_runtime import worker_env
+
+    env = worker_env()
+    if os.environ.get("GLIBC_TUNABLES") != env["GLIBC_TUNABLES"]:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
 def start_ray(cpus: int) -> bool:
     """A local Ray with ``cpus`` CPUs, and MLflow records in a throwaway sqlite file; an already
     initialized Ray (the test session's, for smoke runs called in-process) is reused instead.

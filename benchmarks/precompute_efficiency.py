@@ -3,9 +3,12 @@
 Measures, on the real SmolLM2-135M teacher and the same packed Python-docs sequences:
 
 - ``bare``: a plain loop of teacher forwards in one process with the whole thread budget
-  (torch threads = budget), batch size as in the job — the ceiling;
-- ``precompute``: kdscale's precompute on Ray (teacher replicas as actors, target extraction,
-  id coding, Parquet writes, ledger), data-parallel: ``budget`` replicas x 1 CPU;
+  (torch threads = budget), batch size as in the job, with the malloc setting kdscale's workers
+  use (the script re-executes itself with it) — the ceiling;
+- ``precompute``: kdscale's precompute on a Ray started as kdscale starts one (teacher replicas
+  as actors mapping one copy of the weights, target extraction, id coding, Parquet writes,
+  ledger), data-parallel: ``budget`` replicas x 1 CPU; ``--own-weights`` gives each replica its
+  own copy (teacher.share_weights: false), for the comparison;
 - ``sharded``: the same with one replica split into ``budget`` pipeline stages (1 CPU each).
 
 Throughput is tokens / seconds from the first task submitted to the last shard written (teacher
@@ -30,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import SMOKE_TOKENS, TINY, add_smoke  # noqa: E402
+from common import SMOKE_TOKENS, TINY, add_smoke, same_allocator_here, start_ray  # noqa: E402
 
 from kdscale.config import load_job  # noqa: E402
 from kdscale.teachers import load_teacher  # noqa: E402
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--budget", type=int, default=2, help="CPU threads/actors for every arm")
+    ap.add_argument("--own-weights", action="store_true", help="each teacher actor loads its own weights")
     add_smoke(ap)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -94,14 +98,13 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
-    started_ray = not ray.is_initialized()  # else reuse it (a smoke test's) and leave it running
-    if started_ray:
-        ray.init(num_cpus=args.budget, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    started_ray = start_ray(args.budget)  # as kdscale starts it; a smoke test's Ray is reused and left running
+    share = {"share_weights": not args.own_weights, "num_cpus": 1}
     replicas = base.model_copy(
-        update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, "num_cpus": 1})}
+        update={"teacher": base.teacher.model_copy(update={"replicas": args.budget, "shards": 1, **share})}
     )
     sharded = base.model_copy(
-        update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, "num_cpus": 1})}
+        update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, **share})}
     )
     with tempfile.TemporaryDirectory() as tmp:
         dp, _ = kdscale_precompute(replicas, f"{tmp}/dp")
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 "teacher": base.teacher.name,
                 "tokens": bare["tokens"],
                 "thread_budget": args.budget,
+                "share_weights": not args.own_weights,
                 "bare": bare,
                 "precompute": {**dp, "replicas": args.budget, "shards": 1},
                 "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": layer_ranges},
@@ -131,4 +135,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    same_allocator_here()  # as a script only: a caller's process (a test's) is never replaced
     main()

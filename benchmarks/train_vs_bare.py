@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from common import quickstart, run, start_ray, training_args
+from common import quickstart, run, same_allocator_here, start_ray, training_args
 
 
 def bare_loop(spec, summary: dict, epochs: int) -> dict:
@@ -78,19 +78,6 @@ def bare_loop(spec, summary: dict, epochs: int) -> dict:
             schedule.step()
         seconds.append(time.perf_counter() - started)
     return {"epoch_seconds": seconds, "tokens_per_epoch": steps * batch * manifest.dataset.seq_len}
-
-
-def same_allocator_here() -> None:
-    """Re-run this script with the malloc setting kdscale's workers start with, so the bare loop (in
-    this process) is not slowed by page faults the workers avoid (kdscale.ray_runtime.worker_env)."""
-    import os
-    import sys
-
-    from kdscale.ray_runtime import worker_env
-
-    env = worker_env()
-    if os.environ.get("GLIBC_TUNABLES") != env["GLIBC_TUNABLES"]:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 
 def main(argv: list[str] | None = None) -> None:

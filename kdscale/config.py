@@ -113,6 +113,12 @@ class TeacherSpec(Strict):
         "that do not fit one device). Actors in all: replicas x shards.",
     )
     batch_size: int = Field(4, ge=1, description="Rows per forward (the micro-batch when sharded).")
+    share_weights: bool = Field(
+        True,
+        description="Load the weights once, into Ray's object store, and let every teacher actor on a "
+        "node map that one copy instead of loading its own (CPU replicas: one copy per node, and ~7% "
+        "faster forwards measured with two).",
+    )
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     start_timeout_s: float = Field(

@@ -30,6 +30,7 @@ from kdscale.precompute.plan import PrecomputePlan, ShardTask, check_rows, text_
 from kdscale.precompute.schedule import ReplicaSchedule
 from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
+from kdscale.teachers import backend
 
 IN_FLIGHT_PER_REPLICA = 2
 
@@ -139,20 +140,41 @@ class _Pipeline:
         return [*self.stages, self.last]
 
 
+# Runs once per precompute; reserves no CPU (teacher actors waiting for its result may hold every
+# CPU), and its process exits afterwards so the model it loaded is not kept alive in an idle worker.
+@ray.remote(num_cpus=0, max_calls=1)
+def _teacher_weights(teacher, vocab_size: int, seed: int, task: str):
+    from kdscale.models.shared_weights import export_weights
+    from kdscale.teachers import load_teacher
+
+    return export_weights(load_teacher(teacher, vocab_size, seed, "cpu", task=task))
+
+
+def shared_weights(spec: JobSpec, vocab_size: int, task: str, actors: int) -> ray.ObjectRef | None:
+    """The teacher's weights in Ray's object store, loaded once, when more than one actor will
+    use them and the backend can build a teacher around them (None: each actor loads its own)."""
+    t = spec.teacher
+    if actors < 2 or not t.share_weights or not backend(t).shares_weights:
+        return None
+    return _teacher_weights.remote(t, vocab_size, spec.seed, task)
+
+
 def _start_pipelines(
     spec: JobSpec, plan: PrecomputePlan, cache_uri: str, replicas: int, rank: np.ndarray
 ) -> list[_Pipeline]:
     t = spec.teacher
     options = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_restarts": 0}
-    common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed}
     ranges = plan.layer_ranges
+    task = plan.dataset.task if plan.dataset is not None else {"name": "causal_lm"}
+    weights = shared_weights(spec, plan.tokenizer.vocab_size, task["name"], replicas * len(ranges))
+    common = {"vocab_size": plan.tokenizer.vocab_size, "seed": spec.seed, "weights": weights}
     last_kwargs = {
         **common,
         "targets": plan.targets,
         "cache_uri": cache_uri,
         "rank": rank,
         "compression_level": spec.cache.compression_level,
-        "task": plan.dataset.task if plan.dataset is not None else {"name": "causal_lm"},
+        "task": task,
     }
     pipelines = []
     for _ in range(replicas):

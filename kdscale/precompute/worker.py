@@ -18,9 +18,10 @@ from kdscale.cache.writer import DEFAULT_ZSTD_LEVEL, write_shard
 from kdscale.config import TeacherSpec
 from kdscale.data.units import PackedUnit
 from kdscale.models.sharding import split
+from kdscale.models.shared_weights import SharedWeights
 from kdscale.models.task import task_from_dict
 from kdscale.precompute.plan import ShardTask
-from kdscale.teachers import load_teacher
+from kdscale.teachers import load_teacher, teacher_from_weights
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -28,23 +29,40 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 def _load(
-    teacher: TeacherSpec, vocab_size: int, seed: int, layer_range: tuple[int, int] | None, task: str = "causal_lm"
+    teacher: TeacherSpec,
+    vocab_size: int,
+    seed: int,
+    layer_range: tuple[int, int] | None,
+    task: str = "causal_lm",
+    weights: SharedWeights | None = None,
 ):
-    """The whole teacher, or one pipeline stage of it, on this process's device."""
+    """The whole teacher, or one pipeline stage of it, on this process's device; ``weights``:
+    the teacher's weights to map instead of loading its files (shared by every replica on a node)."""
     if teacher.num_cpus >= 1:
         torch.set_num_threads(int(teacher.num_cpus))
     device = pick_device(teacher.num_gpus)
-    model = load_teacher(teacher, vocab_size, seed, "cpu" if layer_range else device, task=task)
+    if weights is not None:
+        model = teacher_from_weights(teacher, weights, task)
+    else:
+        model = load_teacher(teacher, vocab_size, seed, "cpu", task=task)
     if layer_range:
-        model = split(model, *layer_range).to(device)
-    return model, device
+        model = split(model, *layer_range)
+    return model.to(device), device
 
 
 class StageWorker:
     """A middle/first pipeline stage of a sharded teacher: hidden states in, hidden states out."""
 
-    def __init__(self, teacher: TeacherSpec, *, vocab_size: int, seed: int, layer_range: tuple[int, int]):
-        self.model, self.device = _load(teacher, vocab_size, seed, layer_range)
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        *,
+        vocab_size: int,
+        seed: int,
+        layer_range: tuple[int, int],
+        weights: SharedWeights | None = None,
+    ):
+        self.model, self.device = _load(teacher, vocab_size, seed, layer_range, weights=weights)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +90,13 @@ class TeacherWorker:
         compression_level: int = DEFAULT_ZSTD_LEVEL,
         layer_range: tuple[int, int] | None = None,
         task: dict[str, Any] | None = None,
+        weights: SharedWeights | None = None,
     ):
         """The whole teacher, or (``layer_range``) the last stage of a sharded one, which turns
         the previous stage's hidden states into logits. ``task``: the task's description
-        (default: causal LM)."""
+        (default: causal LM); ``weights``: as for :func:`_load`."""
         self.task = task_from_dict(task or {"name": "causal_lm"})
-        self.model, self.device = _load(teacher, vocab_size, seed, layer_range, self.task.name)
+        self.model, self.device = _load(teacher, vocab_size, seed, layer_range, self.task.name, weights)
         self.sharded = layer_range is not None
         self.batch_size = teacher.batch_size
         self.vocab_size = vocab_size

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from kdscale.cache.kinds.base import TargetKind
     from kdscale.config import TeacherSpec
+    from kdscale.models.shared_weights import SharedWeights
 
 BACKENDS: dict[str, TeacherBackend] = {b.name: b for b in (HuggingFace(),)}
 
@@ -56,6 +57,11 @@ def load_teacher(
 ) -> torch.nn.Module:
     """The teacher in eval mode on ``device`` with the spec's dtype."""
     return backend(spec).load(spec, vocab_size, seed, device, task)
+
+
+def teacher_from_weights(spec: TeacherSpec, weights: SharedWeights, task: str = "causal_lm") -> torch.nn.Module:
+    """The teacher :func:`load_teacher` makes, on the CPU, around ``weights`` mapped (not copied)."""
+    return backend(spec).from_weights(spec, weights, task)
 
 
 def teacher_identity(spec: TeacherSpec, vocab_size: int | None, seed: int, task: str = "causal_lm") -> TeacherIdentity:

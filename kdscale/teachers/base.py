@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from kdscale.config import TeacherSpec
+    from kdscale.models.shared_weights import SharedWeights
 
 # What a backend's scorer can return: the full logit vector per position, or only its top-k
 # log-probs. Target kinds say which one they need (TargetKind.needs_full_logits).
@@ -33,6 +34,7 @@ class TeacherIdentity:
 class TeacherBackend:
     name: ClassVar[str]
     outputs: ClassVar[frozenset[str]]  # FULL_LOGITS and/or TOP_K
+    shares_weights: ClassVar[bool] = False  # implements from_weights (replicas map one copy of the weights)
 
     def problems(self, spec: TeacherSpec) -> list[str]:
         """Cheap checks of the teacher's files (headers, no weights loaded), before any work."""
@@ -52,6 +54,11 @@ class TeacherBackend:
         """The scorer: a module in eval mode on ``device`` whose forward the task turns into
         logits [rows, positions, width]."""
         raise NotImplementedError
+
+    def from_weights(self, spec: TeacherSpec, weights: SharedWeights, task: str) -> torch.nn.Module:
+        """The scorer as :meth:`load` makes it (on the CPU), built around ``weights`` (exported from
+        a model :meth:`load` made) without copying them."""
+        raise NotImplementedError(f"teacher backend {self.name} cannot share weights between replicas")
 
     def identity(
         self, spec: TeacherSpec, vocab_size: int | None, seed: int, task: str = "causal_lm"
