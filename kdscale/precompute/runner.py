@@ -121,6 +121,7 @@ class _Pipeline:
     last: Any  # the TeacherWorker actor handle that writes shards
     batch_size: int = 1
     node: str | None = None  # IP/node-id of the node ``last`` runs on (recorded with its shards)
+    weights: ray.ObjectRef | None = None  # the shared weights its actors map: held while they run
 
     def submit(self, task: ShardTask, packed: ray.ObjectRef | None = None) -> ray.ObjectRef:
         """``packed``: the unit the task's rows are in (Ray hands it to the actors from its
@@ -180,11 +181,11 @@ def _start_pipelines(
     for _ in range(replicas):
         if len(ranges) == 1:
             last: Any = ray.remote(TeacherWorker).options(**options).remote(t, **last_kwargs)
-            pipelines.append(_Pipeline([], last, t.batch_size))
+            pipelines.append(_Pipeline([], last, t.batch_size, weights=weights))
             continue
         stages = [ray.remote(StageWorker).options(**options).remote(t, **common, layer_range=r) for r in ranges[:-1]]
         last = ray.remote(_LastStage).options(**options).remote(t, **last_kwargs, layer_range=ranges[-1])
-        pipelines.append(_Pipeline(stages, last, t.batch_size))
+        pipelines.append(_Pipeline(stages, last, t.batch_size, weights=weights))
     return pipelines
 
 
