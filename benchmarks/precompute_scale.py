@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     from kdscale.teachers import load_tokenizer
 
     tokenizer = load_tokenizer(load_job(TINY).teacher)
-    unit_bytes = args.unit_bytes
-    unit = f"{unit_bytes >> 20}MiB" if unit_bytes % (1 << 20) == 0 else f"{unit_bytes}B"
+    unit = f"{args.unit_bytes >> 20}MiB" if args.unit_bytes % (1 << 20) == 0 else f"{args.unit_bytes}B"
     paras = paragraphs(DOCS, str(REPO / "jobs" / "assets" / "tiny-corpus" / "*.rst"))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -216,14 +215,14 @@ def main(argv: list[str] | None = None) -> None:
                     "size": size,
                     "layout": layout,
                     "cpus": args.cpus,
-                    "unit_bytes": unit_bytes,
+                    "unit_bytes": args.unit_bytes,
                     "seed": args.seed,
                 }
                 path = kept_in / f"{name}-{unit}.json"
                 results[name] = kept_arm(path, settings)
                 if results[name] is None:
                     pattern = write_corpus(tmp / name, layout, documents(paras, size, tokenizer, args.seed))
-                    measured = arm(tmp, name, pattern, fmt, args.cpus, unit_bytes, args.smoke)
+                    measured = arm(tmp, name, pattern, fmt, args.cpus, args.unit_bytes, args.smoke)
                     results[name] = {**measured, "settings": settings, "code": kdscale_code()}
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(results[name], indent=1) + "\n")
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 "benchmark": "precompute_scale",
                 "teacher": "tiny-random-llama",
                 "cpus": args.cpus,
-                "unit_bytes": unit_bytes,
+                "unit_bytes": args.unit_bytes,
                 "sizes": args.sizes,
                 "arms": results,
                 "ratios": r,
