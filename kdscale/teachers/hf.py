@@ -118,7 +118,10 @@ class HuggingFace(TeacherBackend):
         """The module from its config with initialisation skipped (its weights are assigned next,
         so drawing random ones would be wasted: 1.9 s for SmolLM2-135M on one core, 0.01 s
         skipped); non-persistent buffers (rotary frequencies) are computed by the module itself."""
-        from transformers.initialization import no_init_weights
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
 
         from kdscale.models.shared_weights import weight_tensors
 
