@@ -12,8 +12,12 @@ Measures, on the real SmolLM2-135M teacher and the same packed Python-docs seque
 - ``sharded``: the same with one replica split into ``budget`` pipeline stages (1 CPU each).
 
 Throughput is tokens / seconds from the first task submitted to the last shard written (teacher
-loading excluded on both sides; it is reported separately). Prints one JSON line with
-``ratio`` = precompute / bare (goal >= 0.90) and ``sharded_ratio`` = sharded / precompute.
+loading excluded on both sides; it is reported separately). The bare loop runs before and after
+the precompute arms, and the ratio is against the mean of the two: this 2-core machine's speed
+drifts (the bare loop alone moved between 720 and 897 tok/s in five runs of one day), and
+bracketing shows the drift (``bare.drift``) instead of charging it to one side. Prints one JSON
+line with ``ratio`` = precompute / bare (goal >= 0.90), ``ratio_range`` (against the faster and
+the slower bare run) and ``sharded_ratio`` = sharded / precompute.
 
     .venv/bin/python benchmarks/precompute_efficiency.py [--tokens 16384] [--budget 2] [--smoke]
 """
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
+    bare_before = bare_loop(base, pipeline.prepare(base), args.budget)
     started_ray = start_ray(args.budget)  # as kdscale starts it; a smoke test's Ray is reused and left running
     share = {"share_weights": not args.own_weights, "num_cpus": 1}
     replicas = base.model_copy(
@@ -111,7 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         pp, layer_ranges = kdscale_precompute(sharded, f"{tmp}/pp")
     if started_ray:
         ray.shutdown()
-    bare = bare_loop(base, pipeline.prepare(base), args.budget)
+    bare_after = bare_loop(base, pipeline.prepare(base), args.budget)
+    bare = {
+        "tokens": bare_after["tokens"],
+        "tokens_per_second": (bare_before["tokens_per_second"] + bare_after["tokens_per_second"]) / 2,
+        "before": bare_before,
+        "after": bare_after,
+        "drift": bare_after["tokens_per_second"] / bare_before["tokens_per_second"],
+    }
+    ratio = dp["tokens_per_second"] / bare["tokens_per_second"]
 
     print(
         json.dumps(
@@ -124,11 +137,16 @@ def main(argv: list[str] | None = None) -> None:
                 "bare": bare,
                 "precompute": {**dp, "replicas": args.budget, "shards": 1},
                 "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": layer_ranges},
-                "ratio": dp["tokens_per_second"] / bare["tokens_per_second"],
-                "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads)",
+                "ratio": ratio,
+                "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads), "
+                "the bare loop measured before and after the precompute arms and averaged",
+                "ratio_range": [
+                    dp["tokens_per_second"] / max(bare_before["tokens_per_second"], bare_after["tokens_per_second"]),
+                    dp["tokens_per_second"] / min(bare_before["tokens_per_second"], bare_after["tokens_per_second"]),
+                ],
                 "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],
                 "goal": {"ratio_min": 0.90},
-                "goal_met": dp["tokens_per_second"] / bare["tokens_per_second"] >= 0.90,
+                "goal_met": ratio >= 0.90,
             }
         )
     )

@@ -202,6 +202,7 @@ def test_precompute_efficiency(capsys):
             "sharded",
             "ratio",
             "ratio_meaning",
+            "ratio_range",
             "sharded_ratio",
             "goal",
             "goal_met",
@@ -212,6 +213,9 @@ def test_precompute_efficiency(capsys):
         assert line[arm]["tokens_per_second"] > 0, arm
     assert line["precompute"]["tokens"] == line["sharded"]["tokens"] == line["bare"]["tokens"] > 0
     assert len(line["sharded"]["layer_ranges"]) == 2
+    low, high = line["ratio_range"]
+    assert low <= line["ratio"] <= high  # the bare loop ran before and after the precompute arms
+    assert line["bare"]["before"]["tokens"] == line["bare"]["after"]["tokens"] == line["bare"]["tokens"]
 
 
 @on_ray
