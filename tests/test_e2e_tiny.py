@@ -31,11 +31,14 @@ def tiny_run(ray_session, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     driver_tmp = tmp / "driver-tmp"  # the driver's temporary folder during the run, to see what it leaves
     driver_tmp.mkdir()
+    ckpt_pattern = os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}tiny-student-*")
+    ckpt_before = set(glob.glob(ckpt_pattern))  # left by earlier tests' killed workers, if any
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(driver_tmp))
         result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
     yield {
         "driver_tmp_left": sorted(p.name for p in driver_tmp.iterdir()),
+        "ckpt_left": sorted(set(glob.glob(ckpt_pattern)) - ckpt_before),
         "result": result,
         "job": job,
         "workdir": workdir,
@@ -54,8 +57,7 @@ def test_run_succeeds_and_lays_out_the_workdir(tiny_run):
     assert (wd / "cache" / "manifest.json").exists()
     assert (wd / "students" / "tiny-student" / "export" / "config.json").exists()
     assert (wd / "students" / "tiny-student" / "checkpoints").is_dir()
-    leftovers = glob.glob(os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}tiny-student-*"))
-    assert leftovers == []  # each epoch's checkpoint folder went to Ray Train's storage, none left in /tmp
+    assert tiny_run["ckpt_left"] == []  # each epoch's checkpoint folder went to Ray Train's storage, none left in /tmp
     # the final model was copied out of Ray Train's storage for evaluation and export, then removed
     # (Ray's Checkpoint.to_directory() left a checkpoint_tmp_* copy of every student in /tmp)
     assert not [n for n in tiny_run["driver_tmp_left"] if n.startswith(("checkpoint_tmp_", "kdscale-final-"))]
