@@ -115,9 +115,9 @@ class TeacherSpec(Strict):
     batch_size: int = Field(4, ge=1, description="Rows per forward (the micro-batch when sharded).")
     share_weights: bool = Field(
         True,
-        description="Load the weights once, into Ray's object store, and let every teacher actor on a "
-        "node map that one copy instead of loading its own (CPU replicas: one copy per node, and ~7% "
-        "faster forwards measured with two).",
+        description="CPU teachers: load the weights once, into Ray's object store, and let every teacher "
+        "actor on a node map that one copy instead of loading its own (one copy per node, and ~7% faster "
+        "forwards measured with two replicas). GPU actors always load their own.",
     )
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)

@@ -70,6 +70,8 @@ def test_replicas_map_the_object_stores_copy(ray_session, tmp_path):
     assert shared_weights(spec, vocab, "causal_lm", actors=1) is None  # one actor: nothing to share
     off = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"share_weights": False})})
     assert shared_weights(off, vocab, "causal_lm", actors=2) is None
+    gpu = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"num_gpus": 1.0})})
+    assert shared_weights(gpu, vocab, "causal_lm", actors=2) is None  # GPU actors load their own
     weights = shared_weights(spec, vocab, "causal_lm", actors=2)
     kwargs = {
         "vocab_size": vocab,

@@ -152,10 +152,12 @@ def _teacher_weights(teacher, vocab_size: int, seed: int, task: str):
 
 
 def shared_weights(spec: JobSpec, vocab_size: int, task: str, actors: int) -> ray.ObjectRef | None:
-    """The teacher's weights in Ray's object store, loaded once, when more than one actor will
-    use them and the backend can build a teacher around them (None: each actor loads its own)."""
+    """The teacher's weights in Ray's object store, loaded once, when more than one CPU actor will
+    use them and the backend can build a teacher around them (None: each actor loads its own).
+    GPU actors load their own: each copies its weights to its device anyway, and a large teacher
+    would sit in the object store for nothing."""
     t = spec.teacher
-    if actors < 2 or not t.share_weights or not backend(t).shares_weights:
+    if actors < 2 or t.num_gpus > 0 or not t.share_weights or not backend(t).shares_weights:
         return None
     return _teacher_weights.remote(t, vocab_size, spec.seed, task)
 
