@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_job(TINY if args.smoke else REPO / "jobs" / "quickstart.yaml")
     base = base.model_copy(update={"corpus": base.corpus.model_copy(update={"max_tokens": args.tokens})})
-    bare_before = bare_loop(base, pipeline.prepare(base), args.budget)
+    prepared = pipeline.prepare(base)  # the bare loop's tokenizer, for both of its runs
+    bare_before = bare_loop(base, prepared, args.budget)
     started_ray = start_ray(args.budget)  # as kdscale starts it; a smoke test's Ray is reused and left running
     share = {"share_weights": not args.own_weights, "num_cpus": 1}
     replicas = base.model_copy(
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         pp, layer_ranges = kdscale_precompute(sharded, f"{tmp}/pp")
     if started_ray:
         ray.shutdown()
-    bare_after = bare_loop(base, pipeline.prepare(base), args.budget)
+    bare_after = bare_loop(base, prepared, args.budget)
     bare = {
         "tokens": bare_after["tokens"],
         "tokens_per_second": (bare_before["tokens_per_second"] + bare_after["tokens_per_second"]) / 2,

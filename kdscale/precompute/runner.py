@@ -25,12 +25,13 @@ from kdscale.cache.reader import open_manifest
 from kdscale.cache.store import CacheWriter
 from kdscale.config import JobSpec
 from kdscale.data.units import Unit
+from kdscale.models.shared_weights import export_weights
 from kdscale.precompute.feed import Stream, UnitMeta
 from kdscale.precompute.plan import PrecomputePlan, ShardTask, check_rows, text_dataset, unit_shard_tasks
 from kdscale.precompute.schedule import ReplicaSchedule
 from kdscale.precompute.worker import StageWorker, TeacherWorker
 from kdscale.progress import bar, say
-from kdscale.teachers import backend
+from kdscale.teachers import backend, load_teacher
 
 IN_FLIGHT_PER_REPLICA = 2
 
@@ -145,9 +146,6 @@ class _Pipeline:
 # CPU), and its process exits afterwards so the model it loaded is not kept alive in an idle worker.
 @ray.remote(num_cpus=0, max_calls=1)
 def _teacher_weights(teacher, vocab_size: int, seed: int, task: str):
-    from kdscale.models.shared_weights import export_weights
-    from kdscale.teachers import load_teacher
-
     return export_weights(load_teacher(teacher, vocab_size, seed, "cpu", task=task))
 
 
