@@ -3,7 +3,6 @@ Train workers, gloo), real MLflow (sqlite), real Parquet cache."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tempfile
@@ -15,7 +14,7 @@ from kdscale import fs
 from kdscale.cache.reader import open_manifest
 from kdscale.cache.verify import problems
 from kdscale.cli import app
-from kdscale.student.loop import CHECKPOINT_PREFIX
+from kdscale.student.local_checkpoints import folders as checkpoint_folders
 from tests.conftest import write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -31,14 +30,13 @@ def tiny_run(ray_session, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     driver_tmp = tmp / "driver-tmp"  # the driver's temporary folder during the run, to see what it leaves
     driver_tmp.mkdir()
-    ckpt_pattern = os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}tiny-student-*")
-    ckpt_before = set(glob.glob(ckpt_pattern))  # left by earlier tests' killed workers, if any
+    ckpt_before = set(checkpoint_folders("tiny-student"))  # left by earlier tests' killed workers, if any
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(driver_tmp))
         result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
     yield {
         "driver_tmp_left": sorted(p.name for p in driver_tmp.iterdir()),
-        "ckpt_left": sorted(set(glob.glob(ckpt_pattern)) - ckpt_before),
+        "ckpt_left": sorted(set(checkpoint_folders("tiny-student")) - ckpt_before),
         "result": result,
         "job": job,
         "workdir": workdir,

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,12 +25,12 @@ import torch
 from kdscale.config import TrainSpec
 from kdscale.models.task import Task, table_arrays, task_from_dict
 from kdscale.student.cross_losses import cross_tokenizer_loss
+from kdscale.student.local_checkpoints import new_folder
 from kdscale.student.losses import Divergence, distillation_loss, nll_sum
 from kdscale.student.worker_config import WorkerConfig
 from kdscale.targets import AlignedTargets
 
 STATE_FILE = "kdscale_state.json"
-CHECKPOINT_PREFIX = "kdscale-ckpt-"
 HF_DIR = "hf"
 DS_DIR = "deepspeed"
 
@@ -404,13 +403,14 @@ class _WorkerRun:
         )
 
     def save_checkpoint(self) -> str:
-        """A checkpoint folder (Ray Train moves it into the run's storage and deletes it; the
-        student's name in it lets a test check that none is left behind); the state records how
-        long the save took, so its cost shows beside the epochs' (``checkpoint_seconds``)."""
+        """A checkpoint folder (Ray Train moves it into the run's storage and deletes it; one a
+        killed worker left is removed by the next save: :mod:`kdscale.student.local_checkpoints`);
+        the state records how long the save took, so its cost shows beside the epochs'
+        (``checkpoint_seconds``)."""
         from kdscale.student.engine import full_state_dict
 
         started = time.perf_counter()
-        folder = tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{self.cfg.student}-")
+        folder = new_folder(self.cfg.student)
         self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag="ckpt")
         weights = full_state_dict(self.engine, self.train.zero_stage)  # collective under ZeRO-3
         if self.rank == 0:
