@@ -9,7 +9,10 @@ Measures, on the real SmolLM2-135M teacher and the same packed Python-docs seque
   as actors mapping one copy of the weights, target extraction, id coding, Parquet writes,
   ledger), data-parallel: ``budget`` replicas x 1 CPU; ``--own-weights`` gives each replica its
   own copy (teacher.share_weights: false), for the comparison;
-- ``sharded``: the same with one replica split into ``budget`` pipeline stages (1 CPU each).
+- ``sharded``: the same with one replica split into ``budget`` pipeline stages (1 CPU each);
+- ``threaded``: the same with one replica of ``budget`` CPUs (torch threads), the bare loop's
+  layout: which layout a CPU node should run (two 1-thread forwards were 5-15% slower per core
+  than one 2-thread process, measured 2026-12-04).
 
 Throughput is tokens / seconds from the first task submitted to the last shard written (teacher
 loading excluded on both sides; it is reported separately). The bare loop runs before and after
@@ -17,7 +20,8 @@ the precompute arms, and the ratio is against the mean of the two: this 2-core m
 drifts (the bare loop alone moved between 720 and 897 tok/s in five runs of one day), and
 bracketing shows the drift (``bare.drift``) instead of charging it to one side. Prints one JSON
 line with ``ratio`` = precompute / bare (goal >= 0.90), ``ratio_range`` (against the faster and
-the slower bare run) and ``sharded_ratio`` = sharded / precompute.
+the slower bare run), ``sharded_ratio`` = sharded / precompute and ``threaded_ratio`` =
+threaded / bare.
 
     .venv/bin/python benchmarks/precompute_efficiency.py [--tokens 16384] [--budget 2] [--smoke]
 """
@@ -112,9 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     sharded = base.model_copy(
         update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": args.budget, **share})}
     )
+    threaded = base.model_copy(
+        update={"teacher": base.teacher.model_copy(update={"replicas": 1, "shards": 1, "num_cpus": args.budget})}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dp, _ = kdscale_precompute(replicas, f"{tmp}/dp")
         pp, layer_ranges = kdscale_precompute(sharded, f"{tmp}/pp")
+        one, _ = kdscale_precompute(threaded, f"{tmp}/one")
     if started_ray:
         ray.shutdown()
     bare_after = bare_loop(base, prepared, args.budget)
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 "bare": bare,
                 "precompute": {**dp, "replicas": args.budget, "shards": 1},
                 "sharded": {**pp, "replicas": 1, "shards": args.budget, "layer_ranges": layer_ranges},
+                "threaded": {**one, "replicas": 1, "shards": 1, "num_cpus": args.budget},
                 "ratio": ratio,
                 "ratio_meaning": "kdscale precompute tokens/s / bare teacher-forward tokens/s (same threads), "
                 "the bare loop measured before and after the precompute arms and averaged",
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                     dp["tokens_per_second"] / min(bare_before["tokens_per_second"], bare_after["tokens_per_second"]),
                 ],
                 "sharded_ratio": pp["tokens_per_second"] / dp["tokens_per_second"],
+                "threaded_ratio": one["tokens_per_second"] / bare["tokens_per_second"],
                 "goal": {"ratio_min": 0.90},
                 "goal_met": ratio >= 0.90,
             }

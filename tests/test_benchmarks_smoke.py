@@ -204,14 +204,16 @@ def test_precompute_efficiency(capsys):
             "ratio_meaning",
             "ratio_range",
             "sharded_ratio",
+            "threaded",
+            "threaded_ratio",
             "goal",
             "goal_met",
         },
     )
     assert line["teacher"] == "tiny-random-llama"
-    for arm in ("bare", "precompute", "sharded"):
+    for arm in ("bare", "precompute", "sharded", "threaded"):
         assert line[arm]["tokens_per_second"] > 0, arm
-    assert line["precompute"]["tokens"] == line["sharded"]["tokens"] == line["bare"]["tokens"] > 0
+        assert line[arm]["tokens"] == line["bare"]["tokens"] > 0, arm
     assert len(line["sharded"]["layer_ranges"]) == 2
     low, high = line["ratio_range"]
     assert low <= line["ratio"] <= high  # the bare loop ran before and after the precompute arms
