@@ -4,6 +4,7 @@ next save; those of live processes, of other students and of names kdscale did n
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +27,20 @@ def _folder(student: str, suffix: str) -> str:
 
 def test_next_save_removes_only_dead_workers_folders():
     student = f"ckpt-test-{uuid.uuid4().hex[:8]}"
-    dead = _folder(student, f"{_exited_pid()}-abc")
-    live = _folder(student, f"{os.getppid()}-abc")  # another live process: maybe still uploading
-    own = _folder(student, f"{os.getpid()}-old")
+    host = socket.gethostname()
+    dead = _folder(student, f"{host}:{_exited_pid()}-abc")
+    live = _folder(student, f"{host}:{os.getppid()}-abc")  # another live process: maybe still uploading
+    own = _folder(student, f"{host}:{os.getpid()}-old")
     foreign = _folder(student, "notapid")
-    other_student = _folder(f"{student}-{_exited_pid()}", f"{os.getppid()}-abc")  # a name with digits in it
+    other_host = _folder(student, f"{host}x:{_exited_pid()}-abc")  # its pids say nothing about this host's
+    other_student = _folder(f"{student}-{_exited_pid()}", f"{host}:{_exited_pid()}-abc")  # digits in its name
     try:
         fresh = new_folder(student)
         assert not os.path.exists(dead)
-        assert all(os.path.isdir(p) for p in (live, own, foreign, other_student, fresh))
-        assert os.path.basename(fresh).startswith(f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}{os.getpid()}-")
-        assert sorted(folders(student)) == sorted([live, own, foreign, fresh])
+        assert all(os.path.isdir(p) for p in (live, own, foreign, other_host, other_student, fresh))
+        assert os.path.basename(fresh).startswith(f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}{host}:{os.getpid()}-")
+        assert sorted(folders(student)) == sorted([live, own, foreign, other_host, fresh])
         assert remove_orphans(student) == []  # nothing else is an orphan
     finally:
-        for path in (live, own, foreign, other_student, fresh):
+        for path in (live, own, foreign, other_host, other_student, fresh):
             subprocess.run(["rm", "-rf", path], check=True)

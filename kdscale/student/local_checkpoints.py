@@ -4,7 +4,7 @@ moves it to the run's storage (and deletes it).
 A worker killed between the save and the upload (node loss, OOM, the fault tests' kills) leaves
 its folder behind: a full DeepSpeed state plus a Hugging Face copy of the student, per rank, in
 the node's temp dir, which a long-lived node fills up with. So each folder's name carries the
-saving process's id (``kdscale-ckpt-<student>@<pid>-<random>``), and every save first removes
+saving process's id (``kdscale-ckpt-<student>@<host>:<pid>-<random>``), and every save first removes
 the folders of this student whose process is gone. Folders of live processes (another run of a
 student with the same name, a worker still uploading) are never touched.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 import tempfile
 
 CHECKPOINT_PREFIX = "kdscale-ckpt-"
@@ -25,10 +26,18 @@ def folders(student: str) -> list[str]:
     return glob.glob(os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}*"))
 
 
-def _owner(folder: str) -> int | None:
-    """The id of the process that made ``folder``; None for a name this module did not make."""
-    pid = os.path.basename(folder).rsplit(OWNER_MARK, 1)[1].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _owner_tag() -> str:
+    """``<host>:<pid>``: the host too, since a temp dir may be shared by machines (or containers)
+    whose process ids say nothing about each other's."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _local_owner(folder: str) -> int | None:
+    """The id of the process on this host that made ``folder``; None for a folder of another
+    host or a name this module did not make."""
+    host, _, rest = os.path.basename(folder).rsplit(OWNER_MARK, 1)[1].rpartition(":")
+    pid = rest.split("-", 1)[0]
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
 
 
 def _alive(pid: int) -> bool:
@@ -45,7 +54,7 @@ def remove_orphans(student: str) -> list[str]:
     """Remove this student's checkpoint folders whose saving process has exited; returns them."""
     removed = []
     for folder in folders(student):
-        pid = _owner(folder)
+        pid = _local_owner(folder)
         if pid is not None and pid != os.getpid() and not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
@@ -55,4 +64,4 @@ def remove_orphans(student: str) -> list[str]:
 def new_folder(student: str) -> str:
     """A fresh checkpoint folder for ``student``, after removing the ones dead workers left."""
     remove_orphans(student)
-    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}{_owner_tag()}-")
