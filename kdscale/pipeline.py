@@ -138,8 +138,18 @@ def stage_precompute(p: Prepared, tracker: Tracker, plan, reuse: Manifest | None
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
+    speed = {
+        "tokens": result.tokens_computed,
+        "seconds": result.compute_seconds,
+        "tokens_per_second": result.tokens_per_second,
+    }
     write_summary(
-        p.workdir, {"cache": cache_summary(p.cache_uri, m, result.reused), "mlflow": {"precompute_run_id": run_id}}
+        p.workdir,
+        {
+            "cache": cache_summary(p.cache_uri, m, result.reused),
+            "precompute": speed,  # this run's teacher work (0 tokens when the cache was reused)
+            "mlflow": {"precompute_run_id": run_id},
+        },
     )
     return m
 

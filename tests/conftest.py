@@ -16,13 +16,20 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _has_cuda():  # DeepSpeed picks its accelerator at import: on a GPU machine it must find CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if torch.cuda.is_available():
+    if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
@@ -30,6 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 SESSION_AWS_SECRET = "kdscale-test-secret-7c41d9e2"
 
 
@@ -48,14 +56,12 @@ def s3_endpoint():
     Its address and dummy credentials go into the environment *before* Ray starts, so Ray's
     workers (teacher actors, Ray Data readers, training workers) reach it through s3fs too."""
     import subprocess
-    import sys
     import time
     import urllib.request
 
     port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -100,10 +106,14 @@ def s3_bucket(s3_endpoint, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
+def ray_session(request):
     """Start Ray once for the whole session; kdscale reuses an initialized Ray. Started after the
-    S3 endpoint so every Ray worker inherits its address."""
+    S3 endpoint so every Ray worker inherits its address — where moto is installed: everywhere the
+    dev extras are (CI), not on a bare GPU machine that runs only the `gpu` tests."""
     import ray
+
+    if MOTO_SERVER.exists():
+        request.getfixturevalue("s3_endpoint")
 
     if not ray.is_initialized():
         from kdscale.ray_runtime import worker_env
