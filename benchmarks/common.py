@@ -42,11 +42,12 @@ def tiny_job() -> dict:
     return load_job(TINY).model_dump(mode="json")
 
 
-def quickstart(smoke: bool = False, **overrides: Any) -> JobSpec:
+def quickstart(smoke: bool = False, check_resources: bool = True, **overrides: Any) -> JobSpec:
     """jobs/quickstart.yaml (``smoke``: jobs/tiny.yaml) with dotted overrides, e.g.
     ``{"corpus.max_tokens": 16384}``; a ``students`` override replaces the list (each entry merged
-    over the job's first student)."""
-    raw = tiny_job() if smoke else load_job(QUICKSTART).model_dump(mode="json")
+    over the job's first student). ``check_resources=False``: the quickstart's own files (teacher
+    package, corpus) need not exist here, because the overrides replace them."""
+    raw = tiny_job() if smoke else load_job(QUICKSTART, check_resources).model_dump(mode="json")
     base_student = raw["students"][0]
     for dotted, value in overrides.items():
         if dotted == "students":

@@ -27,7 +27,7 @@ step() { # name, command...: run it, its output in $OUT/<name>.log, and count a 
 }
 nvidia-smi -L
 step versions python3 -c "import torch, ray, deepspeed, mlflow, transformers, pydantic, typer; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'mlflow', mlflow.__version__, 'transformers', transformers.__version__, 'typer', typer.__version__)"
-step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra --strict-markers --durations=10" tests/test_extraction.py
+step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra --strict-markers --durations=10" tests/test_extraction.py tests/test_loop.py
 step gpu_throughput python3 benchmarks/gpu_throughput.py "$@"
 grep '^{' "$OUT/gpu_throughput.log" | tail -n 1 > "$OUT/gpu_throughput.json"
 exit $failed

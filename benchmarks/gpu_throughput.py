@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from typing import Any
@@ -103,7 +104,7 @@ def job(args: argparse.Namespace, cuda: bool):
                 "teacher.architecture": SMOLLM2_ARCHITECTURE,
             }
         )
-    return quickstart(args.smoke, **overrides)
+    return quickstart(args.smoke, check_resources=args.weights == "gguf", **overrides)
 
 
 def sync(device: torch.device) -> None:
@@ -150,10 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     spec = job(args, cuda)
     bare = bare_loop(spec, device)
+    print(json.dumps({"arm": "bare", **bare}), file=sys.stderr, flush=True)  # kept if a later arm fails
     start_ray(2 if args.smoke else 8)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run(spec, tmp, stages=("precompute", "train"))
-    precompute = summary["precompute"]
+        precompute = run(spec, tmp, stages=("precompute",))["precompute"]
+        print(json.dumps({"arm": "precompute", **precompute}), file=sys.stderr, flush=True)
+        summary = run(spec, tmp, stages=("train",))
     student = summary["students"]["gpu-student"]
     print(
         json.dumps(

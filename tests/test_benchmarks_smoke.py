@@ -188,6 +188,16 @@ def on_ray(test):
 
 
 @on_ray
+def test_gpu_throughput(capsys):
+    """Its three arms on this machine's device (the CPU in CI; the numbers mean nothing there)."""
+    line = json_line(capsys, "gpu_throughput", "--smoke")
+    check(line, {"benchmark", "device", "teacher", "tokens", "bare", "precompute", "ratio", "train"})
+    for arm in ("bare", "precompute", "train"):
+        assert line[arm]["tokens_per_second"] > 0, arm
+    assert line["precompute"]["tokens"] == line["tokens"]
+
+
+@on_ray
 def test_precompute_efficiency(capsys):
     line = json_line(capsys, "precompute_efficiency", "--smoke")
     check(

@@ -115,20 +115,24 @@ def test_cuda_extraction_of_deterministic_kinds_equals_the_cpu(case):
 def test_cuda_draws_are_reproducible_and_unbiased():
     """A CUDA generator draws another stream than the CPU one from the same seed, so the ids
     differ; what must hold: the same draws for the same seed on CUDA, counts summing to N, and
-    counts / N estimating the teacher's distribution as well as the CPU's draws do."""
+    counts / N estimating the teacher's distribution as well as the CPU's draws do: within 1.25x
+    of the L1 error pure sampling noise gives, sum_k sqrt(2 p_k (1 - p_k) / (pi N)) = 0.063 for
+    these 400 x 50 draws (measured on an H200: CPU 0.061, CUDA 0.068)."""
     logits = (torch.randn(1, 300, generator=torch.Generator().manual_seed(1)) * 2).repeat(400, 1)
     probs = torch.softmax(logits[0], -1).numpy()
+    noise = np.sum(np.sqrt(2 * probs * (1 - probs) / (np.pi * 400 * 50)))
     errors = {}
     for device in ("cpu", "cuda"):
         first = _extract("sampled", device, logits.to(device))
         again = _extract("sampled", device, logits.to(device))
         assert all(np.array_equal(first[k], again[k]) for k in first)
+        assert int(first["target_counts"].sum()) == 400 * 50
         lengths = first["target_lengths"].astype(np.int64)
         positions = np.repeat(np.arange(400), lengths)
         estimate = np.zeros((400, 300))
         np.add.at(estimate, (positions, first["target_ids"]), first["target_counts"] / 50.0)
         errors[device] = np.abs(estimate.mean(0) - probs).sum()
-    assert errors["cuda"] < 0.05 and errors["cuda"] < 2 * errors["cpu"] + 0.01, errors
+    assert max(errors.values()) < 1.25 * noise, (errors, noise)
 
 
 @gpu

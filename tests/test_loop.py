@@ -139,3 +139,58 @@ def test_caches_are_read_by_ray_datas_v1_parquet_reader_unless_the_user_says(ray
     monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
     ensure_ray(RaySpec())
     assert ctx.use_datasource_v2 is True
+
+
+def _reduce_in_a_group(rank: int, world: int, port: int, backend: str, device: str, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kdscale.student.loop import across_ranks
+
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        values = [1.0 + rank, 10.0 * rank]
+        out.put(
+            (rank, across_ranks(values, torch.device(device)), across_ranks(values, torch.device(device), mean=True))
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _reduce_on(backend: str, device: str, world: int) -> dict:
+    """Each rank's (sum, mean) of ``[1 + rank, 10 * rank]`` from a process group of ``world`` processes."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_reduce_in_a_group, args=(r, world, port, backend, device, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {rank: (total, mean) for rank, total, mean in (out.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_across_ranks_sums_and_averages_over_a_gloo_group():
+    results = _reduce_on("gloo", "cpu", world=2)
+    assert results[0] == results[1] == ([3.0, 10.0], [1.5, 5.0])
+
+
+@pytest.mark.gpu
+def test_across_ranks_reduces_on_the_training_device_under_nccl():
+    """NCCL refuses CPU tensors: the reduction is made on the GPU the student trains on (one rank
+    per GPU, as NCCL requires)."""
+    import torch
+
+    world = torch.cuda.device_count()
+    results = _reduce_on("nccl", "cuda", world)
+    total = [sum(1.0 + r for r in range(world)), sum(10.0 * r for r in range(world))]
+    assert all(results[r] == (total, [v / world for v in total]) for r in range(world))

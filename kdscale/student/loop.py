@@ -46,18 +46,16 @@ def steps_per_epoch(train_rows: int, train: TrainSpec) -> int:
     return (per_worker // train.micro_batch_size) // train.grad_accum
 
 
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def across_ranks(values: list[float], device: torch.device | None = None, mean: bool = False) -> list[float]:
+    """``values`` summed (``mean``: averaged) over every rank. The tensor is made on the training
+    ``device``: NCCL, the GPU backend, reduces CUDA tensors only (a CPU tensor failed every GPU
+    student with "No backend type associated with device type cpu" on an H200, 2026-12-04), gloo
+    CPU ones."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.tolist()
-
-
-def _sum_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
+        if mean:
+            t /= torch.distributed.get_world_size()
     return t.tolist()
 
 
@@ -84,7 +82,7 @@ def heldout_ce(engine, task: Task, heldout: dict, rank: int, world: int, batch_s
             n, c = nll_sum(logits, task.labels(batch, device))
             nll, count = nll + n, count + c
     engine.train()
-    total_nll, total_count = _sum_across_ranks([nll, count])
+    total_nll, total_count = across_ranks([nll, count], device)
     return total_nll / max(total_count, 1.0)
 
 
@@ -356,7 +354,7 @@ class _WorkerRun:
         """The window's mean losses over all ranks, into the history and (rank 0) MLflow."""
         from kdscale.tracking.lineage import log_step_metrics
 
-        total, kd, ce = _mean_across_ranks([sum(col) / len(window) for col in zip(*window)])
+        total, kd, ce = across_ranks([sum(col) / len(window) for col in zip(*window)], self.device, mean=True)
         record = {"step": self.state["step"], "epoch": epoch, "loss": total, "kd": kd, "ce": ce}
         record["lr"] = self.engine.get_lr()[0]
         self.state["history"].append(record)
