@@ -7,7 +7,11 @@
 #
 # A bare GPU machine (torch with CUDA, without kdscale's other dependencies) gets them from a
 # tarball of an installed site-packages folder: KDSCALE_SITE_TARBALL=site.tar.xz, unpacked to
-# /tmp/kdscale-site and put on PYTHONPATH with this checkout.
+# /tmp/kdscale-site and put on PYTHONPATH with this checkout. As run on a lent H200 (2026-12-04),
+# after `.venv/bin/python benchmarks/gpu_site.py --have have.txt --data` (.gpu/ git-ignored, carried):
+#   python3 -c "import tarfile; tarfile.open('.gpu/pydocs.tar.xz').extractall('/tmp/pydocs', filter='tar')"
+#   KDSCALE_SITE_TARBALL=.gpu/site.tar.xz bash benchmarks/gpu_check.sh --weights random \
+#     --tokenizer .gpu/smollm2-tokenizer --corpus '/tmp/pydocs/library/*.rst.txt' --tokens 524288
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
