@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdscale.cache.targets import extract_row, row_generator
+from kdscale.cache.targets import CHUNK, chunk_positions, extract_row, row_generator
 
 CASES = {
     "sampled": ("sampled", {"num_samples": 50}),
@@ -94,6 +94,13 @@ def test_cpu_extraction_is_identical_to_the_host_side_one(case):
     assert sums.keys() == GOLDEN_FLOATS[case].keys()
     for key, pinned in GOLDEN_FLOATS[case].items():
         assert sums[key] == pytest.approx(pinned, rel=1e-6), key
+
+
+def test_rows_are_chunked_on_the_cpu_and_whole_elsewhere():
+    """CPU chunks keep [chunk, vocab] temporaries in cache (and pin the CPU's draw stream); on any
+    other device (a GPU; "meta" stands in for one here) the row is one chunk: fewer launches."""
+    assert chunk_positions(torch.zeros(256, 8)) == CHUNK == 16
+    assert chunk_positions(torch.zeros(256, 8, device="meta")) == 256
 
 
 gpu = pytest.mark.gpu

@@ -12,8 +12,10 @@ times as possible — one max pass (values only; the argmax too for eval rows), 
 exp pass at the capture temperature (a second exp only when T != 1, for the T=1 likelihood) — and
 works on ``CHUNK`` positions at a time so the [chunk, vocab] temporaries stay in cache instead of
 paging in fresh memory per op (vocab 49,152 on one core: 0.78 ms/token naive, ~0.25 ms chunked,
-against ~5 ms for SmolLM2's forward). The chunk size is part of the sampling stream (draws are
-taken chunk by chunk from one generator), so it is fixed.
+against ~5 ms for SmolLM2's forward). On a GPU the row is one chunk: there each chunk costs a
+dozen kernel launches and ~6 host synchronizations (a 256-position row in 16-position chunks made
+~100), and memory is no concern. The chunking is part of the sampling stream (draws are taken
+chunk by chunk from one generator), so it is fixed per device type (:func:`chunk_positions`).
 """
 
 from __future__ import annotations
@@ -87,8 +89,14 @@ class RowDistribution:
 CHUNK = 16
 
 
+def chunk_positions(logits: torch.Tensor) -> int:
+    """Positions per chunk: ``CHUNK`` on a CPU (cache-sized temporaries), the whole row elsewhere
+    (fewest launches and synchronizations)."""
+    return CHUNK if logits.device.type == "cpu" else max(1, logits.shape[0])
+
+
 class Scratch:
-    """The [CHUNK, vocab] float32 buffers a chunk's distribution is computed into, made once per
+    """The [chunk, vocab] float32 buffers a chunk's distribution is computed into, made once per
     row and reused by each of its chunks. With glibc's default malloc a fresh buffer costs more
     than the operation: on one core at vocab 49,152, ``exp`` into a new tensor took 0.064
     ms/token against 0.020 into a reused one (a new tensor's pages are faulted in, 4 KB at a
@@ -97,7 +105,7 @@ class Scratch:
     :mod:`kdscale.ray_runtime`). The values are the same operations' (identical targets)."""
 
     def __init__(self, logits: torch.Tensor, temperature: float):
-        shape = (min(CHUNK, logits.shape[0]), logits.shape[-1])
+        shape = (min(chunk_positions(logits), logits.shape[0]), logits.shape[-1])
         self.shifted = torch.empty(shape, dtype=torch.float32, device=logits.device)
         self.weights = torch.empty_like(self.shifted)
         self.scaled = self.shifted if temperature == 1.0 else torch.empty_like(self.shifted)
@@ -109,9 +117,9 @@ class Scratch:
 
 def _chunks(logits: torch.Tensor, temperature: float, with_top1: bool = False):
     """Each chunk's distribution, in buffers the next chunk overwrites: use it before the next."""
-    scratch = Scratch(logits, temperature)
-    for start in range(0, logits.shape[0], CHUNK):
-        yield start, RowDistribution.of(logits[start : start + CHUNK], temperature, with_top1, scratch)
+    scratch, step = Scratch(logits, temperature), chunk_positions(logits)
+    for start in range(0, logits.shape[0], step):
+        yield start, RowDistribution.of(logits[start : start + step], temperature, with_top1, scratch)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
