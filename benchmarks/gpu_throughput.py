@@ -1,9 +1,11 @@
 """How fast is kdscale on one GPU? (issue 17's GPU numbers)
 
-Three arms on one CUDA device, over the same packed Python-docs rows:
+Four arms on one CUDA device, over the same packed Python-docs rows:
 
 - ``bare``: a plain loop of teacher forwards in one process (the job's dtype, batch and
   sequence length, CUDA-synchronized) — the ceiling;
+- ``forward_extract``: the same loop with kdscale's target extraction of every row after its
+  forward (no id coding, no writing; ``extraction_ratio`` = this / bare);
 - ``precompute``: kdscale's precompute with one teacher replica on the GPU (``teacher.num_gpus:
   1``: the forward in bf16, target extraction in fp32 on the device, only the sparse targets
   moved to the host, then id coding, Parquet writes and the ledger on the CPU); ``ratio`` =
@@ -112,10 +114,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(spec, device: torch.device) -> dict:
-    """The teacher's forwards over the packed rows on ``device``, nothing else."""
+def forward_loops(spec, device: torch.device) -> tuple[dict, dict]:
+    """Two timed passes of the teacher's forwards over the packed rows on ``device``: the forwards
+    alone (``bare``), and each followed by kdscale's target extraction of its rows
+    (``forward_extract``, kdscale.cache.targets as the teacher actor runs it, without id coding
+    or writing): the gap between the three arms says where the precompute's time goes."""
     from kdscale import pipeline
+    from kdscale.cache.targets import extract_row
     from kdscale.data.corpus import pack_corpus
+    from kdscale.models.task import next_token_labels
     from kdscale.teachers import load_teacher
 
     tokenizer = pipeline.prepare(spec).tokenizer
@@ -125,24 +132,29 @@ def bare_loop(spec, device: torch.device) -> dict:
     started = time.perf_counter()
     model = load_teacher(spec.teacher, len(tokenizer), spec.seed).to(device)
     load = time.perf_counter() - started
-    batch = spec.teacher.batch_size
-    with torch.inference_mode():
-        model(input_ids=ids[:batch])  # warm-up (kernels, allocator), not timed
-        sync(device)
-        started = time.perf_counter()
-        for part in ids.split(batch):
-            model(input_ids=part)
-        sync(device)
-        seconds = time.perf_counter() - started
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {
-        "tokens": int(rows.size),
-        "seconds": seconds,
-        "tokens_per_second": rows.size / seconds,
-        "load_seconds": load,
-    }
+    t, vocab = spec.cache.targets, len(tokenizer)
+
+    def extract(part: torch.Tensor) -> None:
+        logits = model(input_ids=part).logits[..., :vocab].float()
+        for i, labels in enumerate(next_token_labels(part)):
+            extract_row(
+                t.kind, logits[i], labels, temperature=t.temperature, num_samples=t.num_samples, k=t.k,
+                seed=spec.seed, sid=str(i), store_logprobs=t.store_logprobs, draws=t.draws,
+            )  # fmt: skip
+
+    def timed(step) -> dict:
+        with torch.inference_mode():
+            step(ids[: spec.teacher.batch_size])  # warm-up (kernels, allocator), not timed
+            sync(device)
+            started = time.perf_counter()
+            for part in ids.split(spec.teacher.batch_size):
+                step(part)
+            sync(device)
+            seconds = time.perf_counter() - started
+        return {"tokens": int(rows.size), "seconds": seconds, "tokens_per_second": rows.size / seconds}
+
+    bare = {**timed(lambda part: model(input_ids=part)), "load_seconds": load}
+    return bare, timed(extract)  # (the model is freed with this frame: main empties CUDA's cache)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     spec = job(args, cuda)
-    bare = bare_loop(spec, device)
-    print(json.dumps({"arm": "bare", **bare}), file=sys.stderr, flush=True)  # kept if a later arm fails
+    bare, forward_extract = forward_loops(spec, device)
+    if cuda:
+        torch.cuda.empty_cache()  # the teacher actor and the student get the whole GPU
+    for arm, result in (("bare", bare), ("forward_extract", forward_extract)):  # kept if a later arm fails
+        print(json.dumps({"arm": arm, **result}), file=sys.stderr, flush=True)
     start_ray(2 if args.smoke else 8)
     with tempfile.TemporaryDirectory() as tmp:
         precompute = run(spec, tmp, stages=("precompute",))["precompute"]
@@ -172,9 +187,11 @@ def main(argv: list[str] | None = None) -> None:
                 "teacher_batch_size": spec.teacher.batch_size,
                 "target_kind": summary["cache"]["target_kind"],
                 "bare": bare,
+                "forward_extract": forward_extract,
                 "precompute": precompute,
                 "ratio": precompute["tokens_per_second"] / bare["tokens_per_second"],
                 "ratio_meaning": "kdscale precompute tokens/s (1 GPU replica) / bare teacher-forward tokens/s",
+                "extraction_ratio": forward_extract["tokens_per_second"] / bare["tokens_per_second"],
                 "train": {
                     "tokens_per_second": steady_rate(student),
                     "micro_batch_size": args.micro_batch,

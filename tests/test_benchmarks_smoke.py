@@ -191,10 +191,10 @@ def on_ray(test):
 def test_gpu_throughput(capsys):
     """Its three arms on this machine's device (the CPU in CI; the numbers mean nothing there)."""
     line = json_line(capsys, "gpu_throughput", "--smoke")
-    check(line, {"benchmark", "device", "teacher", "tokens", "bare", "precompute", "ratio", "train"})
-    for arm in ("bare", "precompute", "train"):
+    check(line, {"benchmark", "device", "teacher", "tokens", "bare", "forward_extract", "precompute", "ratio", "train"})
+    for arm in ("bare", "forward_extract", "precompute", "train"):
         assert line[arm]["tokens_per_second"] > 0, arm
-    assert line["precompute"]["tokens"] == line["tokens"]
+    assert line["precompute"]["tokens"] == line["forward_extract"]["tokens"] == line["tokens"]
 
 
 @on_ray
