@@ -189,7 +189,7 @@ def on_ray(test):
 
 @on_ray
 def test_gpu_throughput(capsys):
-    """Its three arms on this machine's device (the CPU in CI; the numbers mean nothing there)."""
+    """Its four arms on this machine's device (the CPU in CI; the numbers mean nothing there)."""
     line = json_line(capsys, "gpu_throughput", "--smoke")
     check(line, {"benchmark", "device", "teacher", "tokens", "bare", "forward_extract", "precompute", "ratio", "train"})
     for arm in ("bare", "forward_extract", "precompute", "train"):
