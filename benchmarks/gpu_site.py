@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         for wheel in wanted(wheels, have):
             unpack(wheel, site)
         for part in UNUSED_PARTS:
-            subprocess.run(["rm", "-rf", str(site / part)], check=True)
+            shutil.rmtree(site / part, ignore_errors=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(args.out, "w:xz") as tar:
             tar.add(site, arcname=".")
