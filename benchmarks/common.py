@@ -57,6 +57,17 @@ def quickstart(smoke: bool = False, check_resources: bool = True, **overrides: A
     return JobSpec.model_validate(raw)
 
 
+def packed_rows(spec: JobSpec, tokenizer) -> Any:
+    """Every row the job's precompute would run the teacher on (train, held-out, validation), packed
+    in this process as [rows, seq_len] token ids: the bare teacher loops' input."""
+    import numpy as np
+
+    from kdscale.data.corpus import pack_corpus
+
+    packed = pack_corpus(spec.corpus, tokenizer)
+    return np.stack(packed.train + packed.heldout + packed.validation)
+
+
 def set_dotted(spec: dict, dotted: str, value: Any) -> None:
     """Set ``spec["a"]["b"][0]["c"]`` from ``"a.b.0.c"`` (numbers index lists)."""
     node = spec

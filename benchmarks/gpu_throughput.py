@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import SMOKE_TOKENS, add_smoke, quickstart, run, start_ray, steady_rate
+from common import SMOKE_TOKENS, add_smoke, packed_rows, quickstart, run, start_ray, steady_rate
 
 # SmolLM2-135M-Instruct's config (read from the GGUF by transformers 5.25).
 SMOLLM2_ARCHITECTURE = {
@@ -121,13 +121,11 @@ def forward_loops(spec, device: torch.device) -> tuple[dict, dict]:
     or writing): the gap between the three arms says where the precompute's time goes."""
     from kdscale import pipeline
     from kdscale.cache.targets import extract_row
-    from kdscale.data.corpus import pack_corpus
     from kdscale.models.task import next_token_labels
     from kdscale.teachers import load_teacher
 
     tokenizer = pipeline.prepare(spec).tokenizer
-    packed = pack_corpus(spec.corpus, tokenizer)
-    rows = np.stack(packed.train + packed.heldout + packed.validation)
+    rows = packed_rows(spec, tokenizer)
     ids = torch.from_numpy(rows.astype(np.int64)).to(device)
     started = time.perf_counter()
     model = load_teacher(spec.teacher, len(tokenizer), spec.seed).to(device)

@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import SMOKE_TOKENS, TINY, add_smoke, same_allocator_here, start_ray  # noqa: E402
+from common import SMOKE_TOKENS, TINY, add_smoke, packed_rows, same_allocator_here, start_ray  # noqa: E402
 
 from kdscale.config import load_job  # noqa: E402
 from kdscale.teachers import load_teacher  # noqa: E402
@@ -49,14 +49,11 @@ from kdscale.teachers import load_teacher  # noqa: E402
 
 def bare_loop(spec, prepared, budget: int) -> dict:
     """The teacher's forward over the same rows (packed in this process), no extraction or writing."""
-    from kdscale.data.corpus import pack_corpus
-
     torch.set_num_threads(budget)
-    packed = pack_corpus(spec.corpus, prepared.tokenizer)
+    rows = packed_rows(spec, prepared.tokenizer)
     started = time.perf_counter()
     model = load_teacher(spec.teacher, len(prepared.tokenizer), spec.seed)
     load = time.perf_counter() - started
-    rows = np.stack(packed.train + packed.heldout + packed.validation)
     ids = torch.from_numpy(rows.astype(np.int64))
     with torch.inference_mode():
         model(input_ids=ids[: spec.teacher.batch_size])  # warm-up (allocations), not timed
