@@ -22,6 +22,7 @@ from kdscale.cache.store import LogitCache
 from kdscale.config import JobSpec
 from kdscale.config import load_job as _load_job
 from kdscale.interop.importer import ImportSettings
+from kdscale.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,6 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     return _load_job(path, overrides=overrides)
 
 
-ALL_STAGES = ("precompute", "train", "eval")
-
-
 def _run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None, tracking: bool) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from kdscale import pipeline
@@ -72,14 +70,14 @@ def _run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None, tracking: 
 
 
 def run_stages(
-    spec: JobSpec, stages: tuple[str, ...] = ALL_STAGES, workdir: str | None = None, tracking: bool = True
+    spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None, tracking: bool = True
 ) -> JobResult:
     """The given stages in order (what every CLI job command runs); the summary they wrote."""
     summary = _run(spec, stages, workdir, tracking)
     return JobResult(summary, _students(summary), None)
 
 
-def plan(spec: JobSpec, stages: tuple[str, ...] = ALL_STAGES, workdir: str | None = None) -> dict[str, Any]:
+def plan(spec: JobSpec, stages: tuple[str, ...] = STAGES, workdir: str | None = None) -> dict[str, Any]:
     """``--dry-run``: every check a real run makes before work that needs no teacher pass, and
     the plan (actors, shards, students, the committed cache for train/eval). Writes nothing."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,7 +115,7 @@ def evaluate(spec: JobSpec, workdir: str | None = None, tracking: bool = True) -
 
 def run(spec: JobSpec, workdir: str | None = None, tracking: bool = True) -> JobResult:
     """Precompute, train, evaluate and export: ``kdscale run``."""
-    summary = _run(spec, ALL_STAGES, workdir, tracking)
+    summary = _run(spec, STAGES, workdir, tracking)
     return JobResult(summary, _students(summary), _cache(summary))
 
 

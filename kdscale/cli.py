@@ -18,6 +18,7 @@ from rich.table import Table
 from kdscale.cache.format import CacheFormatError
 from kdscale.config import ConfigError, JobSpec, load_job
 from kdscale.errors import find_in_chain
+from kdscale.stages import COMMANDS
 
 app = typer.Typer(
     help="Knowledge distillation at scale: teacher once -> Parquet logit cache -> many students.",
@@ -109,7 +110,7 @@ def run(
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Precompute the cache, train every student, evaluate and export them."""
-    _run(job, ("precompute", "train", "eval"), workdir, dry_run, overrides)
+    _run(job, COMMANDS["run"], workdir, dry_run, overrides)
 
 
 @app.command()
@@ -120,7 +121,7 @@ def precompute(
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Run the teacher over the corpus into the logit cache (resumes an unfinished one)."""
-    _run(job, ("precompute",), workdir, dry_run, overrides)
+    _run(job, COMMANDS["precompute"], workdir, dry_run, overrides)
 
 
 @app.command()
@@ -131,13 +132,13 @@ def train(
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Train, evaluate and export the job's students from its committed cache."""
-    _run(job, ("train",), workdir, dry_run, overrides)
+    _run(job, COMMANDS["train"], workdir, dry_run, overrides)
 
 
 @app.command("eval")
 def evaluate(job: Path = JobArg, workdir: str | None = WorkdirOpt, overrides: list[str] | None = SetOpt) -> None:
     """Evaluate the job's exported students on the cache's held-out split."""
-    _run(job, ("eval",), workdir, False, overrides)
+    _run(job, COMMANDS["eval"], workdir, False, overrides)
 
 
 def _print_report(report: dict) -> None:

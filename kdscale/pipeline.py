@@ -34,6 +34,7 @@ from kdscale.prepare import (
     uses_cache,
 )
 from kdscale.progress import say
+from kdscale.stages import STAGES
 from kdscale.summary import cache_summary, log_report, read_summary, write_report, write_summary
 from kdscale.tracking.lineage import (
     CACHE_ID_TAG,
@@ -47,8 +48,6 @@ from kdscale.tracking.lineage import (
     tracking_uri,
 )
 from kdscale.tracking.redact import redact_text
-
-STAGES = ("precompute", "train", "eval")
 
 
 def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import yaml
 
 from kdscale import fs
 from kdscale.config import ConfigError, JobSpec, apply_overrides, input_path_fields, load_job
+from kdscale.stages import COMMANDS
 
 MAX_PACKAGE_BYTES = 100 * 2**20  # far below Ray's own working-directory limit; corpora go to object storage
 JOB_FILE = "job.yaml"
@@ -164,10 +165,6 @@ def client(address: str | None):
         raise SubmitError(f"cannot reach the Ray cluster at {address}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
-# What a submitted job runs: the CLI command of the same name on the cluster.
-STAGES = ("run", "precompute", "train", "eval")
-
-
 def submit(
     job: Path,
     *,
@@ -181,8 +178,8 @@ def submit(
     """Submit ``kdscale <stage>`` of the job (default ``run``: every stage; ``precompute`` runs
     the teacher into the cache alone); returns the Ray job id. Nothing reaches the cluster unless
     the spec validates and packages."""
-    if stage not in STAGES:
-        raise SubmitError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if stage not in COMMANDS:  # a submitted job runs the CLI command of that name on the cluster
+        raise SubmitError(f"stage {stage!r} is not one of {', '.join(COMMANDS)}")
     env = dict(os.environ if env is None else env)
     package, spec = package_job(job, overrides, workdir, allow_local_paths, env)
     try:

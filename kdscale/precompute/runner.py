@@ -227,7 +227,7 @@ class _Runner:
         self.spec, self.plan, self.cache_uri, self.cache = spec, plan, cache_uri, cache
         self.rank = idcodec.inverse(rank_order)
         self.pipelines: list[_Pipeline] = []
-        self.schedule = ReplicaSchedule(1, IN_FLIGHT_PER_REPLICA)
+        self.schedule: ReplicaSchedule  # made by _start, once the replica count is known
         self.in_flight: dict[ray.ObjectRef, tuple[int, ShardTask]] = {}
         self.tokens_computed = 0
         self.compute_seconds = 0.0
