@@ -4,6 +4,7 @@ resources, the workdir and the cache slot. Nothing here writes anything."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,8 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
         ("teacher.architecture" if spec.teacher.init == "random" else "teacher.path", pr)
         for pr in shape_problems(teacher_config)
     ]
-    own, tokenizer_problems = student_tokenizers(spec, tokenizer)
+    prepared = Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task)
+    own, tokenizer_problems = student_tokenizers(spec, prepared.vocabulary_bytes)
     problems += tokenizer_problems
     configs = {}
     for i, s in enumerate(spec.students):
@@ -109,7 +111,8 @@ def prepare(spec: JobSpec, workdir: str | None = None) -> Prepared:
             problems.append((f"students.{i}", vocabulary_problem(spec, size, student_vocab, s.name in own)))
     if problems:
         raise ConfigError(spec.name, problems)
-    return Prepared(spec, wd, spec.resolved_cache_uri(wd), tokenizer, teacher_config, task, configs, own)
+    prepared.student_configs, prepared.student_tokenizers = configs, own
+    return prepared
 
 
 def vocabulary_problem(spec: JobSpec, size: int, vocab: int, own: bool) -> str:
@@ -122,23 +125,21 @@ def vocabulary_problem(spec: JobSpec, size: int, vocab: int, own: bool) -> str:
     return f"{size} classes differ from the teacher's {vocab}"
 
 
-def student_tokenizers(spec: JobSpec, teacher_tokenizer) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def student_tokenizers(spec: JobSpec, teacher_bytes: Callable[[], Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """The students' own tokenizers, and every reason one cannot serve: unreadable, no offsets
     (a slow tokenizer), no end-of-text token (packed documents are separated by it), a teacher
     tokenizer whose bytes cannot be recovered (nothing can be aligned to its rows), or the hybrid
-    loss with a student vocabulary whose bytes cannot be recovered (it matches ids by bytes)."""
+    loss with a student vocabulary whose bytes cannot be recovered (it matches ids by bytes).
+    ``teacher_bytes``: the teacher vocabulary's bytes (or None), computed once per job."""
     from kdscale.data.alignment import exact_token_bytes
     from kdscale.interop.importer import load_tokenizer_at
 
     found, problems = {}, []
-    teacher_bytes = None
     for i, s in enumerate(spec.students):
         if not s.tokenizer:
             continue
         where = f"students.{i}.tokenizer"
-        if teacher_bytes is None:
-            teacher_bytes = exact_token_bytes(teacher_tokenizer) or False
-        if teacher_bytes is False:
+        if teacher_bytes() is None:
             problems.append(
                 (
                     where,

@@ -160,17 +160,27 @@ def test_precompute_refuses_to_overwrite_another_cache(committed, tmp_path, mlfl
     assert fs.exists(str(work / "cache" / MANIFEST))
 
 
-def test_a_write_that_fails_midway_leaves_nothing_under_its_name(tmp_path):
-    """fs.open_for_write publishes a file only when its block ends cleanly: a writer that fails
-    after some pieces leaves neither the file nor its temp file (an export's JSONL, written line
-    by line, is never read half-written)."""
-    dest = str(tmp_path / "out" / "train-00000.jsonl")
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_write_that_fails_midway_publishes_nothing(store, tmp_path, request):
+    """fs.open_for_write publishes a file only when its block ends cleanly (an export's JSONL,
+    written line by line, is never read half-written): on a disk a failed writer leaves neither
+    the file nor its temp file; an object store, which publishes an object when its file closes,
+    gets the failed upload discarded. A clean block publishes the file whole."""
+    import gc
+
+    folder = str(tmp_path / "out") if store == "local" else request.getfixturevalue("s3_bucket")
+    dest = fs.join(folder, "train-00000.jsonl")
     with pytest.raises(RuntimeError, match="killed"):
         with fs.open_for_write(dest) as f:
-            f.write(b'{"input_ids":[1]}\n')
+            f.write(b'{"input_ids":[1]}\n' * 1000)
             raise RuntimeError("killed mid-export")
-    assert os.listdir(tmp_path / "out") == []
+    gc.collect()  # (a dropped fsspec file closes, and so uploads, when collected)
+    assert not fs.exists(dest)
+    if store == "local":
+        assert os.listdir(folder) == []
     with fs.open_for_write(dest) as f:
         f.write(b"a\n")
         f.write(b"b\n")
-    assert fs.read_bytes(dest) == b"a\nb\n" and os.listdir(tmp_path / "out") == ["train-00000.jsonl"]
+    assert fs.read_bytes(dest) == b"a\nb\n"
+    if store == "local":
+        assert os.listdir(folder) == ["train-00000.jsonl"]

@@ -283,8 +283,9 @@ def _identity(spec: JobSpec, tokenizer) -> tuple[Any, list[tuple[int, int]], Tea
     )
 
 
-def build_text_plan(spec: JobSpec, tokenizer) -> PrecomputePlan:
-    """A text corpus's plan from file metadata alone: its units and the cache_id they give."""
+def build_text_plan(spec: JobSpec, tokenizer, token_bytes: Any = None) -> PrecomputePlan:
+    """A text corpus's plan from file metadata alone: its units and the cache_id they give.
+    ``token_bytes``: the vocabulary's bytes where the caller has them (else computed here)."""
     from kdscale.data.corpus import corpus_files
     from kdscale.data.units import dataset_identity, list_units
 
@@ -316,7 +317,7 @@ def build_text_plan(spec: JobSpec, tokenizer) -> PrecomputePlan:
         ranges,
         units=units,
         corpus=corpus,
-        token_bytes=exact_token_bytes(tokenizer),
+        token_bytes=token_bytes if token_bytes is not None else exact_token_bytes(tokenizer),
     )
 
 
@@ -367,12 +368,15 @@ def check_rows(rows: dict[str, int], documents: int, corpus, images: bool = Fals
         )
 
 
-def build_plan(spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | None = None) -> PrecomputePlan:
+def build_plan(
+    spec: JobSpec, tokenizer, corpus: PackedCorpus | ImageCorpus | None = None, token_bytes: Any = None
+) -> PrecomputePlan:
     """``tokenizer``: the teacher's tokenizer, or for images the image task (its label space).
-    A text corpus without ``corpus`` (rows packed by the caller) is planned from its units."""
+    A text corpus without ``corpus`` (rows packed by the caller) is planned from its units;
+    ``token_bytes``: its vocabulary's bytes where the caller has them."""
     images = spec.task == "image_classification"
     if corpus is None and not images:
-        return build_text_plan(spec, tokenizer)
+        return build_text_plan(spec, tokenizer, token_bytes)
     teacher_config, ranges, teacher, tok, targets = _identity(spec, tokenizer)
     if corpus is None:
         if images:
