@@ -10,6 +10,7 @@ import sys
 import tempfile
 import uuid
 
+from kdscale.processes import host as this_host
 from kdscale.student.local_checkpoints import CHECKPOINT_PREFIX, OWNER_MARK, folders, new_folder, remove_orphans
 
 
@@ -27,20 +28,52 @@ def _folder(student: str, suffix: str) -> str:
 
 def test_next_save_removes_only_dead_workers_folders():
     student = f"ckpt-test-{uuid.uuid4().hex[:8]}"
-    host = socket.gethostname()
+    host = this_host()
     dead = _folder(student, f"{host}:{_exited_pid()}-abc")
     live = _folder(student, f"{host}:{os.getppid()}-abc")  # another live process: maybe still uploading
     own = _folder(student, f"{host}:{os.getpid()}-old")
     foreign = _folder(student, "notapid")
     other_host = _folder(student, f"{host}x:{_exited_pid()}-abc")  # its pids say nothing about this host's
+    # a container with this hostname and temp dir but its own pid namespace: its pids are not ours
+    other_namespace = _folder(student, f"{socket.gethostname()}~00000000~1:{_exited_pid()}-abc")
     other_student = _folder(f"{student}-{_exited_pid()}", f"{host}:{_exited_pid()}-abc")  # digits in its name
     try:
         fresh = new_folder(student)
         assert not os.path.exists(dead)
-        assert all(os.path.isdir(p) for p in (live, own, foreign, other_host, other_student, fresh))
+        assert all(os.path.isdir(p) for p in (live, own, foreign, other_host, other_namespace, other_student, fresh))
         assert os.path.basename(fresh).startswith(f"{CHECKPOINT_PREFIX}{student}{OWNER_MARK}{host}:{os.getpid()}-")
-        assert sorted(folders(student)) == sorted([live, own, foreign, other_host, fresh])
+        assert sorted(folders(student)) == sorted([live, own, foreign, other_host, other_namespace, fresh])
         assert remove_orphans(student) == []  # nothing else is an orphan
     finally:
-        for path in (live, own, foreign, other_host, other_student, fresh):
+        for path in (live, own, foreign, other_host, other_namespace, other_student, fresh):
             subprocess.run(["rm", "-rf", path], check=True)
+
+
+def test_a_container_with_this_hostname_but_its_own_pid_namespace_judges_none_of_our_folders(monkeypatch):
+    """Containers can share a hostname and a temp dir but not pids: the recorded host names the
+    kernel's boot and the pid namespace, so a dead pid of ours is not judged (or its folder
+    removed) from another namespace, whose pid of that number is some other process."""
+    import types
+
+    import kdscale.processes as processes
+
+    ours = processes.host()
+    assert ours == f"{socket.gethostname()}~{open('/proc/sys/kernel/random/boot_id').read()[:8]}~" + str(
+        os.stat("/proc/self/ns/pid").st_ino
+    )
+    student = f"ckpt-test-{uuid.uuid4().hex[:8]}"
+    dead = _folder(student, f"{ours}:{_exited_pid()}-abc")
+    real_stat = os.stat
+
+    def other_namespace(path, *args, **kwargs):
+        return types.SimpleNamespace(st_ino=1) if path == "/proc/self/ns/pid" else real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(processes.os, "stat", other_namespace)
+    processes.host.cache_clear()
+    try:
+        assert processes.host() != ours and processes.host().startswith(socket.gethostname())
+        assert remove_orphans(student) == [] and os.path.isdir(dead)
+    finally:
+        monkeypatch.undo()
+        processes.host.cache_clear()
+    assert processes.host() == ours and remove_orphans(student) == [dead]  # back home: ours, and dead

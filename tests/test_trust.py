@@ -16,6 +16,7 @@ from kdscale.cache.reader import open_manifest
 from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.fingerprint import cache_id as make_cache_id
+from kdscale.processes import host
 from tests.conftest import write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -286,20 +287,28 @@ def test_abandoned_running_runs_are_failed_by_the_next_invocation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = Tracker(load_job(write_job(tmp_path)), uri)
     dead = tracker.client.create_run(
-        tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(), PID_TAG: "999999999"}
+        tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: host(), PID_TAG: "999999999"}
     ).info.run_id
     live = tracker.client.create_run(
         tracker.experiment_id,
-        tags={JOB_TAG: "tiny", HOST_TAG: socket.gethostname(), PID_TAG: str(__import__("os").getpid())},
+        tags={JOB_TAG: "tiny", HOST_TAG: host(), PID_TAG: str(__import__("os").getpid())},
+    ).info.run_id
+    # same hostname, another pid namespace (a container sharing the tracking server): not ours to judge
+    elsewhere = tracker.client.create_run(
+        tracker.experiment_id,
+        tags={JOB_TAG: "tiny", HOST_TAG: f"{socket.gethostname()}~00000000~1", PID_TAG: "999999999"},
     ).info.run_id
     tracker.start_job("run")
     client = MlflowClient(uri)
     assert client.get_run(dead).info.status == "FAILED" and client.get_run(live).info.status == "RUNNING"
+    assert client.get_run(elsewhere).info.status == "RUNNING"
 
 
 def test_a_second_precompute_on_a_leased_cache_is_refused(tmp_path):
+    import socket
     import subprocess
     import sys
+    import time
 
     from kdscale.cache.format import CacheFormatError
     from kdscale.cache.writer import acquire_lease, release_lease
@@ -307,9 +316,7 @@ def test_a_second_precompute_on_a_leased_cache_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "_ledger").mkdir()
-        (tmp_path / "_ledger" / "lease.json").write_text(
-            json.dumps({"host": __import__("socket").gethostname(), "pid": holder.pid, "renewed": 0})
-        )
+        (tmp_path / "_ledger" / "lease.json").write_text(json.dumps({"host": host(), "pid": holder.pid, "renewed": 0}))
         with pytest.raises(CacheFormatError, match="another precompute"):
             acquire_lease(str(tmp_path))
     finally:
@@ -318,6 +325,12 @@ def test_a_second_precompute_on_a_leased_cache_is_refused(tmp_path):
     acquire_lease(str(tmp_path))  # its holder is gone: taken over
     release_lease(str(tmp_path))
     assert not (tmp_path / "_ledger" / "lease.json").exists()
+    # a lease just renewed by a same-named host in another pid namespace: its pid means nothing here
+    (tmp_path / "_ledger" / "lease.json").write_text(
+        json.dumps({"host": f"{socket.gethostname()}~00000000~1", "pid": 999999999, "renewed": time.time()})
+    )
+    with pytest.raises(CacheFormatError, match="another precompute"):
+        acquire_lease(str(tmp_path))
 
 
 def test_cache_verify_names_a_deleted_shard_as_missing(committed, tmp_path):

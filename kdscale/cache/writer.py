@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -41,7 +40,7 @@ from kdscale.cache.format import (
     target_columns,
 )
 from kdscale.cache.kinds import kind as target_kind
-from kdscale.processes import alive
+from kdscale.processes import alive, host
 
 DEFAULT_ZSTD_LEVEL = 9
 ROWS_PER_ROW_GROUP = 32
@@ -287,7 +286,7 @@ def acquire_lease(cache_uri: str) -> None:
 def renew_lease(cache_uri: str) -> None:
     fs.write_json(
         fs.join(cache_uri, LEDGER_DIR, LEASE),
-        {"host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()},
+        {"host": host(), "pid": os.getpid(), "renewed": time.time()},
     )
 
 
@@ -296,7 +295,7 @@ def release_lease(cache_uri: str) -> None:
 
 
 def _lease_live(held: dict[str, Any]) -> bool:
-    if held.get("host") == socket.gethostname():
+    if held.get("host") == host():
         return held.get("pid") != os.getpid() and alive(held.get("pid"))
     return time.time() - float(held.get("renewed", 0)) < LEASE_SECONDS
 

@@ -4,7 +4,8 @@ moves it to the run's storage (and deletes it).
 A worker killed between the save and the upload (node loss, OOM, the fault tests' kills) leaves
 its folder behind: a full DeepSpeed state plus a Hugging Face copy of the student, per rank, in
 the node's temp dir, which a long-lived node fills up with. So each folder's name carries the
-saving process's id (``kdscale-ckpt-<student>@<host>:<pid>-<random>``), and every save first removes
+saving process's id (``kdscale-ckpt-<student>@<host>:<pid>-<random>``, the host as
+:func:`kdscale.processes.host` names it), and every save first removes
 the folders of this student whose process is gone. Folders of live processes (another run of a
 student with the same name, a worker still uploading) are never touched.
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import tempfile
+
+from kdscale.processes import alive, host
 
 CHECKPOINT_PREFIX = "kdscale-ckpt-"
 OWNER_MARK = "@"  # not allowed in a student's name (config.NAME_PATTERN): no other student's folder matches
@@ -29,25 +31,15 @@ def folders(student: str) -> list[str]:
 def _owner_tag() -> str:
     """``<host>:<pid>``: the host too, since a temp dir may be shared by machines (or containers)
     whose process ids say nothing about each other's."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{host()}:{os.getpid()}"
 
 
 def _local_owner(folder: str) -> int | None:
     """The id of the process on this host that made ``folder``; None for a folder of another
     host or a name this module did not make."""
-    host, _, rest = os.path.basename(folder).rsplit(OWNER_MARK, 1)[1].rpartition(":")
+    recorded, _, rest = os.path.basename(folder).rsplit(OWNER_MARK, 1)[1].rpartition(":")
     pid = rest.split("-", 1)[0]
-    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
+    return int(pid) if recorded == host() and pid.isdigit() else None
 
 
 def remove_orphans(student: str) -> list[str]:
@@ -55,7 +47,7 @@ def remove_orphans(student: str) -> list[str]:
     removed = []
     for folder in folders(student):
         pid = _local_owner(folder)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
+        if pid is not None and pid != os.getpid() and not alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import warnings
 from typing import Any
 
 from kdscale.cache.format import Manifest
 from kdscale.config import JobSpec
-from kdscale.processes import alive
+from kdscale.processes import alive, host
 from kdscale.tracking.redact import redact, redact_text
 
 CACHE_ID_TAG = "kdscale.cache_id"
@@ -275,7 +274,7 @@ class Tracker:
         failed = []
         for run in runs:
             tags = run.data.tags
-            if tags.get(HOST_TAG) == socket.gethostname() and not alive(tags.get(PID_TAG)):
+            if tags.get(HOST_TAG) == host() and not alive(tags.get(PID_TAG)):
                 self.client.set_tag(run.info.run_id, "kdscale.ended_by", "a later invocation: its process had died")
                 self.client.set_terminated(run.info.run_id, "FAILED")
                 failed.append(run.info.run_id)
@@ -284,7 +283,7 @@ class Tracker:
 
 def owner_tags() -> dict[str, str]:
     """Which process owns a run, so a later invocation can tell an abandoned run from a live one."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {HOST_TAG: host(), PID_TAG: str(os.getpid())}
 
 
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: int, client=None) -> None:
