@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kdscale.config import JobSpec, load_job  # noqa: E402
+from kdscale.stages import STAGES  # noqa: E402
 
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 TINY = REPO / "jobs" / "tiny.yaml"  # the tests' tiny random teacher, tokenizer, corpus and student
@@ -42,11 +43,15 @@ def tiny_job() -> dict:
     return load_job(TINY).model_dump(mode="json")
 
 
-def quickstart(smoke: bool = False, check_resources: bool = True, **overrides: Any) -> JobSpec:
+def quickstart(
+    smoke: bool = False, check_resources: bool = True, shared_smoke_cache: bool = False, **overrides: Any
+) -> JobSpec:
     """jobs/quickstart.yaml (``smoke``: jobs/tiny.yaml) with dotted overrides, e.g.
     ``{"corpus.max_tokens": 16384}``; a ``students`` override replaces the list (each entry merged
     over the job's first student). ``check_resources=False``: the quickstart's own files (teacher
-    package, corpus) need not exist here, because the overrides replace them."""
+    package, corpus) need not exist here, because the overrides replace them.
+    ``shared_smoke_cache``: a benchmark that times training only lets its smoke run read a cache
+    shared with other smoke runs (see SMOKE_CACHES_ENV)."""
     raw = tiny_job() if smoke else load_job(QUICKSTART, check_resources).model_dump(mode="json")
     base_student = raw["students"][0]
     for dotted, value in overrides.items():
@@ -54,7 +59,24 @@ def quickstart(smoke: bool = False, check_resources: bool = True, **overrides: A
             raw["students"] = [_merge(base_student, s) for s in value]
             continue
         set_dotted(raw, dotted, value)
+    if smoke and shared_smoke_cache and os.environ.get(SMOKE_CACHES_ENV) and not raw["cache"].get("uri"):
+        raw["cache"]["uri"] = _shared_smoke_cache(raw)
     return JobSpec.model_validate(raw)
+
+
+# Where smoke runs keep their caches to share them (set by tests/test_benchmarks_smoke.py): the
+# training benchmarks' smoke jobs differ only in their students, so they read one teacher pass
+# (a tiny precompute is ~15 s, almost all teacher actors starting) instead of one each.
+SMOKE_CACHES_ENV = "KDSCALE_SMOKE_CACHES"
+
+
+def _shared_smoke_cache(raw: dict) -> str:
+    """A folder per teacher, corpus and cache settings (what names a cache) under $KDSCALE_SMOKE_CACHES."""
+    import hashlib
+    import json
+
+    identity = json.dumps([raw["seed"], raw["teacher"], raw["corpus"], raw["cache"]], sort_keys=True)
+    return str(Path(os.environ[SMOKE_CACHES_ENV]) / hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
 def packed_rows(spec: JobSpec, tokenizer) -> Any:
@@ -137,7 +159,7 @@ def start_ray(cpus: int) -> bool:
     return True
 
 
-def run(spec: JobSpec, workdir: str, stages=("precompute", "train", "eval")) -> dict:
+def run(spec: JobSpec, workdir: str, stages: tuple[str, ...] = STAGES) -> dict:
     from kdscale import pipeline
 
     return pipeline.run(spec, tuple(stages), workdir)
@@ -154,7 +176,7 @@ def train_rates(students: list[dict], tokens: int, smoke: bool = False) -> tuple
     throwaway workdir; the summary and each student's steady training tokens/s."""
     import tempfile
 
-    spec = quickstart(smoke, **{"corpus.max_tokens": tokens, "students": students})
+    spec = quickstart(smoke, shared_smoke_cache=True, **{"corpus.max_tokens": tokens, "students": students})
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)
     return summary, {name: steady_rate(st) for name, st in summary["students"].items()}

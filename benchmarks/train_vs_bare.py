@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         "threads_per_worker": args.threads,
     }
     spec = quickstart(
-        args.smoke, **{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]}
+        args.smoke,
+        shared_smoke_cache=True,
+        **{"corpus.max_tokens": args.tokens, "students": [{"name": "student", "train": train}]},
     )
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(spec, tmp)

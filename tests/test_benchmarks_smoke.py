@@ -83,6 +83,14 @@ def bench_mlflow(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_smoke_caches(tmp_path_factory):
+    """The training benchmarks' smoke runs share their tiny teacher pass (benchmarks/common.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDSCALE_SMOKE_CACHES", str(tmp_path_factory.mktemp("smoke-caches")))
+        yield
+
+
 # Without Ray -----------------------------------------------------------------------------------
 
 
