@@ -154,7 +154,7 @@ def start_ray(cpus: int) -> bool:
         include_dashboard=False,
         logging_level="warning",
         log_to_driver=False,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": worker_env(local=True)},
     )
     return True
 

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import sqlite_store
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 DOCS = REPO / "docs"
@@ -79,7 +81,7 @@ def docs_untouched():
 def bench_mlflow(tmp_path_factory):
     """One MLflow sqlite store for the module's pipeline runs (a new store per test costs its migrations)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('bench-mlflow') / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path_factory.mktemp("bench-mlflow")))
         yield
 
 

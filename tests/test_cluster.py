@@ -223,7 +223,7 @@ def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tm
     unreachable address: exit 2, each named."""
     from kdscale import submit as jobs
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")  # refused: never opened
     job = write_job(tmp_path, **{"corpus.paths": [str(tmp_path / "assets" / "tiny-corpus" / "*.rst")]})
     result = _submit(str(job), "--address", "http://127.0.0.1:9", "--workdir", str(tmp_path / "w"))
     assert result.exit_code == 2, result.output

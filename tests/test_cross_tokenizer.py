@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kdscale.cli import app
 from kdscale.config import ConfigError, parse_job
 from kdscale.data.bpe import train_bpe
-from tests.conftest import write_job
+from tests.conftest import sqlite_store, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def cross_run(ray_session, tmp_path_factory, own_tokenizer):
     ]
     job = write_job(tmp, students=students)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp))
         result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp / "w")])
     assert result.exit_code == 0, result.output
     return {"tmp": tmp, "job": job, "workdir": tmp / "w", "output": result.output}

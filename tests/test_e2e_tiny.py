@@ -15,7 +15,7 @@ from kdscale.cache.reader import open_manifest
 from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.student.local_checkpoints import folders as checkpoint_folders
-from tests.conftest import write_job
+from tests.conftest import sqlite_store, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def tiny_run(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     job = write_job(tmp)
     workdir = tmp / "work"
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     driver_tmp = tmp / "driver-tmp"  # the driver's temporary folder during the run, to see what it leaves

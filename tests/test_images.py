@@ -20,7 +20,7 @@ from kdscale.cli import app
 from kdscale.config import ConfigError, CorpusSpec, load_job
 from kdscale.data.images import IdxError, load_images, read_idx
 from kdscale.models.task import ImageClassification, table_arrays
-from tests.conftest import write_job
+from tests.conftest import sqlite_store, write_job
 
 CLASSES = 4
 SIDE = 12
@@ -176,7 +176,7 @@ def test_mismatched_label_file_is_refused_before_anything_is_written(ray_session
 def image_run(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images")
     job = image_job(tmp)
-    runner = CliRunner(env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    runner = CliRunner(env={"MLFLOW_TRACKING_URI": sqlite_store(tmp)})
     result = runner.invoke(app, ["run", str(job), "--workdir", str(tmp / "work")])
     summary = json.loads((tmp / "work" / "summary.json").read_text()) if result.exit_code == 0 else None
     return {"result": result, "summary": summary, "work": tmp / "work", "job": job, "runner": runner}

@@ -56,14 +56,19 @@ def test_workers_start_with_huge_page_malloc_and_keep_the_users_tunables(monkeyp
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     assert worker_env() == {"GLIBC_TUNABLES": MALLOC_TUNABLE, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    # a Ray kdscale starts for itself is one machine that nothing drains: no preemption watcher
+    assert worker_env(local=True) == {**worker_env(), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert worker_env()["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{MALLOC_TUNABLE}"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
-    assert worker_env() == {  # the user's choices win
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert worker_env(local=True) == {  # the user's choices win
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
     }
 
 
@@ -84,7 +89,8 @@ def probe():
     for _ in range(5):
         (x @ w).log_softmax(-1)  # 200 MB results: above glibc's mmap threshold
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    return os.environ.get("GLIBC_TUNABLES"), faults, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    names = ("GLIBC_TUNABLES", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    return [faults] + [os.environ.get(name) for name in names]
 
 print(json.dumps(ray.get(probe.remote())))
 """
@@ -103,6 +109,7 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
     from pathlib import Path
 
     dropped = ("GLIBC_TUNABLES", "RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    dropped += ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",)
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE],
@@ -113,12 +120,32 @@ def test_a_ray_kdscale_starts_gives_workers_huge_page_malloc(tmp_path):
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    tunables, faults, health_check = json.loads(proc.stdout.strip().splitlines()[-1])
+    faults, tunables, health_check, preemption_watcher = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "glibc.malloc.hugetlb=1" in tunables
     assert health_check == "0.25"  # Ray Train's controller in such a Ray notices a finished run sooner
+    assert preemption_watcher == "0"  # and starts no preemption watcher: nothing drains a local Ray
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert faults < 100_000, faults
+
+
+@pytest.mark.ray
+def test_one_progress_counter_serves_every_training_run_of_a_driver(ray_session):
+    """Each training run counts under its own key in the driver's one counter actor (one actor per
+    student was one more process per student); a finished run's key is dropped."""
+    import ray
+
+    from kdscale.ray_runtime import progress_counter
+
+    counter = progress_counter()
+    assert progress_counter() is counter
+    ray.get([counter.add.remote("tokens/a/1", 3.0), counter.add.remote("tokens/b/2", 5.0)])
+    ray.get(counter.add.remote("tokens/a/1", 4.0))
+    values = ray.get(counter.get.remote())
+    assert (values["tokens/a/1"], values["tokens/b/2"]) == (7.0, 5.0)
+    assert ray.get(counter.pop.remote("tokens/a/1")) == 7.0
+    assert "tokens/a/1" not in ray.get(counter.get.remote())
+    ray.get(counter.pop.remote("tokens/b/2"))
 
 
 @pytest.mark.ray

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from kdscale.cli import app
 from kdscale.tracking.redact import MASK, redact, redact_text, secret_values
-from tests.conftest import _free_port, write_job  # a port nothing listens on
+from tests.conftest import _free_port, sqlite_store, write_job  # a port nothing listens on
 
 
 def test_secret_values_come_from_credential_like_variables():
@@ -68,7 +68,7 @@ def test_registration_leaves_no_half_registered_version(tmp_path):
 
     from kdscale.tracking.registry import register_export
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(sqlite_store(tmp_path))
     run_id = client.create_run(client.create_experiment("x", (tmp_path / "artifacts").as_uri())).info.run_id
     original = client.log_artifacts
 
@@ -89,7 +89,7 @@ def test_registration_leaves_no_half_registered_version(tmp_path):
 
 
 def test_lineage_needs_exactly_one_target(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path))
     assert CliRunner().invoke(app, ["lineage"]).exit_code == 2
     missing = CliRunner().invoke(app, ["lineage", "no-such-model"])
     assert missing.exit_code == 1 and "no registered model named 'no-such-model'" in missing.output

@@ -17,7 +17,7 @@ from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.processes import host
-from tests.conftest import write_job
+from tests.conftest import sqlite_store, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -260,7 +260,7 @@ def test_mlflow_prints_no_run_urls(tmp_path, monkeypatch):
     from kdscale.tracking.lineage import Tracker
 
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
-    Tracker(load_job(write_job(tmp_path)), f"sqlite:///{tmp_path / 'm.db'}")
+    Tracker(load_job(write_job(tmp_path)), sqlite_store(tmp_path, "m.db"))
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
 
 
@@ -284,7 +284,7 @@ def test_abandoned_running_runs_are_failed_by_the_next_invocation(tmp_path):
     from kdscale.config import load_job
     from kdscale.tracking.lineage import HOST_TAG, JOB_TAG, PID_TAG, Tracker
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = sqlite_store(tmp_path, "m.db")
     tracker = Tracker(load_job(write_job(tmp_path)), uri)
     dead = tracker.client.create_run(
         tracker.experiment_id, tags={JOB_TAG: "tiny", HOST_TAG: host(), PID_TAG: "999999999"}

@@ -322,7 +322,7 @@ class _WorkerRun:
                 f"{values[1]}, ce {values[2]}); training stopped, nothing is exported"
             )
         if self.cfg.counter is not None:
-            self.cfg.counter.add.remote("tokens", self.cfg.tokens_per_micro_batch)
+            self.cfg.counter.add.remote(self.cfg.counter_key, self.cfg.tokens_per_micro_batch)
         return values
 
     def loss(self, logits, labels, targets):

@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from kdscale.cache.reader import shard_uris
 from kdscale.config import JobSpec, StudentSpec
 from kdscale.fingerprint import digest
 from kdscale.progress import bar, say
-from kdscale.ray_runtime import Counter
+from kdscale.ray_runtime import progress_counter
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
 from kdscale.student.targets_source import FromCache, FromTeacher
 from kdscale.student.worker_config import WorkerConfig
@@ -158,7 +159,7 @@ def train_student(
 
     t = student.train
     per_epoch = steps_per_epoch(data.train_rows, t)
-    counter = Counter.remote()  # type: ignore[attr-defined]  # a Ray actor class
+    counter, counter_key = progress_counter(), f"tokens/{student.name}/{uuid.uuid4().hex}"
     cfg = WorkerConfig(
         student=student.name,
         train=t,
@@ -174,6 +175,7 @@ def train_student(
         tracking_uri=tracking_uri,
         run_id=run_id,
         counter=counter,
+        counter_key=counter_key,
         heldout=heldout if t.eval_every_steps else None,
     )
     resources = {"CPU": t.cpus_per_worker}
@@ -212,11 +214,11 @@ def train_student(
         bar_task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
         while thread.is_alive():
             thread.join(timeout=0.5)
-            done = ray.get(counter.get.remote()).get("tokens", 0.0)
+            done = ray.get(counter.get.remote()).get(counter_key, 0.0)
             progress.update(
                 bar_task, completed=min(done, total_tokens), rate=done / max(time.perf_counter() - started, 1e-9)
             )
-    ray.kill(counter)
+    counter.pop.remote(counter_key)
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]

@@ -29,6 +29,7 @@ class WorkerConfig:
     tracking_uri: str
     run_id: str | None = None  # the student's MLflow run (None: no step metrics)
     counter: Any = None  # a Ray actor handle counting trained tokens for the driver's progress bar
+    counter_key: str = "tokens"  # this run's key in it
     heldout: dict[str, np.ndarray] | None = None  # input columns scored every eval_every_steps
 
     @property
