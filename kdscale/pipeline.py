@@ -73,7 +73,7 @@ def plan_precompute(p: Prepared):
     cache), for images from their IDX files. Reads only; raises PlanError/ConfigError."""
     from kdscale.precompute.plan import build_plan
 
-    return build_plan(p.spec, p.tokenizer, token_bytes=p.vocabulary_bytes())
+    return build_plan(p.spec, p.tokenizer, token_bytes=p.vocabulary_bytes(), teacher_config=p.teacher_config)
 
 
 def start_stream(p: Prepared, plan):

@@ -28,9 +28,12 @@ GOLDEN = {
 FIXED_MTIME = 1_700_000_000
 
 
-def _cache_id(job) -> str:
+def _cache_id(job, prepared_config: bool = True) -> str:
+    """As the pipeline plans it (with the teacher config prepare loaded), or with the plan
+    loading the config itself: file metadata only, no read, no Ray."""
     spec = load_job(job)
-    return build_plan(spec, prepare(spec).tokenizer).cache_id  # file metadata only: no read, no Ray
+    p = prepare(spec)
+    return build_plan(spec, p.tokenizer, teacher_config=p.teacher_config if prepared_config else None).cache_id
 
 
 def _tiny_with_fixed_times(tmp_path, name="jobs"):
@@ -51,7 +54,7 @@ def test_cache_id_follows_the_files_not_the_folder(tmp_path):
     """The same files (times kept) in another folder name the same cache; a touched or grown file
     names another."""
     here, there = _tiny_with_fixed_times(tmp_path, "a"), _tiny_with_fixed_times(tmp_path, "b")
-    assert _cache_id(here) == _cache_id(there) == GOLDEN["tiny.yaml"]
+    assert _cache_id(here) == _cache_id(there) == _cache_id(there, prepared_config=False) == GOLDEN["tiny.yaml"]
     first = sorted((there.parent / "assets" / "tiny-corpus").glob("*.rst"))[0]
     os.utime(first, (FIXED_MTIME + 1, FIXED_MTIME + 1))
     touched = _cache_id(there)
