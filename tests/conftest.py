@@ -160,11 +160,13 @@ def sqlite_store(folder: Path, name: str = "mlflow.db") -> str:
     migrated once per session. MLflow builds a new store's ~50 tables by running every schema
     migration, 1.7 s on this machine; some fifty tests each made their own."""
     if not _EMPTY_STORE:
+        import atexit
         import tempfile
 
         from mlflow import MlflowClient
 
         template = Path(tempfile.mkdtemp(prefix="kdscale-test-mlflow-")) / "empty.db"
+        atexit.register(shutil.rmtree, template.parent, True)
         MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
         _EMPTY_STORE.append(template)
     folder.mkdir(parents=True, exist_ok=True)
