@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kdscale.cache.format import CacheFormatError
 from kdscale.config import ConfigError, JobSpec, load_job
 from kdscale.errors import find_in_chain
+from kdscale.progress import make_console
 from kdscale.stages import COMMANDS
 
 app = typer.Typer(
@@ -29,8 +29,8 @@ cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help
 app.add_typer(cache_app, name="cache")
 jobs_app = typer.Typer(help="Jobs submitted to a Ray cluster with `kdscale submit`.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 # Failures with a message that says everything (raised in the driver, a teacher actor or a training
 # worker): printed as one line, exit 1, no traceback.

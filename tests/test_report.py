@@ -4,6 +4,7 @@ split it reports beside held-out; and the quality benchmark's --report from resu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,24 @@ def test_report_rows_golden():
     assert curves(SUMMARY)["kd"] == [(500, 6.0), (1000, 5.0)]  # in-training points end at the final eval
     with pytest.raises(ReportError, match="no evaluated students"):
         build_report({"students": {}})
+
+
+def test_report_table_keeps_one_line_per_student_when_written_to_a_log(tmp_path):
+    """Outside a terminal (a Ray job's log, CI, a pipe) rich's default 80 columns cut the table's
+    names and numbers into fragments stacked lines deep; kdscale writes logs 200 columns wide."""
+    students = {f"llama-d128-l2-{name}": st for name, st in SUMMARY["students"].items()}
+    (tmp_path / "summary.json").write_text(json.dumps({**SUMMARY, "workdir": str(tmp_path), "students": students}))
+    out = subprocess.run(
+        [sys.executable, "-m", "kdscale.cli", "report", str(tmp_path), "--baseline", "llama-d128-l2-ce"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 3, out.stdout  # one line per student
+    assert all("llama-d128-l2-" in row for row in rows) and "within noise" in out.stdout
 
 
 @pytest.mark.ray

@@ -154,12 +154,7 @@ def train_student(
     ``heldout`` (the held-out rows' input columns) is scored during training when
     ``train.eval_every_steps`` asks for it. The final model and training state are copied into
     ``final_dir``, an existing local folder the caller removes once it is done with them."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     t = student.train
-    per_epoch = steps_per_epoch(data.train_rows, t)
-    counter, counter_key = progress_counter(), f"tokens/{student.name}/{uuid.uuid4().hex}"
     cfg = WorkerConfig(
         student=student.name,
         train=t,
@@ -169,21 +164,48 @@ def train_student(
         seq_len=data.seq_len,
         seed=t.seed if t.seed is not None else spec.seed,
         init_path=init_path,
-        steps_per_epoch=per_epoch,
+        steps_per_epoch=steps_per_epoch(data.train_rows, t),
         threads=t.threads_per_worker or max(1, int(t.cpus_per_worker)),
         task=task or {"name": "causal_lm"},
         tracking_uri=tracking_uri,
         run_id=run_id,
-        counter=counter,
-        counter_key=counter_key,
+        counter=progress_counter(),
+        counter_key=f"tokens/{student.name}/{uuid.uuid4().hex}",
         heldout=heldout if t.eval_every_steps else None,
     )
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
     storage = fs.join(student_dir, "checkpoints")
     run_name = training_run_name(student, data.key, cfg.seed, init_path, cfg.student_config)
-    trainer = TorchTrainer(
+    started = time.perf_counter()
+    result, done = fit_with_progress(ray_trainer(cfg, data, storage, run_name), cfg)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {student.name} finished without a checkpoint")
+    local = download_final(result.checkpoint, final_dir)
+    with open(os.path.join(local, STATE_FILE)) as f:
+        state = json.load(f)
+    say_if_not_fresh(student.name, state, done, t.epochs, fs.join(storage, run_name))
+    return TrainResult(
+        checkpoint_dir=local,
+        history=state["history"],
+        epochs=state.get("epochs", []),
+        seconds=time.perf_counter() - started,
+        steps=state["step"],
+        resumed_at_epochs=state.get("resumed_at_epochs", []),
+        evals=state.get("evals", []),
+        nodes=state.get("nodes", []),
+    )
+
+
+def ray_trainer(cfg: WorkerConfig, data: TrainingData, storage: str, run_name: str):
+    """A ``TorchTrainer`` for the worker loop: ``num_workers`` workers (a GPU each with
+    ``use_gpu``, NCCL between them; gloo on CPUs), the data streamed to them, checkpoints under
+    ``storage``/``run_name`` (the latest kept: a rerun resumes from it), ``max_failures``
+    worker-group restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": cfg},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -197,7 +219,14 @@ def train_student(
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     )
-    total_tokens = per_epoch * t.grad_accum * t.micro_batch_size * t.num_workers * data.seq_len * t.epochs
+
+
+def fit_with_progress(trainer, cfg: WorkerConfig):
+    """``trainer.fit()`` in a thread while this one draws the tokens the workers report; the
+    result and the tokens trained in this call (0: every epoch was already done), or the fit's
+    error raised here."""
+    t = cfg.train
+    total = cfg.micro_batches_per_epoch * t.epochs * cfg.tokens_per_micro_batch * t.num_workers
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -211,44 +240,29 @@ def train_student(
     thread.start()
     done = 0.0
     with bar("tok") as progress:
-        bar_task = progress.add_task(f"train {student.name} x{t.num_workers}", total=total_tokens, rate=0.0)
+        bar_task = progress.add_task(f"train {cfg.student} x{t.num_workers}", total=total, rate=0.0)
         while thread.is_alive():
             thread.join(timeout=0.5)
-            done = ray.get(counter.get.remote()).get(counter_key, 0.0)
-            progress.update(
-                bar_task, completed=min(done, total_tokens), rate=done / max(time.perf_counter() - started, 1e-9)
-            )
-    counter.pop.remote(counter_key)
+            done = ray.get(cfg.counter.get.remote()).get(cfg.counter_key, 0.0)
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            progress.update(bar_task, completed=min(done, total), rate=rate)
+    cfg.counter.pop.remote(cfg.counter_key)
     if "error" in outcome:
         raise outcome["error"]
-    result = outcome["result"]
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {student.name} finished without a checkpoint")
-    local = download_final(result.checkpoint, final_dir)
-    with open(os.path.join(local, STATE_FILE)) as f:
-        state = json.load(f)
-    if done == 0 and state["epoch"] >= t.epochs:
+    if outcome["result"].error:
+        raise outcome["result"].error
+    return outcome["result"], done
+
+
+def say_if_not_fresh(name: str, state: dict[str, Any], done: float, epochs: int, where: str) -> None:
+    """Tell the user when a student was not trained from scratch by this call."""
+    if done == 0 and state["epoch"] >= epochs:
         say(
-            f"Student {student.name}: already trained ({state['epoch']} epochs) in {fs.join(storage, run_name)}; "
+            f"Student {name}: already trained ({state['epoch']} epochs) in {where}; "
             "reusing that checkpoint (delete it to train again)"
         )
     elif state.get("resumed_at_epochs"):
-        say(
-            f"Student {student.name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} "
-            f"({fs.join(storage, run_name)})"
-        )
-    return TrainResult(
-        checkpoint_dir=local,
-        history=state["history"],
-        epochs=state.get("epochs", []),
-        seconds=time.perf_counter() - started,
-        steps=state["step"],
-        resumed_at_epochs=state.get("resumed_at_epochs", []),
-        evals=state.get("evals", []),
-        nodes=state.get("nodes", []),
-    )
+        say(f"Student {name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} ({where})")
 
 
 def download_final(checkpoint, into: str) -> str:
