@@ -3,10 +3,12 @@ an MLflow sqlite store per test, and skipping of `gpu` tests on machines without
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# kdscale's per-user derived files (GGUF tokenizer/config conversions) in a folder of this
+# session's own, set before Ray starts so its workers use it too; removed at exit
+_HOME = tempfile.mkdtemp(prefix="kdscale-home-")
+os.environ["KDSCALE_HOME"] = _HOME
+atexit.register(shutil.rmtree, _HOME, True)
 
 
 def _has_cuda() -> bool:
@@ -160,9 +167,6 @@ def sqlite_store(folder: Path, name: str = "mlflow.db") -> str:
     migrated once per session. MLflow builds a new store's ~50 tables by running every schema
     migration, 1.7 s on this machine; some fifty tests each made their own."""
     if not _EMPTY_STORE:
-        import atexit
-        import tempfile
-
         from mlflow import MlflowClient
 
         template = Path(tempfile.mkdtemp(prefix="kdscale-test-mlflow-")) / "empty.db"

@@ -62,6 +62,16 @@ def auto_model(task: str):
     return TASK_CLASSES[task].auto_model()
 
 
+def _gguf_metadata(spec: TeacherSpec) -> str | None:
+    """A GGUF teacher's tokenizer and config as plain files, converted once (None: not GGUF)."""
+    folder = teacher_folder(spec)
+    if not spec.gguf_file or folder is None:
+        return None
+    from kdscale.teachers.gguf_metadata import converted_folder
+
+    return converted_folder(folder, spec.gguf_file, spec.trust_remote_code)
+
+
 def weight_files(spec: TeacherSpec) -> list[str]:
     folder = teacher_folder(spec)
     if folder is None:
@@ -95,6 +105,9 @@ class HuggingFace(TeacherBackend):
         if spec.tokenizer:
             folder = resolve_package_path(spec.tokenizer) if spec.tokenizer.startswith("pkg:") else spec.tokenizer
             return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        converted = _gguf_metadata(spec)
+        if converted:
+            return AutoTokenizer.from_pretrained(converted)
         return AutoTokenizer.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
 
     def config(self, spec, vocab_size, task="causal_lm"):
@@ -102,6 +115,9 @@ class HuggingFace(TeacherBackend):
             return random_teacher_config(spec, vocab_size, task)
         from transformers import AutoConfig
 
+        converted = _gguf_metadata(spec)
+        if converted:
+            return AutoConfig.from_pretrained(converted)
         return AutoConfig.from_pretrained(teacher_folder(spec), **_load_kwargs(spec))
 
     def load(self, spec, vocab_size, seed, device="cpu", task="causal_lm"):
