@@ -42,13 +42,15 @@ from kdscale.train_stage import stage_eval, stage_train
 
 def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) -> dict[str, Any]:
     """Every check a real run makes before work that needs no teacher pass (the spec, files,
-    resources, and for train/eval the committed cache), and the plan; writes nothing."""
+    resources, the cache slot, and for train/eval the committed cache), and the plan; writes nothing."""
     p = prepare(spec, workdir)
     check_workdir(p)
     check_cluster(spec, stages)
     plan = describe_plan(p)
     plan["stages"] = list(stages)
-    if "precompute" not in stages and uses_cache(spec):
+    if "precompute" in stages and uses_cache(spec):
+        plan["precompute"] = precompute_preview(p)
+    elif uses_cache(spec):
         m = open_cache_for_students(p, verify_checksums=False)
         problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if "train" in stages else []
         if problems:
@@ -56,6 +58,28 @@ def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) 
         Sources(manifest=m).tasks(p)  # students with their own tokenizer: alignment data and fraction
         plan["cache"] = cache_summary(p.cache_uri, m)
     return plan
+
+
+def precompute_preview(p: Prepared) -> dict[str, Any]:
+    """What the precompute stage would do: the cache_id it makes, and whether that cache is
+    already committed at the URI (reused: no teacher work), begun (resumed: the finished units or
+    shards are kept) or absent (computed); a slot holding another job's cache is refused here as
+    a run refuses it. Reads the ledger, not the shards (a run checks their checksums)."""
+    from kdscale.cache.writer import check_claim, finished_shards, recorded_units
+    from kdscale.precompute.runner import existing_cache
+
+    plan = plan_precompute(p)
+    total = len(plan.units) if plan.streamed else len(plan.tasks)
+    preview: dict[str, Any] = {"cache_id": plan.cache_id, "units" if plan.streamed else "shards": total}
+    if existing_cache(p.cache_uri, plan.cache_id, checksums=False) is not None:
+        preview["cache"] = "committed: reused, no teacher work"
+    elif check_claim(p.cache_uri, plan.cache_id):
+        shards = len(finished_shards(p.cache_uri, verify=False))
+        packed = f", {len(recorded_units(p.cache_uri))} of {total} input units packed" if plan.streamed else ""
+        preview["cache"] = f"unfinished: resumed, {shards} shards already finished{packed}"
+    else:
+        preview["cache"] = "absent: computed"
+    return preview
 
 
 def plan_precompute(p: Prepared):

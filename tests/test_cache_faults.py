@@ -58,6 +58,10 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
 
     with pytest.raises(Exception, match="incomplete cache"):
         open_manifest(str(killed / "cache"))
+    # the dry run says what a rerun will do with it
+    preview = _dry_run_preview(job, killed)
+    assert preview["cache"].startswith(f"unfinished: resumed, {len(finished)} shards already finished, ")
+    assert preview["units"] > 1
     # what a writer killed mid-write leaves (the kill may or may not have caught one)
     (killed / "cache" / "train-09999.parquet.tmp-4242").write_bytes(b"half a shard")
     (ledger / "train-09999.json.tmp-4242").write_text("{")
@@ -70,12 +74,20 @@ def test_killed_precompute_resumes_to_the_identical_cache(ray_session, tmp_path,
     assert len(finished) < len(m.shards) and len(m.dataset.units) > 1
     assert f"{len(finished)} shards already finished" in " ".join(resumed.output.split())
     assert {p: (killed / "cache" / p).stat().st_mtime_ns for p in finished} == mtimes  # not recomputed
+    assert _dry_run_preview(job, killed) == {**preview, "cache": "committed: reused, no teacher work"}
+    assert preview["cache_id"] == m.cache_id
 
     clean = tmp_path / "clean"
     result = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(clean)])
     assert result.exit_code == 0, result.output
     assert open_manifest(str(killed / "cache")).cache_id == open_manifest(str(clean / "cache")).cache_id
     assert _shards(killed / "cache") == _shards(clean / "cache")
+
+
+def _dry_run_preview(job, workdir) -> dict:
+    dry = CliRunner().invoke(app, ["precompute", str(job), "--workdir", str(workdir), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    return json.loads(dry.output)["precompute"]
 
 
 def _copy(committed, tmp_path):
@@ -151,9 +163,10 @@ def test_student_with_another_tokenizer_is_refused_before_training(committed, tm
 def test_precompute_refuses_to_overwrite_another_cache(committed, tmp_path, mlflow_uri):
     job, work = _copy(committed, tmp_path)
     other = write_job(tmp_path, **{"seed": 7})
-    result = CliRunner().invoke(app, ["precompute", str(other), "--workdir", str(work)])
-    assert result.exit_code == 1
-    assert "already holds another cache" in " ".join(result.output.split())
+    for dry_run in ([], ["--dry-run"]):  # the dry run refuses it as the run does
+        result = CliRunner().invoke(app, ["precompute", str(other), "--workdir", str(work), *dry_run])
+        assert result.exit_code == 1
+        assert "already holds another cache" in " ".join(result.output.split())
     assert (
         json.loads((work / "cache" / MANIFEST).read_text())["cache_id"] == open_manifest(str(work / "cache")).cache_id
     )

@@ -177,6 +177,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, ray_session):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["students"]["tiny-student"]["workers"] == 2
+    assert plan["precompute"]["cache"] == "absent: computed" and len(plan["precompute"]["cache_id"]) == 32
     assert not (tmp_path / "w").exists()
 
 
