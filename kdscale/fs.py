@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
@@ -195,13 +195,6 @@ def listdir(uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-
-
-def hash_files(uris: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for uri in uris:
-        h.update(sha256(uri).encode())
-    return h.hexdigest()
 
 
 def local_copy(uri: str) -> str:

@@ -5,7 +5,7 @@ the tokenizer and once for the config: 7.3 s of the quickstart's 12-s dry run on
 (SmolLM2-135M: 4.1 s tokenizer, 3.1 s config, 2026-12-07), paid again by every command that
 prepares the job. The converted files (``tokenizer.json``, ``config.json``, …) load in 0.13 s.
 
-They are kept under ``$KDSCALE_HOME/gguf/<key>`` (default ``~/.cache/kdscale``), keyed by the
+They are kept under ``$KDSCALE_HOME/gguf/<key>`` (:mod:`kdscale.user_cache`), keyed by the
 file's real path, size and modification time and by the transformers version that converted it,
 so an edited or replaced file, or another transformers, converts afresh. A folder appears whole
 or not at all (written beside, then renamed), so two processes converting at once both end with
@@ -22,14 +22,10 @@ import tempfile
 
 from kdscale import fs
 from kdscale.fingerprint import digest
+from kdscale.user_cache import home
 
 # bump when what is written changes, so older conversions are not read as current ones
 CONVERSION_VERSION = 1
-
-
-def home() -> str:
-    """kdscale's per-user folder for derived files (``KDSCALE_HOME``, else ``~/.cache/kdscale``)."""
-    return os.environ.get("KDSCALE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kdscale")
 
 
 def conversion_key(path: str) -> str:

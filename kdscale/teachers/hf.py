@@ -17,6 +17,7 @@ from kdscale.fingerprint import digest, tensors_fingerprint
 from kdscale.models import files
 from kdscale.models.arch import shape_problems, unknown_fields
 from kdscale.teachers.base import FULL_LOGITS, TOP_K, TeacherBackend, TeacherIdentity
+from kdscale.user_cache import files_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,7 +160,7 @@ class HuggingFace(TeacherBackend):
                 raise FileNotFoundError(
                     f"no weight files ({', '.join(files.WEIGHT_SUFFIXES)}) under {teacher_folder(spec)}"
                 )
-            weights = fs.hash_files(found)
+            weights = files_sha256(found)  # remembered per file version (kdscale.user_cache)
             source = {"init": "pretrained", "path": spec.path, "gguf_file": spec.gguf_file}
         source["backend"] = self.name  # provenance only: the fingerprint is the content
         return TeacherIdentity(spec.name, digest({"weights": weights, "dtype": spec.dtype}), spec.dtype, source)
