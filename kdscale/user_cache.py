@@ -25,7 +25,9 @@ def home() -> str:
     return os.environ.get("KDSCALE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kdscale")
 
 
-def _identity(path: str) -> dict:
+def file_version(path: str) -> dict:
+    """What changes whenever a local file's content may have: ctime moves on any write and no
+    tool can set it back (mtime can be)."""
     stat = os.stat(path)
     return {
         "path": os.path.realpath(path),
@@ -40,7 +42,7 @@ def file_sha256(uri: str) -> str:
     """``fs.sha256(uri)``, read once per version of a local file (remote files: read each time)."""
     if fs.is_remote(uri):
         return fs.sha256(uri)
-    identity = _identity(uri)
+    identity = file_version(uri)
     record = os.path.join(home(), "sha256", digest(identity, 32) + ".json")
     with contextlib.suppress(OSError, ValueError):
         with open(record) as f:
@@ -48,7 +50,7 @@ def file_sha256(uri: str) -> str:
         if kept.get("file") == identity and isinstance(kept.get("sha256"), str):
             return kept["sha256"]
     value = fs.sha256(uri)
-    if _identity(uri) == identity:  # not changed while it was read
+    if file_version(uri) == identity:  # not changed while it was read
         _remember(record, {"file": identity, "sha256": value})
     return value
 

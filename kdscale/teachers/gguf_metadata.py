@@ -6,11 +6,12 @@ the tokenizer and once for the config: 7.3 s of the quickstart's 12-s dry run on
 prepares the job. The converted files (``tokenizer.json``, ``config.json``, …) load in 0.13 s.
 
 They are kept under ``$KDSCALE_HOME/gguf/<key>`` (:mod:`kdscale.user_cache`), keyed by the
-file's real path, size and modification time and by the transformers version that converted it,
-so an edited or replaced file, or another transformers, converts afresh. A folder appears whole
-or not at all (written beside, then renamed), so two processes converting at once both end with
-a complete one. The round trip changes no token id: the backend tokenizer's JSON and the config
-come back equal (tests/test_teachers.py), so caches keep their cache_id.
+file's version (real path, size, modification and change times, inode) and by the transformers
+and tokenizers versions that converted it, so an edited or replaced file, or another
+transformers, converts afresh. A folder appears whole or not at all (written beside, then
+renamed), so two processes converting at once both end with a complete one. The round trip
+changes no token id: the backend tokenizer's JSON and the config come back equal
+(tests/test_gguf_metadata.py), so caches keep their cache_id.
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ import tempfile
 
 from kdscale import fs
 from kdscale.fingerprint import digest
-from kdscale.user_cache import home
+from kdscale.user_cache import file_version, home
 
 # bump when what is written changes, so older conversions are not read as current ones
 CONVERSION_VERSION = 1
 
 
 def conversion_key(path: str) -> str:
+    import tokenizers
     import transformers
 
-    stat = os.stat(path)
     return digest(
         {
-            "path": os.path.realpath(path),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
+            "file": file_version(path),
             "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
             "version": CONVERSION_VERSION,
         },
         32,
