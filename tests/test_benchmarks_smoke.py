@@ -377,4 +377,5 @@ def test_fashion_mnist(capsys):
         keys = {"test_error", "test_ce", "alpha", "validation_error", "validation_ce", "parameters", "train_seconds"}
         assert keys <= student.keys(), name
         assert 0 < student["test_error"] <= 1, name
-    assert (small["scratch"]["alpha"], small["distilled"]["alpha"]) == (0.0, 0.9)
+    distilled = small["distilled"]
+    assert (small["scratch"]["alpha"], distilled["alpha"], distilled["temperature"]) == (0.0, 0.5, 1.0)

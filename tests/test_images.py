@@ -91,6 +91,10 @@ def image_job(tmp_path: Path, **overrides) -> Path:
         "students.0.architecture": {"embedding_size": 8, "hidden_sizes": [8], "depths": [1]},
         "students.1.architecture": {"embedding_size": 8, "hidden_sizes": [8], "depths": [1]},
         "eval.batch_size": 32,
+        # mostly the teacher's soft targets, at its cache's T (the job's own alpha 0.5, T = 1 was
+        # chosen on real data): a random teacher must visibly pull this student towards its argmax
+        "students.1.loss.alpha": 0.9,
+        "students.1.loss.temperature": 4.0,
         **overrides,
     }
     return write_job(tmp_path, base="fashion_mnist.yaml", **settings)
