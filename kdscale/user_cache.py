@@ -1,12 +1,12 @@
 """kdscale's per-user folder of derived facts that are slow to recompute and safe to redo:
 ``$KDSCALE_HOME`` (default ``~/.cache/kdscale``). Deleting it loses nothing but time.
 
-Here: the sha256 of a teacher's local weight files, remembered by the file's metadata (levanter
-keys its caches the same way). A teacher's fingerprint is the hash of its weight files' content,
-and every command that plans a cache computes it: sha256 reads 0.5-0.85 GB/s on this machine, so
-a 16 GB teacher costs ~20-30 s per command and a 140 GB one 3-5 min, for files that have not
-changed. A remembered hash is used only while the file's real path, size, modification time,
-change time (which no tool can set back) and inode are all the same as when it was read.
+Here: the sha256 of a teacher's local weight files, remembered by the file's metadata. A teacher's
+fingerprint is the hash of its weight files' content, and every command that plans a cache computes
+it: sha256 reads 0.5-0.85 GB/s on this machine, so a 16 GB teacher costs ~20-30 s per command and a
+140 GB one 3-5 min, for files that have not changed. A remembered hash is used only while the file's
+real path, size, modification time, change time (which ordinary tools cannot set back) and inode are
+all the same as when it was read.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def home() -> str:
 
 
 def file_version(path: str) -> dict:
-    """What changes whenever a local file's content may have: ctime moves on any write and no
-    tool can set it back (mtime can be)."""
+    """What changes whenever a local file's content may have: ctime moves on any write and
+    ordinary tools cannot set it back (``touch`` sets mtime)."""
     stat = os.stat(path)
     return {
         "path": os.path.realpath(path),
