@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# kdscale's per-user derived files (GGUF tokenizer/config conversions) in a folder of this
+# kdscale's per-user derived files (GGUF conversions, remembered weight hashes) in a folder of this
 # session's own, set before Ray starts so its workers use it too; removed at exit
 _HOME = tempfile.mkdtemp(prefix="kdscale-home-")
 os.environ["KDSCALE_HOME"] = _HOME
