@@ -66,12 +66,11 @@ def precompute_preview(p: Prepared) -> dict[str, Any]:
     shards are kept) or absent (computed); a slot holding another job's cache is refused here as
     a run refuses it. Reads the ledger, not the shards (a run checks their checksums)."""
     from kdscale.cache.writer import check_claim, finished_shards, recorded_units
-    from kdscale.precompute.runner import existing_cache
 
     plan = plan_precompute(p)
     total = len(plan.units) if plan.streamed else len(plan.tasks)
     preview: dict[str, Any] = {"cache_id": plan.cache_id, "units" if plan.streamed else "shards": total}
-    if existing_cache(p.cache_uri, plan.cache_id, checksums=False) is not None:
+    if check_cache_slot(p, plan.cache_id, checksums=False) is not None:  # the run's own refusals
         preview["cache"] = "committed: reused, no teacher work"
     elif check_claim(p.cache_uri, plan.cache_id):
         shards = len(finished_shards(p.cache_uri, verify=False))

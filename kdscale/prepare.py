@@ -344,14 +344,17 @@ def check_exports(p: Prepared) -> None:
         raise ConfigError(p.spec.name, missing)
 
 
-def check_cache_slot(p: Prepared, cache_id: str) -> Manifest | None:
+def check_cache_slot(p: Prepared, cache_id: str, checksums: bool | None = None) -> Manifest | None:
     """Before anything is written: the verified cache to reuse if this job's cache is already
-    committed at the URI (every check, checksums too unless ``cache.verify_before_training`` is
-    off), None if it is absent or unfinished; refuses another job's cache, finished or not."""
+    committed at the URI (every check, checksums too unless ``checksums`` or, when it is None,
+    ``cache.verify_before_training`` says not), None if it is absent or unfinished; refuses
+    another job's cache, finished or not."""
     from kdscale.cache.writer import check_claim
     from kdscale.precompute.runner import existing_cache
 
-    manifest = existing_cache(p.cache_uri, cache_id, p.spec.cache.verify_before_training)
+    if checksums is None:
+        checksums = p.spec.cache.verify_before_training
+    manifest = existing_cache(p.cache_uri, cache_id, checksums)
     if manifest is None:
         check_claim(p.cache_uri, cache_id)
     return manifest
