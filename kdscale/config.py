@@ -404,6 +404,10 @@ class JobSpec(Strict):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
+    def student_seed(self, student: StudentSpec) -> int:
+        """A student's effective seed: its own, else the job's."""
+        return student.train.seed if student.train.seed is not None else self.seed
+
 
 # ------------------------------------------------------------------------------------------------
 # Loading

@@ -80,7 +80,7 @@ def train_one(p: Prepared, tracker: Tracker, sources: Sources, s: StudentSpec, t
     finally:
         shutil.rmtree(final, ignore_errors=True)
     announce(s, trained)
-    return student_summary(p, sources, s, trained, run_id)
+    return student_summary(sources, s, trained, run_id)
 
 
 def train_evaluate_export(
@@ -94,8 +94,8 @@ def train_evaluate_export(
     if not online:
         tracker.log_cache(run_id, sources.manifest, p.cache_uri, context="training")
     tracker.log_params(run_id, student_params(p, sources, s, task))
-    seed = s.train.seed if s.train.seed is not None else p.spec.seed
-    untrained = evaluate_model(p, build_student(cfg, seed, p.init_uri(s), task), heldout, task).heldout_ce
+    untrained = evaluate_model(p, build_student(cfg, p.spec.student_seed(s), p.init_uri(s), task), heldout, task)
+    untrained_ce = untrained.heldout_ce
     result = train_student(
         p.spec,
         s,
@@ -116,15 +116,15 @@ def train_evaluate_export(
         run_id,
         {
             **metric_names(metrics),
-            "heldout/ce_untrained": untrained,
+            "heldout/ce_untrained": untrained_ce,
             "train/seconds": result.seconds,
             "train/tokens_per_second": tokens_per_second(result.epochs),
         },
         step=result.steps,
     )
-    log_student_plots(tracker, run_id, s.name, result, metrics, untrained)
+    log_student_plots(tracker, run_id, s.name, result, metrics, untrained_ce)
     registered = tracker.register(run_id, export_uri, s.name, registry_tags(p, sources, s))
-    return Trained(untrained, result, metrics, per_row, export_uri, registered)
+    return Trained(untrained_ce, result, metrics, per_row, export_uri, registered)
 
 
 def student_params(p: Prepared, sources: Sources, s: StudentSpec, task) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def student_params(p: Prepared, sources: Sources, s: StudentSpec, task) -> dict[
     return params
 
 
-def student_summary(p: Prepared, sources: Sources, s: StudentSpec, t: Trained, run_id: str | None) -> dict[str, Any]:
+def student_summary(sources: Sources, s: StudentSpec, t: Trained, run_id: str | None) -> dict[str, Any]:
     """A trained student's entry in ``summary.json``."""
     result, history = t.result, t.result.history
     return {

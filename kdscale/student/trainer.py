@@ -162,7 +162,7 @@ def train_student(
         targets=data.targets,
         student_config=student_config.to_dict(),
         seq_len=data.seq_len,
-        seed=t.seed if t.seed is not None else spec.seed,
+        seed=spec.student_seed(student),
         init_path=init_path,
         steps_per_epoch=steps_per_epoch(data.train_rows, t),
         threads=t.threads_per_worker or max(1, int(t.cpus_per_worker)),
