@@ -13,17 +13,17 @@ from typing import Any
 
 from kdscale import fs
 from kdscale.cache.format import Manifest
-from kdscale.config import ConfigError, JobSpec
+from kdscale.config import JobSpec
 from kdscale.prepare import (
     Prepared,
     check_cache_slot,
     check_cluster,
     check_exports,
+    check_student_plan,
     check_workdir,
     describe_plan,
     open_cache_for_students,
     prepare,
-    student_plan_problems,
     uses_cache,
 )
 from kdscale.progress import say
@@ -42,35 +42,40 @@ from kdscale.train_stage import stage_eval, stage_train
 
 def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) -> dict[str, Any]:
     """Every check a real run makes before work that needs no teacher pass (the spec, files,
-    resources, the cache slot, and for train/eval the committed cache), and the plan; writes nothing."""
+    resources, the cache slot, the students' batches against the training rows where they are
+    known, and for train/eval the committed cache), and the plan; writes nothing."""
     p = prepare(spec, workdir)
     check_workdir(p)
     check_cluster(spec, stages)
     plan = describe_plan(p)
     plan["stages"] = list(stages)
     if "precompute" in stages and uses_cache(spec):
-        plan["precompute"] = precompute_preview(p)
+        plan["precompute"] = precompute_preview(p, training="train" in stages)
     elif uses_cache(spec):
         m = open_cache_for_students(p, verify_checksums=False)
-        problems = student_plan_problems(spec, m.targets, m.dataset.rows["train"]) if "train" in stages else []
-        if problems:
-            raise ConfigError(spec.name, problems)
+        if "train" in stages:
+            check_student_plan(spec, m.targets, m.dataset.rows["train"])
         Sources(manifest=m).tasks(p)  # students with their own tokenizer: alignment data and fraction
         plan["cache"] = cache_summary(p.cache_uri, m)
     return plan
 
 
-def precompute_preview(p: Prepared) -> dict[str, Any]:
+def precompute_preview(p: Prepared, training: bool) -> dict[str, Any]:
     """What the precompute stage would do: the cache_id it makes, and whether that cache is
     already committed at the URI (reused: no teacher work), begun (resumed: the finished units or
     shards are kept) or absent (computed); a slot holding another job's cache is refused here as
-    a run refuses it. Reads the ledger, not the shards (a run checks their checksums)."""
+    a run refuses it, and (``training``) students whose batches do not fit the training rows
+    where those are known without packing the corpus: a committed cache's, an image plan's.
+    Reads the ledger, not the shards (a run checks their checksums)."""
     from kdscale.cache.writer import check_claim, finished_shards, recorded_units
 
     plan = plan_precompute(p)
     total = len(plan.units) if plan.streamed else len(plan.tasks)
     preview: dict[str, Any] = {"cache_id": plan.cache_id, "units" if plan.streamed else "shards": total}
-    if check_cache_slot(p, plan.cache_id, checksums=False) is not None:  # the run's own refusals
+    reuse = check_cache_slot(p, plan.cache_id, checksums=False)  # the run's own refusals
+    if training:
+        check_student_plan(p.spec, plan.targets, _train_rows(plan, reuse, stream=None))
+    if reuse is not None:
         preview["cache"] = "committed: reused, no teacher work"
     elif check_claim(p.cache_uri, plan.cache_id):
         shards = len(finished_shards(p.cache_uri, verify=False))
@@ -180,12 +185,13 @@ def log_cache_profile(tracker: Tracker, run_id: str, cache_uri: str, m: Manifest
 
 
 def _train_rows(plan, reuse: Manifest | None, stream) -> int | None:
-    """Training rows, where known before the teacher runs (None: a corpus past the sample)."""
+    """Training rows, where known before the teacher runs (None: a text corpus not packed yet,
+    or past the stream's sample)."""
     if reuse is not None:
         return reuse.dataset.rows["train"]
     if stream is not None:
         return stream.sample_rows()["train"] if stream.complete else None
-    return plan.dataset.rows["train"]
+    return None if plan.streamed else plan.dataset.rows["train"]
 
 
 @dataclass
@@ -249,11 +255,8 @@ def plan_work(p: Prepared, stages: tuple[str, ...]) -> PrecomputeWork | None:
     work = PrecomputeWork(plan, reuse=check_cache_slot(p, plan.cache_id))
     if work.reuse is None and plan.streamed:
         work.stream = start_stream(p, plan)
-    rows = _train_rows(plan, work.reuse, work.stream)
-    if "train" in stages and rows is not None:
-        problems = student_plan_problems(p.spec, plan.targets, rows)
-        if problems:
-            raise ConfigError(p.spec.name, problems)
+    if "train" in stages:
+        check_student_plan(p.spec, plan.targets, _train_rows(plan, work.reuse, work.stream))
     return work
 
 

@@ -332,6 +332,14 @@ def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple
     ]
 
 
+def check_student_plan(spec: JobSpec, targets, train_rows: int | None) -> None:
+    """Refuse the job (ConfigError, every problem) when a cache student's settings do not fit
+    the targets and training rows it will get; ``train_rows`` None (not known yet) checks nothing."""
+    problems = student_plan_problems(spec, targets, train_rows) if train_rows is not None else []
+    if problems:
+        raise ConfigError(spec.name, problems)
+
+
 def check_exports(p: Prepared) -> None:
     from kdscale.student.evaluate import exported
 

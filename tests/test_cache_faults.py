@@ -90,6 +90,17 @@ def _dry_run_preview(job, workdir) -> dict:
     return json.loads(dry.output)["precompute"]
 
 
+def test_dry_run_of_a_reused_cache_refuses_a_batch_larger_than_its_training_rows(committed, tmp_path):
+    """With the cache committed at its URI the training rows are known: the dry run refuses a
+    batch the run would refuse (it passed before), and passes the job's own batch."""
+    job, workdir = committed
+    dry = ["run", str(job), "--workdir", str(workdir), "--dry-run"]
+    assert CliRunner().invoke(app, dry).exit_code == 0
+    big = write_job(tmp_path, **{"students.0.train.micro_batch_size": 10_000})
+    result = CliRunner().invoke(app, ["run", str(big), "--workdir", str(workdir), "--dry-run"])
+    assert result.exit_code == 2 and "training rows are too few" in result.output, result.output
+
+
 def _copy(committed, tmp_path):
     job, workdir = committed
     target = tmp_path / "w"

@@ -173,6 +173,16 @@ def test_mismatched_label_file_is_refused_before_anything_is_written(ray_session
     assert not (tmp_path / "w").exists()
 
 
+def test_dry_run_refuses_a_batch_larger_than_the_image_training_set(ray_session, tmp_path):
+    """An image plan knows its training rows from the IDX headers: the dry run refuses the batch
+    the run would refuse, before any teacher work (it passed before)."""
+    job = image_job(tmp_path, **{"students.1.train.micro_batch_size": 1_000})
+    result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "students.1.train" in result.output and "320 training rows are too few" in result.output
+    assert not (tmp_path / "w").exists()
+
+
 # End to end ---------------------------------------------------------------------------------
 
 
