@@ -319,9 +319,9 @@ def check_workdir(p: Prepared) -> None:
         )
 
 
-def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple[str, str]]:
+def student_plan_problems(spec: JobSpec, targets, train_rows: int | None) -> list[tuple[str, str]]:
     """Cache students against the targets and training rows they will get (from a plan, before
-    any teacher work, or from a committed manifest)."""
+    any teacher work, or from a committed manifest; rows None: the targets alone)."""
     from kdscale.student.trainer import cache_problems
 
     return [
@@ -334,8 +334,10 @@ def student_plan_problems(spec: JobSpec, targets, train_rows: int) -> list[tuple
 
 def check_student_plan(spec: JobSpec, targets, train_rows: int | None) -> None:
     """Refuse the job (ConfigError, every problem) when a cache student's settings do not fit
-    the targets and training rows it will get; ``train_rows`` None (not known yet) checks nothing."""
-    problems = student_plan_problems(spec, targets, train_rows) if train_rows is not None else []
+    the targets and training rows it will get; ``train_rows`` None (a text corpus not packed yet)
+    checks the targets alone: a loss temperature the cache cannot serve is refused before the
+    teacher runs, not after it."""
+    problems = student_plan_problems(spec, targets, train_rows)
     if problems:
         raise ConfigError(spec.name, problems)
 

@@ -138,6 +138,11 @@ CASES = {
     "cache.uri is a file": (_cache_is_a_file, 2, "cache.uri"),
     "cache folder is the workdir": (_cache_is_the_workdir, 2, "is also the workdir"),
     "workdir of another job": (_other_jobs_workdir, 2, "holds the outputs of job 'someone-else'"),
+    "loss temperature the sampled cache cannot serve (text rows not known yet)": (
+        _job("run", "--dry-run", **{"students.0.loss.temperature": 2.0}),
+        2,
+        "students.0.loss.temperature: 2.0 differs from the cache's capture temperature 1.0",
+    ),
     "train --dry-run opens the cache": (_job("train", "--dry-run"), 1, "incomplete cache"),
     "eval with no export": (_job("eval"), 2, "has no export"),
     "cache inspect on an unreachable endpoint": (_unreachable_s3, 1, "cannot read the cache"),

@@ -39,9 +39,10 @@ class TrainResult:
     nodes: list[str] = field(default_factory=list)  # IP/node-id of each training worker (by rank), last run
 
 
-def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int) -> list[tuple[str, str]]:
+def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int | None) -> list[tuple[str, str]]:
     """Problems between a student's settings and the cache it would train from (its targets and
-    training rows: a committed manifest's, or a precompute plan's before any teacher work)."""
+    training rows: a committed manifest's, or a precompute plan's before any teacher work;
+    ``train_rows`` None: not known yet, the targets alone are checked)."""
     s = spec.students[index]
     where = f"students.{index}"
     problems = []
@@ -55,7 +56,7 @@ def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: 
                 f"({targets.kind} targets cannot be re-tempered; a full cache can)",
             )
         )
-    if steps_per_epoch(train_rows, s.train) < 1:
+    if train_rows is not None and steps_per_epoch(train_rows, s.train) < 1:
         problems.append(
             (
                 f"{where}.train",
