@@ -28,6 +28,7 @@ __all__ = [
     "import_cache",
     "job_logs",
     "job_status",
+    "list_jobs",
     "load_job",
     "open_cache",
     "plan",

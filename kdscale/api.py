@@ -163,6 +163,14 @@ def job_status(job_id: str, address: str | None = None) -> dict[str, Any]:
     return jobs.status(address, job_id)
 
 
+def list_jobs(address: str | None = None) -> list[dict[str, Any]]:
+    """Jobs submitted with ``kdscale submit`` (``kdscale jobs list``), newest first: id, job name,
+    stage, workdir, status, start and end times."""
+    from kdscale import submit as jobs
+
+    return jobs.list_jobs(address)
+
+
 def job_logs(job_id: str, address: str | None = None) -> str:
     """A submitted job's logs so far."""
     from kdscale import submit as jobs

@@ -355,9 +355,16 @@ def submit(
         _fail(str(e), 2)
     out.print(f"[green]Submitted[/] {job_id}", highlight=False)
     if follow:
-        state = jobs.follow(address, job_id, lambda lines: print(lines, end="", flush=True))
-        out.print(f"job {job_id}: {state}", highlight=False)
-        raise typer.Exit(0 if state == "SUCCEEDED" else 1)
+        _follow(address, job_id)
+
+
+def _follow(address: str | None, job_id: str) -> None:
+    """Stream the job's logs until it ends, then exit with 0 if it succeeded, 1 otherwise."""
+    from kdscale import submit as jobs
+
+    state = _jobs_call(jobs.follow, address, job_id, lambda lines: print(lines, end="", flush=True))
+    out.print(f"job {job_id}: {state}", highlight=False)
+    raise typer.Exit(0 if state == "SUCCEEDED" else 1)
 
 
 def _jobs_call(call, *args):
@@ -379,11 +386,36 @@ def jobs_status(job_id: str, address: str | None = AddressOpt) -> None:
     print(json.dumps(_jobs_call(jobs.status, address, job_id)))
 
 
-@jobs_app.command("logs")
-def jobs_logs(job_id: str, address: str | None = AddressOpt) -> None:
-    """A submitted job's logs so far."""
+@jobs_app.command("list")
+def jobs_list(
+    address: str | None = AddressOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON list instead of the table"),
+) -> None:
+    """Jobs submitted with `kdscale submit`, newest first: id, job, stage, workdir, status, times."""
     from kdscale import submit as jobs
 
+    rows = _jobs_call(jobs.list_jobs, address)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    columns = ("job_id", "job", "stage", "workdir", "status", "started", "ended")
+    table = Table(*columns, title=f"{len(rows)} kdscale job(s)")
+    for row in rows:
+        table.add_row(*(escape(str(row[c] or "–")) for c in columns))
+    out.print(table)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    address: str | None = AddressOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit 1 unless it succeeded"),
+) -> None:
+    """A submitted job's logs so far (``--follow``: streamed until it ends, as ``submit --follow``)."""
+    from kdscale import submit as jobs
+
+    if follow:
+        _follow(address, job_id)
     print(_jobs_call(jobs.logs, address, job_id), end="")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import math
 import os
 import shlex
 import shutil
@@ -34,6 +35,7 @@ from kdscale import fs
 from kdscale.config import ConfigError, JobSpec, apply_overrides, input_path_fields, load_job
 from kdscale.stages import COMMANDS
 
+JOB_METADATA = "kdscale.job"  # the Ray job's metadata key holding the kdscale job's name: how `jobs list` finds them
 MAX_PACKAGE_BYTES = 100 * 2**20  # far below Ray's own working-directory limit; corpora go to object storage
 JOB_FILE = "job.yaml"
 # Passed to the job when set here: where runs are tracked, and the object store's endpoint and
@@ -187,7 +189,7 @@ def submit(
         entrypoint = f"kdscale {stage} {JOB_FILE} --workdir {shlex.quote(workdir)}"
         env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
         runtime_env = {"working_dir": str(package.folder), "env_vars": env_vars}
-        return _submit_when_ready(jobs, entrypoint, runtime_env, {"kdscale.job": spec.name})
+        return _submit_when_ready(jobs, entrypoint, runtime_env, {JOB_METADATA: spec.name})
     finally:
         shutil.rmtree(package.folder, ignore_errors=True)
 
@@ -226,6 +228,37 @@ def _name(state: Any) -> str:
 def status(address: str | None, job_id: str) -> dict[str, Any]:
     info = client(address).get_job_info(job_id)
     return {"job_id": job_id, "status": _name(info.status), "message": info.message, "entrypoint": info.entrypoint}
+
+
+def list_jobs(address: str | None) -> list[dict[str, Any]]:
+    """kdscale's submissions to the cluster (Ray jobs carrying the ``kdscale.job`` metadata; any
+    other job is not ours to show), newest first: id, kdscale job name, stage, workdir, status and
+    start/end times (UTC, ISO 8601). A user who lost a job id finds it here, with where it writes."""
+    ours = [info for info in client(address).list_jobs() if JOB_METADATA in (info.metadata or {})]
+    rows = []
+    for info in sorted(ours, key=lambda i: i.start_time or math.inf, reverse=True):  # none yet: just submitted
+        command = shlex.split(info.entrypoint or "")
+        rows.append(
+            {
+                "job_id": info.submission_id,
+                "job": info.metadata[JOB_METADATA],
+                "stage": command[1] if len(command) > 1 else None,
+                "workdir": command[command.index("--workdir") + 1] if "--workdir" in command[:-1] else None,
+                "status": _name(info.status),
+                "started": _utc(info.start_time),
+                "ended": _utc(info.end_time),
+            }
+        )
+    return rows
+
+
+def _utc(milliseconds: int | None) -> str | None:
+    """Ray's job times (milliseconds since the epoch) as ISO 8601 UTC to the second."""
+    if not milliseconds:
+        return None
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc).isoformat(timespec="seconds")
 
 
 def logs(address: str | None, job_id: str) -> str:

@@ -125,6 +125,30 @@ def test_tiny_job_submitted_to_a_two_node_cluster_runs_from_object_storage(
     assert again.exit_code == 0, again.output[-3000:]
     second = json.loads(store.cat(f"{s3_bucket}/w2/summary.json"))
     assert second["cache"]["reused"] and second["cache"]["cache_id"] == manifest["cache_id"]
+    _listed_and_followed(address, job_id, again.output.split("Submitted", 1)[1].split()[0], s3_bucket)
+
+
+def _listed_and_followed(address: str, first: str, second: str, bucket: str) -> None:
+    """`kdscale jobs list` shows both submissions, newest first, with the stage and workdir each
+    ran; `jobs logs --follow` on an ended job prints its logs and exits with its status."""
+    listed = CliRunner().invoke(app, ["jobs", "list", "--address", address, "--json"])
+    assert listed.exit_code == 0, listed.output
+    ids = [r["job_id"] for r in json.loads(listed.output)]
+    rows = {r["job_id"]: r for r in json.loads(listed.output)}
+    assert ids.index(second) < ids.index(first)
+    assert {k: rows[first][k] for k in ("job", "stage", "workdir", "status")} == {
+        "job": "tiny",
+        "stage": "run",
+        "workdir": f"{bucket}/w",
+        "status": "SUCCEEDED",
+    }
+    assert rows[second]["stage"] == "precompute" and rows[second]["workdir"] == f"{bucket}/w2"
+    assert rows[first]["started"] <= rows[first]["ended"] <= rows[second]["started"]
+    table = CliRunner().invoke(app, ["jobs", "list", "--address", address])
+    assert table.exit_code == 0 and first in table.output and second in table.output, table.output
+    followed = CliRunner().invoke(app, ["jobs", "logs", first, "--address", address, "--follow"])
+    assert followed.exit_code == 0 and "Cache" in followed.output, followed.output[-2000:]
+    assert f"job {first}: SUCCEEDED" in followed.output and SESSION_AWS_SECRET not in followed.output
 
 
 def _ledger_shards(store, cache: str) -> list[str]:
@@ -241,5 +265,7 @@ def test_submissions_that_cannot_work_are_refused_before_contacting_a_cluster(tm
     assert left.exit_code == 2 and "leaves the job's folder" in " ".join(left.output.split()), left.output
     unreachable = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w")
     assert unreachable.exit_code == 2 and "cannot reach the Ray cluster" in unreachable.output, unreachable.output
+    listing = CliRunner().invoke(app, ["jobs", "list", "--address", "http://127.0.0.1:9"])
+    assert listing.exit_code == 2 and "cannot reach the Ray cluster" in listing.output, listing.output
     stage = _submit(str(write_job(tmp_path)), "--address", "http://127.0.0.1:9", "--workdir", "s3://b/w", "--stage=x")
     assert stage.exit_code == 2 and "stage 'x' is not one of run, precompute, train, eval" in stage.output, stage.output
