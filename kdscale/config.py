@@ -385,7 +385,20 @@ class JobSpec(Strict):
     corpus: CorpusSpec
     cache: CacheSpec = CacheSpec()
     students: list[StudentSpec] = Field(..., min_length=1)
+    parallel_students: int | Literal["auto"] = Field(
+        "auto",
+        description="Students trained at the same time, started in the order listed: auto = as many as the "
+        "cluster's CPUs and GPUs hold beside one CPU for reading the cache; N = at most N (1: one after another).",
+    )
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("parallel_students", mode="before")
+    @classmethod
+    def _auto_or_at_least_one(cls, value: Any) -> Any:
+        """One message for any bad value (the union alone reports one per member)."""
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be auto or a whole number of students, at least 1")
 
     @model_validator(mode="after")
     def _unique_student_names(self) -> JobSpec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdscale.config import JobSpec
+from kdscale.config import JobSpec, StudentSpec
 
 # Ray Data's file-listing task needs one whole CPU that training workers do not hold.
 DATA_CPUS = 1.0
@@ -84,3 +84,42 @@ def student_problems(spec: JobSpec, index: int, cap: Capacity) -> list[tuple[str
             (f"{where_}.use_gpu", f"{s.train.num_workers} GPU workers, but {cap.where} has {cap.gpus:g} GPUs")
         )
     return problems
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one student's training holds while it runs: its workers' CPUs and GPUs."""
+
+    cpus: float
+    gpus: float
+
+
+def student_demand(s: StudentSpec) -> Demand:
+    t = s.train
+    return Demand(t.num_workers * t.cpus_per_worker, float(t.num_workers) if t.use_gpu else 0.0)
+
+
+def room_for(running: list[Demand], new: Demand, cap: Capacity, limit: int | None) -> bool:
+    """May a student start beside the ``running`` ones? Alone, always (the resource check before
+    any work has passed it); beside others, only within ``limit`` and when all of them together
+    still leave :data:`DATA_CPUS` free: Ray Data's read tasks need a whole CPU, and students whose
+    workers held every CPU would wait forever for their batches."""
+    if not running:
+        return True
+    if limit is not None and len(running) >= limit:
+        return False
+    cpus = sum(d.cpus for d in running) + new.cpus
+    gpus = sum(d.gpus for d in running) + new.gpus
+    return cpus + DATA_CPUS <= cap.cpus + 1e-9 and gpus <= cap.gpus + 1e-9
+
+
+def most_at_once(demands: list[Demand], cap: Capacity, limit: int | None) -> int:
+    """The most students that train together when each starts, in the listed order, as soon as
+    :func:`room_for` allows: the longest run of consecutive students that fit beside each other."""
+    best = 0
+    for first in range(len(demands)):
+        end = first + 1
+        while end < len(demands) and room_for(demands[first:end], demands[end], cap, limit):
+            end += 1
+        best = max(best, end - first)
+    return best

@@ -6,6 +6,7 @@ online split) once per job, not once per student."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,9 @@ class Sources:
     corpus: Any = None  # PackedCorpus, only when some student trains online
     _scored: dict[tuple[str, bool], Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
+    # students trained at once read splits from several threads: each is still read (and an online
+    # one scored by the teacher) once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def tasks(self, p: Prepared) -> dict[str, Any]:
         """Each student's task (:func:`student_task`), made (and checked) once."""
@@ -85,15 +89,16 @@ class Sources:
     def scored(self, p: Prepared, online: bool, split: str = "heldout"):
         """The rows of a scored split (``heldout``, or ``validation``) with the teacher's NLL and argmax."""
         key = (split, online)
-        if key not in self._scored:
-            rows = p.spec.eval.max_heldout_rows
-            corpus_rows = self.corpus.splits[split] if online else None
-            self._scored[key] = (
-                teacher_heldout(p, corpus_rows[:rows] if rows else corpus_rows)
-                if online
-                else read_split(p.cache_uri, self.manifest, split, rows)
-            )
-        return self._scored[key]
+        with self._lock:
+            if key not in self._scored:
+                rows = p.spec.eval.max_heldout_rows
+                corpus_rows = self.corpus.splits[split] if online else None
+                self._scored[key] = (
+                    teacher_heldout(p, corpus_rows[:rows] if rows else corpus_rows)
+                    if online
+                    else read_split(p.cache_uri, self.manifest, split, rows)
+                )
+            return self._scored[key]
 
     def has_validation(self, online: bool) -> bool:
         return bool(self.corpus.validation) if online else bool(self.manifest.shards_of("validation"))

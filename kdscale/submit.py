@@ -34,6 +34,7 @@ import yaml
 from kdscale import fs
 from kdscale.config import ConfigError, JobSpec, apply_overrides, input_path_fields, load_job
 from kdscale.stages import COMMANDS
+from kdscale.summary import utc
 
 JOB_METADATA = "kdscale.job"  # the Ray job's metadata key holding the kdscale job's name: how `jobs list` finds them
 MAX_PACKAGE_BYTES = 100 * 2**20  # far below Ray's own working-directory limit; corpora go to object storage
@@ -254,11 +255,7 @@ def list_jobs(address: str | None) -> list[dict[str, Any]]:
 
 def _utc(milliseconds: int | None) -> str | None:
     """Ray's job times (milliseconds since the epoch) as ISO 8601 UTC to the second."""
-    if not milliseconds:
-        return None
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    return utc(milliseconds / 1000) if milliseconds else None
 
 
 def logs(address: str | None, job_id: str) -> str:

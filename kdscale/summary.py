@@ -3,6 +3,7 @@ files (``kdscale report``: report.json / .md / .png, also logged to the job's ML
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from kdscale import fs
@@ -10,6 +11,11 @@ from kdscale.cache.format import Manifest
 
 SUMMARY = "summary.json"
 REPORT_FILES = ("report.json", "report.md", "report.png")  # in the workdir and the parent run's report/
+
+
+def utc(seconds: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC to the second: how summaries and job listings give times."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
@@ -53,8 +59,6 @@ def write_report(summary: dict[str, Any], baseline: str | None = None) -> dict[s
     """Every student beside its baseline (:mod:`kdscale.report`): report.json / .md / .png in the workdir."""
     import io
 
-    import matplotlib.pyplot as plt
-
     from kdscale.report import build_report, curves, markdown
     from kdscale.tracking import plots
 
@@ -67,7 +71,6 @@ def write_report(summary: dict[str, Any], baseline: str | None = None) -> dict[s
     )
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=110)
-    plt.close(figure)
     json_name, md_name, png_name = REPORT_FILES
     fs.write_json(fs.join(summary["workdir"], json_name), report)
     fs.write_bytes(fs.join(summary["workdir"], md_name), markdown(report).encode())

@@ -9,17 +9,22 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdscale.config import ConfigError, StudentSpec
+from rich.progress import Progress
+
+from kdscale.config import ConfigError, JobSpec, StudentSpec
 from kdscale.fingerprint import tokenizer_fingerprint
 from kdscale.models.student import build_student, count_parameters, describe, write_teacher_layer_inits
 from kdscale.models.task import table_arrays
+from kdscale.parallel_students import train_students
 from kdscale.prepare import Prepared, student_plan_problems
-from kdscale.progress import say
+from kdscale.progress import bar, say
+from kdscale.resources import Capacity, most_at_once, room_for, student_demand
 from kdscale.sources import Sources, evaluate_model
-from kdscale.summary import write_summary
+from kdscale.summary import utc, write_summary
 from kdscale.tracking.lineage import CACHE_ID_TAG, CONTENT_HASH_TAG, STUDENT_TAG, TEACHER_TAG, TOKENIZER_TAG, Tracker
 
 
@@ -40,16 +45,56 @@ class Trained:
 
 
 def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, Any]:
-    """Train, evaluate, export and register every student in turn."""
+    """Train, evaluate, export and register every student, as many at once as the cluster holds
+    (``parallel_students``), each with a bar in one shared progress display."""
     from kdscale.ray_runtime import ensure_ray
 
     ensure_ray(p.spec.ray)
     check_batches_fit(p, sources)
     tasks = sources.tasks(p)  # every refusal before any student trains
     write_teacher_layer_inits(p.spec, len(p.tokenizer), p.teacher_config, p.student_configs, p.init_uri)
-    results = {s.name: train_one(p, tracker, sources, s, tasks[s.name]) for s in p.spec.students}
+    may_start = room_checker(p.spec)
+    runs: dict[str, str | None] = {}  # each student's MLflow run, once started
+
+    def abandon(s: StudentSpec) -> None:
+        if s.name in runs:
+            tracker.end(runs[s.name], "FAILED")
+
+    with bar("tok") as progress:
+        results = train_students(
+            p.spec.students,
+            lambda s: train_one(p, tracker, sources, s, tasks[s.name], progress, runs),
+            may_start,
+            abandon,
+        )
     write_summary(p.workdir, {"students": results})
     return results
+
+
+def room_checker(spec: JobSpec) -> Callable[[list[StudentSpec], StudentSpec], bool]:
+    """Whether a student may start beside the running ones: the cluster's room
+    (:func:`kdscale.resources.room_for`) within ``parallel_students``; says once how many may
+    train at once when more than one student could."""
+    from kdscale.ray_runtime import capacity
+
+    cap = capacity(spec.ray)
+    limit = None if spec.parallel_students == "auto" else spec.parallel_students
+
+    def may_start(running: list[StudentSpec], s: StudentSpec) -> bool:
+        return room_for([student_demand(r) for r in running], student_demand(s), cap, limit)
+
+    if len(spec.students) > 1:
+        say(f"Students train {parallel_summary(spec, cap, limit)}")
+    return may_start
+
+
+def parallel_summary(spec: JobSpec, cap: Capacity, limit: int | None) -> str:
+    """How many of the job's students may train at once, and what bounds it."""
+    most = most_at_once([student_demand(s) for s in spec.students], cap, limit)
+    if most > 1:
+        return f"up to {most} at once ({cap.cpus:g} CPUs, {cap.gpus:g} GPUs in {cap.where}; one CPU kept for reading)"
+    why = "parallel_students: 1" if limit == 1 else f"{cap.where} holds one at a time beside a CPU for reading"
+    return f"one after another ({why})"
 
 
 def check_batches_fit(p: Prepared, sources: Sources) -> None:
@@ -67,12 +112,16 @@ def check_batches_fit(p: Prepared, sources: Sources) -> None:
         raise ConfigError(spec.name, problems)
 
 
-def train_one(p: Prepared, tracker: Tracker, sources: Sources, s: StudentSpec, task) -> dict[str, Any]:
-    """One student's MLflow run, ended FAILED if anything in it raises; its summary entry."""
+def train_one(
+    p: Prepared, tracker: Tracker, sources: Sources, s: StudentSpec, task, progress: Progress, runs: dict
+) -> dict[str, Any]:
+    """One student's MLflow run (recorded in ``runs``), ended FAILED if anything in it raises;
+    its summary entry."""
     run_id = tracker.start_child(f"student-{s.name}", "student", {"kdscale.targets": s.targets, STUDENT_TAG: s.name})
+    runs[s.name] = run_id
     final = tempfile.mkdtemp(prefix=f"kdscale-final-{s.name}-")  # the trained model, until exported
     try:
-        trained = train_evaluate_export(p, tracker, sources, s, task, run_id, final)
+        trained = train_evaluate_export(p, tracker, sources, s, task, run_id, final, progress)
         tracker.end(run_id)
     except BaseException:
         tracker.end(run_id, "FAILED")
@@ -84,7 +133,14 @@ def train_one(p: Prepared, tracker: Tracker, sources: Sources, s: StudentSpec, t
 
 
 def train_evaluate_export(
-    p: Prepared, tracker: Tracker, sources: Sources, s: StudentSpec, task, run_id: str | None, final: str
+    p: Prepared,
+    tracker: Tracker,
+    sources: Sources,
+    s: StudentSpec,
+    task,
+    run_id: str | None,
+    final: str,
+    progress: Progress,
 ) -> Trained:
     from kdscale.student.evaluate import export, load_exported
     from kdscale.student.trainer import hf_folder, train_student
@@ -108,6 +164,7 @@ def train_evaluate_export(
         table_arrays(heldout, task.input_columns),
         task.describe(),
         final_dir=final,
+        progress=progress,
     )
     metrics, per_row = sources.evaluate(p, load_exported(hf_folder(result), task), online, task)
     check_finite(s.name, metrics)
@@ -163,6 +220,8 @@ def student_summary(sources: Sources, s: StudentSpec, t: Trained, run_id: str | 
         "export": t.export_uri,
         "steps": result.steps,
         "train_seconds": result.seconds,
+        "trained_from": utc(result.started_at),
+        "trained_until": utc(result.ended_at),
         "tokens_per_second": tokens_per_second(result.epochs),
         "epochs": result.epochs,
         "loss_first": history[0]["loss"] if history else None,

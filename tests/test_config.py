@@ -118,3 +118,18 @@ def test_unknown_student_architecture_field_fails_before_work(tmp_path):
     assert result.exit_code == 2
     assert "students.0.architecture" in result.output and "hiden_size" in result.output
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("value", [0, -1, "all", 1.5, True])
+def test_parallel_students_is_auto_or_a_positive_count(tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        load_job(write_job(tmp_path, parallel_students=value))
+    assert info.value.problems == [
+        ("parallel_students", f"must be auto or a whole number of students, at least 1 (got {value!r})")
+    ]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "auto"), ("auto", "auto"), (3, 3)])
+def test_parallel_students_accepts_auto_and_counts(tmp_path, value, expected):
+    overrides = {} if value is None else {"parallel_students": value}
+    assert load_job(write_job(tmp_path, **overrides)).parallel_students == expected

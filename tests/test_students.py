@@ -1,5 +1,6 @@
 """Several students from one cache in one job: fresh (ZeRO-2), initialised from the teacher's own
-layers (ZeRO-3), and pretrained (ZeRO-0); each its own MLflow run; bad student specs refused."""
+layers (ZeRO-3), and pretrained (ZeRO-0), two at a time; each its own MLflow run; bad student
+specs refused."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.conftest import TINY_STUDENT_ARCH, llama_config, write_job
 
 TRAIN = {
     "num_workers": 2,
-    "cpus_per_worker": 0.5,
+    "cpus_per_worker": 0.25,  # two students at once on the session's 2-CPU Ray (and a CPU for reading)
     "epochs": 1,
     "micro_batch_size": 4,
     "lr": 3.0e-3,
@@ -35,15 +36,16 @@ def _pretrained(folder, vocab):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
+def test_students_from_one_cache_two_at_a_time(ray_session, tmp_path, mlflow_uri):
     write_job(tmp_path)
+    fresh = {
+        "architecture": TINY_STUDENT_ARCH,
+        "loss": {"alpha": 0.5, "divergence": "jsd"},
+        "train": {**TRAIN, "zero_stage": 2},
+    }
     students = [
-        {
-            "name": "fresh",
-            "architecture": TINY_STUDENT_ARCH,
-            "loss": {"alpha": 0.5, "divergence": "jsd"},
-            "train": {**TRAIN, "zero_stage": 2},
-        },
+        {"name": "fresh", **fresh},
+        {"name": "twin", **fresh},  # the same settings, trained at the same time as fresh
         {
             "name": "distil",
             "init": "teacher_layers",
@@ -63,15 +65,22 @@ def test_three_students_from_one_cache(ray_session, tmp_path, mlflow_uri):
     workdir = tmp_path / "w"
     result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(workdir)])
     assert result.exit_code == 0, result.output
+    assert "Students train up to 2 at once" in " ".join(result.output.split())
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["students"]) == {"fresh", "distil", "warm"}
+    assert set(summary["students"]) == {"fresh", "twin", "distil", "warm"}
+    st = summary["students"]
+    # fresh and its twin trained at the same time, into the same numbers: nothing crossed between them
+    assert st["fresh"]["trained_from"] < st["twin"]["trained_until"]
+    assert st["twin"]["trained_from"] < st["fresh"]["trained_until"]
+    assert st["twin"]["loss_history"] == st["fresh"]["loss_history"]
+    assert st["twin"]["heldout_ce"] == st["fresh"]["heldout_ce"]
 
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     cache_id = summary["cache"]["cache_id"]
     run_ids = {s["mlflow_run_id"] for s in summary["students"].values()}
-    assert len(run_ids) == 3
+    assert len(run_ids) == 4
     for name, st in summary["students"].items():
         run = client.get_run(st["mlflow_run_id"])
         assert run.data.tags["kdscale.cache_id"] == cache_id and run.info.status == "FINISHED"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from rich.progress import Progress
 
 from kdscale import fs
 from kdscale.cache.format import Manifest, TargetsInfo
@@ -37,6 +38,8 @@ class TrainResult:
     resumed_at_epochs: list[int] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)  # held-out CE during training
     nodes: list[str] = field(default_factory=list)  # IP/node-id of each training worker (by rank), last run
+    started_at: float = 0.0  # wall clock (epoch seconds) when this call started the training, and
+    ended_at: float = 0.0  # when it ended: students trained at once overlap
 
 
 def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int | None) -> list[tuple[str, str]]:
@@ -150,11 +153,14 @@ def train_student(
     task: dict | None = None,
     *,
     final_dir: str,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train one student on Ray Train for ``task`` (its description; default causal LM);
     ``heldout`` (the held-out rows' input columns) is scored during training when
     ``train.eval_every_steps`` asks for it. The final model and training state are copied into
-    ``final_dir``, an existing local folder the caller removes once it is done with them."""
+    ``final_dir``, an existing local folder the caller removes once it is done with them.
+    ``progress``: the live display to draw this student's bar in (students trained at once share
+    one); None: a display of its own."""
     t = student.train
     cfg = WorkerConfig(
         student=student.name,
@@ -176,8 +182,14 @@ def train_student(
     )
     storage = fs.join(student_dir, "checkpoints")
     run_name = training_run_name(student, data.key, cfg.seed, init_path, cfg.student_config)
-    started = time.perf_counter()
-    result, done = fit_with_progress(ray_trainer(cfg, data, storage, run_name), cfg)
+    started, started_at = time.perf_counter(), time.time()
+    trainer = ray_trainer(cfg, data, storage, run_name)
+    if progress is None:
+        with bar("tok") as own:
+            result, done = fit_with_progress(trainer, cfg, own)
+    else:
+        result, done = fit_with_progress(trainer, cfg, progress)
+    ended_at = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"training {student.name} finished without a checkpoint")
     local = download_final(result.checkpoint, final_dir)
@@ -193,6 +205,8 @@ def train_student(
         resumed_at_epochs=state.get("resumed_at_epochs", []),
         evals=state.get("evals", []),
         nodes=state.get("nodes", []),
+        started_at=started_at,
+        ended_at=ended_at,
     )
 
 
@@ -222,10 +236,10 @@ def ray_trainer(cfg: WorkerConfig, data: TrainingData, storage: str, run_name: s
     )
 
 
-def fit_with_progress(trainer, cfg: WorkerConfig):
-    """``trainer.fit()`` in a thread while this one draws the tokens the workers report; the
-    result and the tokens trained in this call (0: every epoch was already done), or the fit's
-    error raised here."""
+def fit_with_progress(trainer, cfg: WorkerConfig, progress: Progress):
+    """``trainer.fit()`` in a thread while this one draws the tokens the workers report as a bar
+    in ``progress``; the result and the tokens trained in this call (0: every epoch was already
+    done), or the fit's error raised here."""
     t = cfg.train
     total = cfg.micro_batches_per_epoch * t.epochs * cfg.tokens_per_micro_batch * t.num_workers
     outcome: dict[str, Any] = {}
@@ -240,13 +254,12 @@ def fit_with_progress(trainer, cfg: WorkerConfig):
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     done = 0.0
-    with bar("tok") as progress:
-        bar_task = progress.add_task(f"train {cfg.student} x{t.num_workers}", total=total, rate=0.0)
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            done = ray.get(cfg.counter.get.remote()).get(cfg.counter_key, 0.0)
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            progress.update(bar_task, completed=min(done, total), rate=rate)
+    bar_task = progress.add_task(f"train {cfg.student} x{t.num_workers}", total=total, rate=0.0)
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        done = ray.get(cfg.counter.get.remote()).get(cfg.counter_key, 0.0)
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        progress.update(bar_task, completed=min(done, total), rate=rate)
     cfg.counter.pop.remote(cfg.counter_key)
     if "error" in outcome:
         raise outcome["error"]

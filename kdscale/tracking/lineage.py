@@ -239,12 +239,7 @@ class Tracker:
         self.client.log_dict(run_id, redact(manifest.model_dump(mode="json")), MANIFEST_ARTIFACT)
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
-        import matplotlib.pyplot as plt
-
-        try:
-            self.client.log_figure(run_id, figure, path)
-        finally:
-            plt.close(figure)
+        self.client.log_figure(run_id, figure, path)
 
     def register(self, run_id: str, export_uri: str, student: str, tags: dict[str, str]):
         """Register the exported student (see :mod:`kdscale.tracking.registry`); None when the
@@ -326,9 +321,7 @@ class NullTracker(Tracker):
         return None
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        pass
 
     def register(self, run_id: str, export_uri: str, student: str, tags: dict[str, str]):
         return None

@@ -13,12 +13,12 @@ import numpy as np
 
 
 def _figure(ncols: int = 1, width: float = 6.0):
-    import matplotlib
+    """A figure outside pyplot's global state (its own Agg canvas): students trained at once draw
+    theirs from several threads, which pyplot does not support."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.8), squeeze=False)
+    fig = Figure(figsize=(width * ncols, 3.8))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 
