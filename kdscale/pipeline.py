@@ -27,6 +27,7 @@ from kdscale.prepare import (
     uses_cache,
 )
 from kdscale.progress import say
+from kdscale.resources import students_at_once
 from kdscale.sources import Sources
 from kdscale.stages import STAGES
 from kdscale.summary import cache_summary, log_report, read_summary, write_report, write_summary
@@ -46,9 +47,11 @@ def dry_run(spec: JobSpec, stages: tuple[str, ...], workdir: str | None = None) 
     known, and for train/eval the committed cache), and the plan; writes nothing."""
     p = prepare(spec, workdir)
     check_workdir(p)
-    check_cluster(spec, stages)
+    cap = check_cluster(spec, stages)
     plan = describe_plan(p)
     plan["stages"] = list(stages)
+    if "train" in stages:
+        plan["students_train"] = students_at_once(spec, cap)
     if "precompute" in stages and uses_cache(spec):
         plan["precompute"] = precompute_preview(p, training="train" in stages)
     elif uses_cache(spec):

@@ -16,6 +16,7 @@ from kdscale.models.arch import shape_problems
 from kdscale.models.student import count_parameters, describe, student_config
 from kdscale.models.task import CausalLM
 from kdscale.precompute.plan import check_teacher_fits, logit_width
+from kdscale.resources import Capacity
 from kdscale.summary import read_summary
 from kdscale.teachers import load_teacher_config, load_tokenizer, teacher_file_problems
 from kdscale.tracking.lineage import (
@@ -292,8 +293,9 @@ def describe_plan(p: Prepared) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_cluster(spec: JobSpec, stages: tuple[str, ...]) -> None:
-    """Refuse, before any work, teacher actors and student workers the Ray cluster cannot hold."""
+def check_cluster(spec: JobSpec, stages: tuple[str, ...]) -> Capacity:
+    """Refuse, before any work, teacher actors and student workers the Ray cluster cannot hold;
+    what the cluster has."""
     from kdscale.ray_runtime import capacity
     from kdscale.resources import student_problems, teacher_problems
 
@@ -303,6 +305,7 @@ def check_cluster(spec: JobSpec, stages: tuple[str, ...]) -> None:
         problems += [pr for i in range(len(spec.students)) for pr in student_problems(spec, i, cap)]
     if problems:
         raise ConfigError(spec.name, problems)
+    return cap
 
 
 def uses_cache(spec: JobSpec) -> bool:

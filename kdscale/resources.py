@@ -123,3 +123,19 @@ def most_at_once(demands: list[Demand], cap: Capacity, limit: int | None) -> int
             end += 1
         best = max(best, end - first)
     return best
+
+
+def parallel_limit(spec: JobSpec) -> int | None:
+    """``parallel_students`` as a cap on students at once (None: the cluster's room alone)."""
+    return None if spec.parallel_students == "auto" else spec.parallel_students
+
+
+def students_at_once(spec: JobSpec, cap: Capacity) -> str:
+    """How many of the job's students may train at once, and what bounds it (said at the start of
+    training and in the dry run's plan)."""
+    limit = parallel_limit(spec)
+    most = most_at_once([student_demand(s) for s in spec.students], cap, limit)
+    if most > 1:
+        return f"up to {most} at once ({cap.cpus:g} CPUs, {cap.gpus:g} GPUs in {cap.where}; one CPU kept for reading)"
+    why = "parallel_students: 1" if limit == 1 else f"{cap.where} holds one at a time beside a CPU for reading"
+    return f"one after another ({why})"

@@ -22,7 +22,7 @@ from kdscale.models.task import table_arrays
 from kdscale.parallel_students import train_students
 from kdscale.prepare import Prepared, student_plan_problems
 from kdscale.progress import bar, say
-from kdscale.resources import Capacity, most_at_once, room_for, student_demand
+from kdscale.resources import parallel_limit, room_for, student_demand, students_at_once
 from kdscale.sources import Sources, evaluate_model
 from kdscale.summary import utc, write_summary
 from kdscale.tracking.lineage import CACHE_ID_TAG, CONTENT_HASH_TAG, STUDENT_TAG, TEACHER_TAG, TOKENIZER_TAG, Tracker
@@ -74,27 +74,17 @@ def stage_train(p: Prepared, tracker: Tracker, sources: Sources) -> dict[str, An
 def room_checker(spec: JobSpec) -> Callable[[list[StudentSpec], StudentSpec], bool]:
     """Whether a student may start beside the running ones: the cluster's room
     (:func:`kdscale.resources.room_for`) within ``parallel_students``; says once how many may
-    train at once when more than one student could."""
+    train at once when the job has more than one student."""
     from kdscale.ray_runtime import capacity
 
-    cap = capacity(spec.ray)
-    limit = None if spec.parallel_students == "auto" else spec.parallel_students
+    cap, limit = capacity(spec.ray), parallel_limit(spec)
 
     def may_start(running: list[StudentSpec], s: StudentSpec) -> bool:
         return room_for([student_demand(r) for r in running], student_demand(s), cap, limit)
 
     if len(spec.students) > 1:
-        say(f"Students train {parallel_summary(spec, cap, limit)}")
+        say(f"Students train {students_at_once(spec, cap)}")
     return may_start
-
-
-def parallel_summary(spec: JobSpec, cap: Capacity, limit: int | None) -> str:
-    """How many of the job's students may train at once, and what bounds it."""
-    most = most_at_once([student_demand(s) for s in spec.students], cap, limit)
-    if most > 1:
-        return f"up to {most} at once ({cap.cpus:g} CPUs, {cap.gpus:g} GPUs in {cap.where}; one CPU kept for reading)"
-    why = "parallel_students: 1" if limit == 1 else f"{cap.where} holds one at a time beside a CPU for reading"
-    return f"one after another ({why})"
 
 
 def check_batches_fit(p: Prepared, sources: Sources) -> None:
