@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import ray
@@ -123,6 +124,7 @@ class Counter:
 
 
 _COUNTERS: dict[tuple[str, str], Any] = {}
+_COUNTERS_LOCK = threading.Lock()
 
 
 def progress_counter():
@@ -131,7 +133,8 @@ def progress_counter():
     per student (an actor is a new process: ~1.4 CPU-seconds on this 2-core machine)."""
     ctx = ray.get_runtime_context()
     key = (ctx.gcs_address, ctx.get_job_id())  # a new Ray (or job) gets a new counter
-    if key not in _COUNTERS:
-        _COUNTERS.clear()
-        _COUNTERS[key] = Counter.remote()
-    return _COUNTERS[key]
+    with _COUNTERS_LOCK:  # students trained at once ask from their own threads
+        if key not in _COUNTERS:
+            _COUNTERS.clear()
+            _COUNTERS[key] = Counter.remote()
+        return _COUNTERS[key]

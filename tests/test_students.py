@@ -74,6 +74,7 @@ def test_students_from_one_cache_two_at_a_time(ray_session, tmp_path, mlflow_uri
     assert st["twin"]["trained_from"] < st["fresh"]["trained_until"]
     assert st["twin"]["loss_history"] == st["fresh"]["loss_history"]
     assert st["twin"]["heldout_ce"] == st["fresh"]["heldout_ce"]
+    assert st["twin"]["heldout_ce_untrained"] == st["fresh"]["heldout_ce_untrained"]  # seeded from two threads
 
     from mlflow import MlflowClient
 

@@ -4,6 +4,7 @@ transformers configs accept any keyword silently, which would hide a typo like `
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -76,14 +77,20 @@ def _checked(config):
     return config
 
 
+# torch's default generator is one per process: students trained at once build their untrained
+# copies on the driver from several threads, and a seed set by one would be drawn by the other
+_SEEDED = threading.Lock()
+
+
 def build_student(config, seed: int, path: str | None = None, task: Task = CausalLM()) -> torch.nn.Module:
     """A fresh student (seeded, so every worker and every rerun starts from the same weights) or
     one saved at ``path`` (a pretrained student, or a teacher-layers initialisation; any URI)."""
     auto = task.auto_model()
     if path:
         return auto.from_pretrained(fs.local_copy(path), dtype=torch.float32)
-    torch.manual_seed(seed)
-    return auto.from_config(config, dtype=torch.float32)
+    with _SEEDED:
+        torch.manual_seed(seed)
+        return auto.from_config(config, dtype=torch.float32)
 
 
 def from_teacher_layers(teacher: torch.nn.Module, config, layers: list[int]) -> PreTrainedModel:
