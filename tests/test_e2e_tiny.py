@@ -193,3 +193,24 @@ def test_student_is_registered_and_lineage_prints(tiny_run):
     )
     assert by_cache.exit_code == 0, by_cache.output
     assert "student tiny-student" in by_cache.output and "tiny-tiny-student v1" in by_cache.output
+
+
+def test_rerun_train_reuses_the_finished_student_without_starting_workers(tiny_run, monkeypatch):
+    """A finished student's checkpoint is reused by the driver alone: no Ray Train run is made
+    (it used to start one only to find every epoch done), and the student is the same."""
+    import kdscale.student.trainer as trainer
+
+    def no_worker_group(*args, **kwargs):
+        raise AssertionError("a Ray Train run was started for a finished student")
+
+    monkeypatch.setattr(trainer, "ray_trainer", no_worker_group)
+    workdir = tiny_run["workdir"]
+    before = tiny_run["summary"]["students"]["tiny-student"]
+    result = CliRunner().invoke(app, ["train", str(tiny_run["job"]), "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Student tiny-student: already trained (2 epochs)" in text and "without starting its workers" in text
+    after = json.loads((workdir / "summary.json").read_text())["students"]["tiny-student"]
+    assert after["heldout_ce"] == pytest.approx(before["heldout_ce"], rel=1e-6)
+    assert after["loss_history"] == before["loss_history"] and after["steps"] == before["steps"]
+    assert after["registered_model"]["version"] == "2"  # the same weights, exported and registered again

@@ -1,5 +1,6 @@
 """Checkpoint folders a killed training worker left in the node's temp dir are removed by the
-next save; those of live processes, of other students and of names kdscale did not make stay."""
+next save; those of live processes, of other students and of names kdscale did not make stay.
+A finished run's checkpoint is found from Ray Train's record without starting a worker group."""
 
 from __future__ import annotations
 
@@ -77,3 +78,34 @@ def test_a_container_with_this_hostname_but_its_own_pid_namespace_judges_none_of
         monkeypatch.undo()
         processes.host.cache_clear()
     assert processes.host() == ours and remove_orphans(student) == [dead]  # back home: ours, and dead
+
+
+def _run_folder(root, snapshot, state, hf=True):
+    """A Ray Train run folder as it stores one checkpoint: its record, kdscale's state, hf/."""
+    import json
+
+    run = root / "ray-run"
+    folder = run / "checkpoint_2026-12-08_01-00-00.000000"
+    folder.mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    (folder / "kdscale_state.json").write_text(json.dumps(state))
+    if hf:
+        (folder / "hf").mkdir()
+    return folder
+
+
+def test_a_finished_run_is_found_from_ray_trains_record(tmp_path):
+    from kdscale.student.trainer import finished_checkpoint
+
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-08_01-00-00.000000"}}
+    folder = _run_folder(tmp_path / "done", snapshot, {"epoch": 2, "step": 24})
+    found = finished_checkpoint(str(tmp_path / "done"), "ray-run", epochs=2)
+    assert found is not None and found.path == str(folder)
+    # not finished, not stored whole, or a record of another layout: Ray Train runs (and resumes) it
+    _run_folder(tmp_path / "half", snapshot, {"epoch": 1, "step": 12})
+    assert finished_checkpoint(str(tmp_path / "half"), "ray-run", epochs=2) is None
+    _run_folder(tmp_path / "no-hf", snapshot, {"epoch": 2, "step": 24}, hf=False)
+    assert finished_checkpoint(str(tmp_path / "no-hf"), "ray-run", epochs=2) is None
+    _run_folder(tmp_path / "other", {"latest": "checkpoint_x"}, {"epoch": 2})
+    assert finished_checkpoint(str(tmp_path / "other"), "ray-run", epochs=2) is None
+    assert finished_checkpoint(str(tmp_path / "none"), "ray-run", epochs=2) is None

@@ -27,6 +27,9 @@ from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop
 from kdscale.student.targets_source import FromCache, FromTeacher
 from kdscale.student.worker_config import WorkerConfig
 
+# Ray Train's record of a run's checkpoints, in the run's storage folder
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
 
 @dataclass
 class TrainResult:
@@ -183,16 +186,19 @@ def train_student(
     storage = fs.join(student_dir, "checkpoints")
     run_name = training_run_name(student, data.key, cfg.seed, init_path, cfg.student_config)
     started, started_at = time.perf_counter(), time.time()
-    trainer = ray_trainer(cfg, data, storage, run_name)
-    if progress is None:
-        with bar("tok") as own:
-            result, done = fit_with_progress(trainer, cfg, own)
-    else:
-        result, done = fit_with_progress(trainer, cfg, progress)
+    checkpoint, done = finished_checkpoint(storage, run_name, t.epochs), 0.0
+    if checkpoint is None:
+        trainer = ray_trainer(cfg, data, storage, run_name)
+        if progress is None:
+            with bar("tok") as own:
+                result, done = fit_with_progress(trainer, cfg, own)
+        else:
+            result, done = fit_with_progress(trainer, cfg, progress)
+        checkpoint = result.checkpoint
     ended_at = time.time()
-    if result.checkpoint is None:
+    if checkpoint is None:
         raise RuntimeError(f"training {student.name} finished without a checkpoint")
-    local = download_final(result.checkpoint, final_dir)
+    local = download_final(checkpoint, final_dir)
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
     say_if_not_fresh(student.name, state, done, t.epochs, fs.join(storage, run_name))
@@ -208,6 +214,29 @@ def train_student(
         started_at=started_at,
         ended_at=ended_at,
     )
+
+
+def finished_checkpoint(storage: str, run_name: str, epochs: int):
+    """The run's latest checkpoint when it already holds every epoch, else None. A rerun of a
+    finished student (say, after adding another student to the job) then reuses it without
+    starting a worker group only to find nothing left to do: on this machine that was 16 s per
+    student; on a GPU cluster it is a placement, NCCL's set-up, the model's build and a load of its
+    whole DeepSpeed state. The latest checkpoint is the one Ray Train's own record names
+    (``checkpoint_manager_snapshot.json``, written once the checkpoint is stored); anything
+    missing or unexpected in it, and the run goes through Ray Train, which resumes it as before."""
+    from ray.train import Checkpoint
+
+    run = fs.join(storage, run_name)
+    try:
+        name = fs.read_json(fs.join(run, SNAPSHOT_FILE))["latest_checkpoint_result"]["checkpoint_dir_name"]
+        folder = fs.join(run, name)
+        state = fs.read_json(fs.join(folder, STATE_FILE))
+        finished = state["epoch"] >= epochs and fs.exists(fs.join(folder, HF_DIR))
+    except (OSError, KeyError, TypeError, ValueError):  # no snapshot yet, or not the layout we know
+        return None
+    if not finished:
+        return None
+    return Checkpoint(_strip(folder) if fs.is_remote(folder) else folder, filesystem=_arrow_filesystem(folder))
 
 
 def ray_trainer(cfg: WorkerConfig, data: TrainingData, storage: str, run_name: str):
@@ -273,7 +302,7 @@ def say_if_not_fresh(name: str, state: dict[str, Any], done: float, epochs: int,
     if done == 0 and state["epoch"] >= epochs:
         say(
             f"Student {name}: already trained ({state['epoch']} epochs) in {where}; "
-            "reusing that checkpoint (delete it to train again)"
+            "reusing that checkpoint without starting its workers (delete it to train again)"
         )
     elif state.get("resumed_at_epochs"):
         say(f"Student {name}: resumed from its checkpoint at epoch(s) {state['resumed_at_epochs']} ({where})")
