@@ -37,6 +37,7 @@ from kdscale.stages import COMMANDS
 from kdscale.summary import utc
 
 JOB_METADATA = "kdscale.job"  # the Ray job's metadata key holding the kdscale job's name: how `jobs list` finds them
+STAGE_METADATA, WORKDIR_METADATA = "kdscale.stage", "kdscale.workdir"  # what it runs and where it writes
 MAX_PACKAGE_BYTES = 100 * 2**20  # far below Ray's own working-directory limit; corpora go to object storage
 JOB_FILE = "job.yaml"
 # Passed to the job when set here: where runs are tracked, and the object store's endpoint and
@@ -190,7 +191,8 @@ def submit(
         entrypoint = f"kdscale {stage} {JOB_FILE} --workdir {shlex.quote(workdir)}"
         env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
         runtime_env = {"working_dir": str(package.folder), "env_vars": env_vars}
-        return _submit_when_ready(jobs, entrypoint, runtime_env, {JOB_METADATA: spec.name})
+        metadata = {JOB_METADATA: spec.name, STAGE_METADATA: stage, WORKDIR_METADATA: workdir}
+        return _submit_when_ready(jobs, entrypoint, runtime_env, metadata)
     finally:
         shutil.rmtree(package.folder, ignore_errors=True)
 
@@ -233,18 +235,18 @@ def status(address: str | None, job_id: str) -> dict[str, Any]:
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
     """kdscale's submissions to the cluster (Ray jobs carrying the ``kdscale.job`` metadata; any
-    other job is not ours to show), newest first: id, kdscale job name, stage, workdir, status and
-    start/end times (UTC, ISO 8601). A user who lost a job id finds it here, with where it writes."""
+    other job is not ours to show), newest first: id, kdscale job name, stage, workdir (both from
+    the metadata :func:`submit` sets), status and start/end times (UTC, ISO 8601). A user who lost
+    a job id finds it here, with where it writes."""
     ours = [info for info in client(address).list_jobs() if JOB_METADATA in (info.metadata or {})]
     rows = []
     for info in sorted(ours, key=lambda i: i.start_time or math.inf, reverse=True):  # none yet: just submitted
-        command = shlex.split(info.entrypoint or "")
         rows.append(
             {
                 "job_id": info.submission_id,
                 "job": info.metadata[JOB_METADATA],
-                "stage": command[1] if len(command) > 1 else None,
-                "workdir": command[command.index("--workdir") + 1] if "--workdir" in command[:-1] else None,
+                "stage": info.metadata.get(STAGE_METADATA),
+                "workdir": info.metadata.get(WORKDIR_METADATA),
                 "status": _name(info.status),
                 "started": _utc(info.start_time),
                 "ended": _utc(info.end_time),

@@ -210,8 +210,9 @@ def student_summary(sources: Sources, s: StudentSpec, t: Trained, run_id: str | 
         "export": t.export_uri,
         "steps": result.steps,
         "train_seconds": result.seconds,
-        "trained_from": utc(result.started_at),
-        "trained_until": utc(result.ended_at),
+        "training_reused": result.reused,  # a finished checkpoint: no training in this call
+        "trained_from": None if result.reused else utc(result.started_at),  # this call's training (UTC)
+        "trained_until": None if result.reused else utc(result.ended_at),
         "tokens_per_second": tokens_per_second(result.epochs),
         "epochs": result.epochs,
         "loss_first": history[0]["loss"] if history else None,

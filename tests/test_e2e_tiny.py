@@ -15,7 +15,7 @@ from kdscale.cache.reader import open_manifest
 from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.student.local_checkpoints import folders as checkpoint_folders
-from tests.conftest import sqlite_store, write_job
+from tests.conftest import TINY_STUDENT_ARCH, sqlite_store, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -178,7 +178,16 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, ray_session):
     plan = json.loads(result.output)
     assert plan["students"]["tiny-student"]["workers"] == 2
     assert plan["precompute"]["cache"] == "absent: computed" and len(plan["precompute"]["cache_id"]) == 32
+    # 2 workers x 0.5 CPU: the session's 2 CPUs hold one such student beside a CPU for reading
+    assert plan["students_train"] == "one after another (the Ray cluster holds one at a time beside a CPU for reading)"
     assert not (tmp_path / "w").exists()
+    quarter = {"architecture": TINY_STUDENT_ARCH, "train": {"num_workers": 2, "cpus_per_worker": 0.25}}
+    students = [{"name": n, **quarter} for n in "abc"]
+    for limit, says in (("auto", "up to 2 at once (2 CPUs, 0 GPUs in the Ray cluster"), (1, "parallel_students: 1")):
+        job = write_job(tmp_path, students=students, parallel_students=limit)
+        result = CliRunner().invoke(app, ["run", str(job), "--workdir", str(tmp_path / "w"), "--dry-run"])
+        assert result.exit_code == 0, result.output
+        assert says in json.loads(result.output)["students_train"]
 
 
 def test_student_is_registered_and_lineage_prints(tiny_run):
@@ -211,6 +220,8 @@ def test_rerun_train_reuses_the_finished_student_without_starting_workers(tiny_r
     text = " ".join(result.output.split())
     assert "Student tiny-student: already trained (2 epochs)" in text and "without starting its workers" in text
     after = json.loads((workdir / "summary.json").read_text())["students"]["tiny-student"]
+    assert after["training_reused"] is True and before["training_reused"] is False
+    assert after["trained_from"] is None and before["trained_from"] < before["trained_until"]
     assert after["heldout_ce"] == pytest.approx(before["heldout_ce"], rel=1e-6)
     assert after["loss_history"] == before["loss_history"] and after["steps"] == before["steps"]
     assert after["registered_model"]["version"] == "2"  # the same weights, exported and registered again

@@ -43,6 +43,7 @@ class TrainResult:
     nodes: list[str] = field(default_factory=list)  # IP/node-id of each training worker (by rank), last run
     started_at: float = 0.0  # wall clock (epoch seconds) when this call started the training, and
     ended_at: float = 0.0  # when it ended: students trained at once overlap
+    reused: bool = False  # a finished training's checkpoint, reused without starting workers
 
 
 def cache_problems(spec: JobSpec, index: int, targets: TargetsInfo, train_rows: int | None) -> list[tuple[str, str]]:
@@ -187,6 +188,7 @@ def train_student(
     run_name = training_run_name(student, data.key, cfg.seed, init_path, cfg.student_config)
     started, started_at = time.perf_counter(), time.time()
     checkpoint, done = finished_checkpoint(storage, run_name, t.epochs), 0.0
+    reused = checkpoint is not None
     if checkpoint is None:
         trainer = ray_trainer(cfg, data, storage, run_name)
         if progress is None:
@@ -213,6 +215,7 @@ def train_student(
         nodes=state.get("nodes", []),
         started_at=started_at,
         ended_at=ended_at,
+        reused=reused,
     )
 
 
