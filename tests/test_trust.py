@@ -17,7 +17,7 @@ from kdscale.cache.verify import problems
 from kdscale.cli import app
 from kdscale.fingerprint import cache_id as make_cache_id
 from kdscale.processes import host
-from tests.conftest import sqlite_store, write_job
+from tests.conftest import TINY_STUDENT_ARCH, sqlite_store, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -167,26 +167,32 @@ def test_infinite_lr_is_refused(tmp_path):
 
 
 def test_student_whose_loss_goes_non_finite_is_not_exported_or_registered(committed, tmp_path, mlflow_uri):
+    """Beside it, a healthy student trains at the same time: the failure starts nothing new but
+    lets it finish, exported, registered and its run FINISHED; then the job fails."""
     from mlflow import MlflowClient
 
     work = tmp_path / "w"
     _copy_cache(committed, work / "cache")
-    job = write_job(
-        tmp_path,
-        **{
-            "students.0.train.lr": 1e30,
-            "students.0.train.epochs": 1,
-            "students.0.train.warmup_ratio": 0.0,
-            "students.0.train.grad_clip": 0.0,
-        },
-    )
+    train = {"num_workers": 2, "cpus_per_worker": 0.25, "epochs": 1, "micro_batch_size": 4, "lr": 3e-3}
+    diverging = {**train, "lr": 1e30, "warmup_ratio": 0.0, "grad_clip": 0.0}
+    students = [
+        {"name": "tiny-student", "architecture": TINY_STUDENT_ARCH, "train": diverging},
+        {"name": "healthy", "architecture": TINY_STUDENT_ARCH, "train": train},
+    ]
+    job = write_job(tmp_path, students=students)
     result = CliRunner().invoke(app, ["train", str(job), "--workdir", str(work)])
     assert result.exit_code == 1, result.output
+    assert "up to 2 at once" in _flat(result.output)
     assert "loss is" in _flat(result.output) and "nothing is exported" in _flat(result.output)
-    assert not (work / "students" / "tiny-student" / "export").exists() and _registered(mlflow_uri) == []
+    assert not (work / "students" / "tiny-student" / "export").exists()
+    assert (work / "students" / "healthy" / "export" / "config.json").exists()
+    assert [m.name for m in _registered(mlflow_uri)] == ["tiny-healthy"]
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`kdscale.stage` = 'student'")
-    assert [r.info.status for r in runs] == ["FAILED"]
+    assert {r.info.run_name: r.info.status for r in runs} == {
+        "student-tiny-student": "FAILED",
+        "student-healthy": "FINISHED",
+    }
 
 
 # 6. the cache must be the job's; checkpoints are keyed by the effective seed ------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from typing import Any
@@ -184,6 +185,28 @@ def log_import(uri: str, experiment: str, manifest: Manifest, cache_uri: str, pa
     return run_id
 
 
+class OneCallAtATime:
+    """A client whose calls run one at a time. Students trained at once log from several threads,
+    and MLflow's stores check, then insert: two students logging the same cache as their input
+    raced to insert one dataset row (sqlite: ``UNIQUE constraint failed: datasets...``), and the
+    student whose call lost failed."""
+
+    def __init__(self, client: Any):
+        self._client = client
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
 class Tracker:
     """One job invocation's MLflow runs."""
 
@@ -194,7 +217,7 @@ class Tracker:
         # lines say where runs are, masked.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri or tracking_uri(spec)
-        self.client = MlflowClient(self.uri)
+        self.client = OneCallAtATime(MlflowClient(self.uri))
         self.spec = spec
         self.experiment_id = experiment_id(self.client, self.uri, spec.experiment_name())
         self.parent_id: str | None = None
