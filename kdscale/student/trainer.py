@@ -21,7 +21,7 @@ from kdscale.cache.kinds import kind as target_kind
 from kdscale.cache.reader import shard_uris
 from kdscale.config import JobSpec, StudentSpec
 from kdscale.fingerprint import digest
-from kdscale.progress import bar, say
+from kdscale.progress import say
 from kdscale.ray_runtime import progress_counter
 from kdscale.student.loop import HF_DIR, STATE_FILE, steps_per_epoch, train_loop_per_worker
 from kdscale.student.targets_source import FromCache, FromTeacher
@@ -157,14 +157,14 @@ def train_student(
     task: dict | None = None,
     *,
     final_dir: str,
-    progress: Progress | None = None,
+    progress: Progress,
 ) -> TrainResult:
     """Train one student on Ray Train for ``task`` (its description; default causal LM);
     ``heldout`` (the held-out rows' input columns) is scored during training when
     ``train.eval_every_steps`` asks for it. The final model and training state are copied into
     ``final_dir``, an existing local folder the caller removes once it is done with them.
     ``progress``: the live display to draw this student's bar in (students trained at once share
-    one); None: a display of its own."""
+    one)."""
     t = student.train
     cfg = WorkerConfig(
         student=student.name,
@@ -190,12 +190,7 @@ def train_student(
     checkpoint, done = finished_checkpoint(storage, run_name, t.epochs), 0.0
     reused = checkpoint is not None
     if checkpoint is None:
-        trainer = ray_trainer(cfg, data, storage, run_name)
-        if progress is None:
-            with bar("tok") as own:
-                result, done = fit_with_progress(trainer, cfg, own)
-        else:
-            result, done = fit_with_progress(trainer, cfg, progress)
+        result, done = fit_with_progress(ray_trainer(cfg, data, storage, run_name), cfg, progress)
         checkpoint = result.checkpoint
     ended_at = time.time()
     if checkpoint is None:
